@@ -1,0 +1,73 @@
+"""Generate text with an FM model: `mlx_fm.generate --model PATH --prompt TEXT`.
+
+Mirrors `mlx_lm.generate`, on top of mlx-lm's generation loop.
+"""
+
+import argparse
+import sys
+
+from . import load
+from .cli import fail_cleanly
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mlx_fm.generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="Model directory or Hugging Face repo id")
+    parser.add_argument("--prompt", "-p", default="", help="Prompt text, or - to read stdin")
+    parser.add_argument("--max-tokens", "-m", type=int, default=100)
+    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--system-prompt", default=None)
+    parser.add_argument("--ignore-chat-template", action="store_true")
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--verbose", action="store_true",
+                        help="Print prompt and generation speed and peak memory")
+    return parser
+
+
+def format_prompt(tokenizer, prompt, system_prompt=None, ignore_chat_template=False):
+    """Token ids for `prompt`, through the chat template when the tokenizer has one."""
+    if ignore_chat_template or not tokenizer.has_chat_template:
+        text = prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
+        return tokenizer.encode(text)
+    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@fail_cleanly
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    tokens = format_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    response = None
+    for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,
+                                    sampler=sampler, prefill_step_size=args.prefill_step_size):
+        print(response.text, end="", flush=True)
+    print()
+    if args.verbose and response is not None:
+        print("=" * 10)
+        print(f"Prompt: {response.prompt_tokens} tokens, "
+              f"{response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, "
+              f"{response.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {response.peak_memory:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Factorization Memory language model (SPEC.md), mlx-lm conformant.
+
+Parameter names follow SPEC's PyTorch / Hugging Face layout, so a checkpoint
+loads after `sanitize` with no renaming. The decode cache of each layer is an
+mlx-lm `ArraysCache`: [FM state (B, H, m, P) float32, last K−1 conv inputs].
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
+from mlx_lm.models.cache import ArraysCache
+
+from ..ops import fm_mix
+
+MODEL_TYPE = "factorization_memory"
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_heads: int
+    num_slots: int
+    model_type: str = MODEL_TYPE
+    expand: int = 2
+    top_k: Optional[int] = None
+    router_temperature: float = 1.0
+    conv_kernel: int = 4
+    intermediate_size: int = 0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.model_type != MODEL_TYPE:
+            raise ValueError(
+                f"model_type must be {MODEL_TYPE!r}, got {self.model_type!r}"
+            )
+        if self.top_k is None:
+            self.top_k = self.num_slots
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads",
+                    "num_slots", "expand", "top_k")
+        for key in positive:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("conv_kernel", "intermediate_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
+        for key in ("router_temperature", "rms_norm_eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{key} must be a positive number, got {value!r}")
+        if self.top_k > self.num_slots:
+            raise ValueError(
+                f"top_k ({self.top_k}) must not exceed num_slots ({self.num_slots})"
+            )
+        if (self.expand * self.hidden_size) % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide expand*hidden_size "
+                f"({self.expand * self.hidden_size})"
+            )
+
+    @property
+    def inner_size(self) -> int:
+        return self.expand * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.inner_size // self.num_heads
+
+
+class FactorizationMemory(nn.Module):
+    """The FM mixer: projections, causal conv, routed slot memory, gated output."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads, self.num_slots = args.num_heads, args.num_slots
+        self.head_dim, self.inner_size = args.head_dim, args.inner_size
+        self.top_k, self.temperature = args.top_k, args.router_temperature
+        self.conv_kernel = args.conv_kernel
+        heads, inner = args.num_heads, args.inner_size
+        self.splits = [inner, 2 * inner, 2 * inner + heads * args.num_slots,
+                       2 * inner + heads * args.num_slots + heads]
+        self.in_proj = nn.Linear(args.hidden_size, self.splits[-1] + heads, bias=False)
+        if self.conv_kernel > 0:
+            self.conv1d = nn.Conv1d(inner, inner, args.conv_kernel, groups=inner, bias=True)
+        self.eta_bias = mx.zeros((heads,))
+        self.mu_bias = mx.zeros((heads,))
+        self.norm = nn.RMSNorm(inner, eps=args.rms_norm_eps)
+        self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
+
+    def _conv(self, x, cache, mask):
+        """SiLU(causal depthwise conv) over time, carrying the last K−1 inputs in the cache."""
+        if self.conv_kernel == 0:
+            return nn.silu(x)
+        if mask is not None:
+            x = mx.where(mask[..., None], x, 0)
+        keep = self.conv_kernel - 1
+        cached = cache is not None and keep > 0
+        if cached and cache[1] is not None:
+            history = cache[1]
+        else:
+            history = mx.zeros((x.shape[0], keep, x.shape[-1]), x.dtype)
+        window = mx.concatenate([history, x], axis=1)
+        if cached:
+            cache[1] = _last_inputs(window, keep, cache.lengths)
+        weight = self.conv1d.weight[:, :, 0].astype(x.dtype)  # (E, K)
+        length = x.shape[1]
+        out = self.conv1d.bias.astype(x.dtype)
+        for tap in range(self.conv_kernel):
+            out = out + weight[:, tap] * window[:, tap : tap + length]
+        return nn.silu(out)
+
+    def __call__(self, u, mask=None, cache=None):
+        batch, length, _ = u.shape
+        z, x, router_logits, update_logits, merge_logits = mx.split(
+            self.in_proj(u), self.splits, axis=-1
+        )
+        x = self._conv(x, cache, mask)
+        heads = self.num_heads
+        state = cache[0] if cache is not None else None
+        out, state = fm_mix(
+            x.reshape(batch, length, heads, self.head_dim),
+            router_logits.reshape(batch, length, heads, self.num_slots),
+            update_logits, merge_logits, self.eta_bias, self.mu_bias,
+            top_k=self.top_k, temperature=self.temperature, state=state, mask=mask,
+        )
+        if cache is not None:
+            cache[0] = state
+            cache.advance(length)
+        out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
+        return self.out_proj(self.norm(out * nn.silu(z)))
+
+
+def _last_inputs(window, keep, lengths):
+    """The last `keep` real inputs of each row (rows may be right-padded to `lengths`)."""
+    if lengths is None:
+        return window[:, window.shape[1] - keep :]
+    ends = mx.clip(lengths, 0, window.shape[1] - keep)
+    positions = ends[:, None] + mx.arange(keep)
+    return mx.take_along_axis(window, positions[..., None], axis=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.mixer = FactorizationMemory(args)
+        if args.intermediate_size > 0:
+            self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+            self.mlp = MLP(args)
+
+    def __call__(self, h, mask=None, cache=None):
+        h = h + self.mixer(self.norm(h), mask, cache)
+        if "mlp" in self:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args) for _ in range(args.num_hidden_layers)]
+        self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = self.embeddings(inputs) if input_embeddings is None else input_embeddings
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_ssm_mask(h, cache[0])
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, mask, layer_cache)
+        return self.norm_f(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.backbone = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = self.backbone(inputs, cache, input_embeddings)
+        if self.args.tie_word_embeddings:
+            return self.backbone.embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self):
+        return self.backbone.layers
+
+    def make_cache(self):
+        size = 2 if self.args.conv_kernel > 1 else 1
+        return [ArraysCache(size=size) for _ in self.layers]
+
+    def sanitize(self, weights):
+        """Accept SPEC's PyTorch layout (conv1d weight E×1×K); idempotent."""
+        weights = dict(weights)
+        for key, value in weights.items():
+            if key.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1 \
+                    and value.shape[2] != 1:
+                weights[key] = value.swapaxes(1, 2)
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

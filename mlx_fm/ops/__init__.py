@@ -1,0 +1,38 @@
+"""The FM mixer's core op: route, write, read, merge (SPEC.md), on MLX ops.
+
+`fm_mix` is the one place that picks an implementation: the step recurrence for
+a single token, the chunked parallel form for longer inputs.
+"""
+
+import mlx.core as mx
+
+from .chunk import fm_chunked
+from .recurrent import fm_recurrent, fm_step
+from .router import gates, route
+
+__all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates"]
+
+
+def fm_mix(
+    x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+    *, top_k, temperature, state=None, mask=None,
+):
+    """One FM mixer over T tokens.
+
+    x: (B, T, H, P) the projected input x̄; router_logits: (B, T, H, m);
+    update_logits, merge_logits: (B, T, H); state: (B, H, m, P) float32 or None;
+    mask: (B, T) bool, False for padding (such tokens leave the state untouched).
+    Returns the merged output o (B, T, H, P) float32 and the new state.
+    """
+    x = x.astype(mx.float32)
+    weights = route(router_logits, temperature, top_k)
+    eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
+    if mask is not None:
+        eta = mx.where(mask[..., None], eta, 0.0)
+    if x.shape[1] == 1 and state is not None:
+        read, state = fm_step(x[:, 0], weights[:, 0], eta[:, 0], state)
+        read = read[:, None]
+    else:
+        read, state = fm_chunked(x, weights, eta, state)
+    mu = mu[..., None]
+    return mu * read + (1 - mu) * x, state

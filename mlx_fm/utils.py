@@ -1,0 +1,129 @@
+"""Loading and saving FM models in the MLX format (config.json + safetensors)."""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model as _mlx_lm_load_model
+from mlx_lm.utils import load_tokenizer
+
+from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
+
+
+class ModelLoadError(ValueError):
+    """A model path or checkpoint that cannot be loaded; the message says why."""
+
+
+def get_model_classes(config: dict):
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ModelLoadError(
+            f"unsupported model_type {model_type!r} (expected {MODEL_TYPE!r})"
+        )
+    return Model, ModelArgs
+
+
+def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None) -> Path:
+    """A local directory, or a Hugging Face repo id downloaded to the local cache."""
+    path = Path(path_or_hf_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_hf_repo)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise ModelLoadError(f"model path not found: {text}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            text, revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
+        ))
+    except Exception as error:  # the hub raises many kinds; one line is what users need
+        raise ModelLoadError(f"cannot fetch model {text!r}: {error}") from error
+
+
+def _checked_config(path: Path) -> None:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"no config.json in {path}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from error
+    get_model_classes(config)
+    if not any(path.glob("model*.safetensors")):
+        raise ModelLoadError(f"no model*.safetensors weights in {path}")
+
+
+def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True,
+               model_config: Optional[dict] = None, revision=None) -> Model:
+    """The model alone (no tokenizer needed). Never runs code from the checkpoint."""
+    return _load(path_or_hf_repo, lazy, strict, model_config, revision)[0]
+
+
+def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=None):
+    path = resolve_model_path(path_or_hf_repo, revision)
+    _checked_config(path)
+    try:
+        model, config = _mlx_lm_load_model(
+            path, lazy=lazy, strict=strict, model_config=model_config,
+            get_model_classes=get_model_classes,
+        )
+    except ModelLoadError:
+        raise
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot load model from {path}: {error}") from error
+    return model, config, path
+
+
+def load(path_or_hf_repo, tokenizer_config: Optional[dict] = None,
+         model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
+         lazy: bool = False, return_config: bool = False, revision=None):
+    """(model, tokenizer) from a local directory or a Hugging Face repo id."""
+    model, config, path = _load(path_or_hf_repo, lazy, True, model_config, revision)
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, adapter_path)
+        model.eval()
+    try:
+        tokenizer = load_tokenizer(
+            path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
+        )
+    except Exception as error:  # transformers raises many kinds
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {error}") from error
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def model_config(args: ModelArgs) -> dict:
+    return {k: v for k, v in dataclasses.asdict(args).items()}
+
+
+def save_model(path: Union[str, Path], model: Model, tokenizer=None,
+               extra_config: Optional[dict] = None) -> Path:
+    """Write config.json, model.safetensors (and the tokenizer) to `path`, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weights = dict(tree_flatten(model.parameters()))
+        mx.save_safetensors(str(staging / "model.safetensors"), weights,
+                            metadata={"format": "mlx"})
+        config = model_config(model.args) | (extra_config or {})
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
