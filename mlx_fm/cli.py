@@ -1,7 +1,6 @@
 """What every mlx_fm command shares: bad input ends in one line and a non-zero exit."""
 
 import functools
-import os
 import sys
 
 from .utils import ModelLoadError
@@ -12,7 +11,6 @@ def fail_cleanly(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         try:
             return main(*args, **kwargs)
         except (ModelLoadError, ValueError, FileNotFoundError, OSError) as error:

@@ -93,12 +93,18 @@ def load(path_or_hf_repo, tokenizer_config: Optional[dict] = None,
 
         model = load_adapters(model, adapter_path)
         model.eval()
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # it warns that it does not know model_type
     try:
         tokenizer = load_tokenizer(
             path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
         )
     except Exception as error:  # transformers raises many kinds
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {error}") from error
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 

@@ -16,7 +16,7 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
         return weights
     top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
     keep = mx.put_along_axis(
-        mx.zeros_like(weights), top, mx.array(1.0, mx.float32), axis=-1
+        mx.zeros_like(weights), mx.stop_gradient(top), mx.array(1.0, mx.float32), axis=-1
     )
     kept = weights * keep
     return kept / kept.sum(axis=-1, keepdims=True)

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include <sys/mman.h>
+#include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
@@ -451,8 +452,6 @@ MLX_FM_ORDERED_FUNCTIONS(uint)
 MLX_FM_ORDERED_FUNCTIONS(ulong)
 #undef MLX_FM_ORDERED_FUNCTIONS
 
-inline float max(float a, float b, float c) = delete;
-
 template <class T, int N>
 vec<T, N> max(vec<T, N> a, vec<T, N> b) {
   for (int i = 0; i < N; ++i) a[i] = max(a[i], b[i]);
@@ -751,9 +750,9 @@ T tree_reduce(SimdValues<T> exchanged, uint32_t first, uint32_t width, T identit
 }
 
 template <class T, class Op>
-T prefix_reduce(const SimdValues<T>& exchanged, uint32_t end, T identity, Op op) {
+T prefix_reduce(const SimdValues<T>& exchanged, uint32_t begin, uint32_t end, T identity, Op op) {
   T accumulated = identity;
-  for (uint32_t i = 0; i < end; ++i) {
+  for (uint32_t i = begin; i < end; ++i) {
     if (exchanged.participates(i)) accumulated = op(accumulated, exchanged.values[i]);
   }
   return accumulated;
@@ -781,7 +780,9 @@ inline bool reserve_stacks(size_t count, char* error, size_t error_size) {
   return true;
 }
 
-extern "C" inline void mlx_fm_fiber_main() {
+// Defined here (not inline) because only the assembly trampoline calls it;
+// each emulated kernel is a single translation unit including this header.
+extern "C" __attribute__((used, visibility("hidden"))) void mlx_fm_fiber_main() {
   Runtime& state = runtime();
   Fiber& fiber = *state.current_fiber;
   state.invoke(state.kernel, fiber.attributes);
@@ -938,21 +939,34 @@ T value_of_lane(const SimdValues<T>& exchanged, uint32_t source) {
   return exchanged.values[valid ? source : exchanged.lane];
 }
 
+template <class T>
+uint32_t group_base(const SimdValues<T>& exchanged, uint32_t width) {
+  return exchanged.lane & ~(width - 1u);
+}
+
 template <class T, class Op>
 T group_reduce(T value, uint32_t width, T identity, Op op) {
   SimdValues<T> exchanged = simd_exchange(value);
-  uint32_t first = exchanged.lane & ~(width - 1);
-  return mlx_fm_emulator::tree_reduce(exchanged, first, width, identity, op);
+  return mlx_fm_emulator::tree_reduce(exchanged, group_base(exchanged, width), width, identity, op);
 }
 
+// For max, min, and, or: absent lanes may repeat any present value.
 template <class T, class Op>
 T group_reduce_idempotent(T value, uint32_t width, Op op) {
   SimdValues<T> exchanged = simd_exchange(value);
-  uint32_t first = exchanged.lane & ~(width - 1);
-  return mlx_fm_emulator::tree_reduce(exchanged, first, width, value, op);
+  return mlx_fm_emulator::tree_reduce(exchanged, group_base(exchanged, width), width, value, op);
+}
+
+template <class T, class Op>
+T group_prefix(T value, uint32_t width, uint32_t inclusive, T identity, Op op) {
+  SimdValues<T> exchanged = simd_exchange(value);
+  return mlx_fm_emulator::prefix_reduce(exchanged, group_base(exchanged, width), exchanged.lane + inclusive,
+                                        identity, op);
 }
 
 inline const auto add = [](auto a, auto b) { return a + b; };
+inline const auto logical_and = [](bool a, bool b) { return a && b; };
+inline const auto logical_or = [](bool a, bool b) { return a || b; };
 inline const auto multiply = [](auto a, auto b) { return a * b; };
 inline const auto maximum = [](auto a, auto b) { return max(a, b); };
 inline const auto minimum = [](auto a, auto b) { return min(a, b); };
@@ -961,52 +975,182 @@ inline const auto bit_or = [](auto a, auto b) { return a | b; };
 inline const auto bit_xor = [](auto a, auto b) { return a ^ b; };
 }  // namespace simd_detail
 
-#define MLX_FM_GROUP_REDUCTIONS(prefix, width)                                                         \
-  template <class T> T prefix##_sum(T x) { return simd_detail::group_reduce(x, width, T(0), simd_detail::add); } \
-  template <class T> T prefix##_product(T x) { return simd_detail::group_reduce(x, width, T(1), simd_detail::multiply); } \
-  template <class T> T prefix##_max(T x) { return simd_detail::group_reduce_idempotent(x, width, simd_detail::maximum); } \
-  template <class T> T prefix##_min(T x) { return simd_detail::group_reduce_idempotent(x, width, simd_detail::minimum); } \
-  template <class T> T prefix##_and(T x) { return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_and); } \
-  template <class T> T prefix##_or(T x) { return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_or); } \
-  template <class T> T prefix##_xor(T x) { return simd_detail::group_reduce(x, width, T(0), simd_detail::bit_xor); } \
-  template <class T> T prefix##_shuffle(T x, ushort lane) {                                           \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    return simd_detail::value_of_lane(exchanged, (exchanged.lane & ~(width - 1u)) + lane % (width)); \
-  }                                                                                                  \
-  template <class T> T prefix##_broadcast(T x, ushort lane) { return prefix##_shuffle(x, lane); }    \
-  template <class T> T prefix##_shuffle_xor(T x, ushort mask) {                                      \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    return simd_detail::value_of_lane(exchanged, exchanged.lane ^ (mask & (width - 1u)));            \
-  }                                                                                                  \
-  template <class T> T prefix##_shuffle_up(T x, ushort delta) {                                      \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    uint32_t position = exchanged.lane % (width);                                                    \
-    return position < delta ? x : simd_detail::value_of_lane(exchanged, exchanged.lane - delta);     \
-  }                                                                                                  \
-  template <class T> T prefix##_shuffle_down(T x, ushort delta) {                                    \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    uint32_t position = exchanged.lane % (width);                                                    \
-    return position + delta >= (width) ? x : simd_detail::value_of_lane(exchanged, exchanged.lane + delta); \
-  }                                                                                                  \
-  template <class T> T prefix##_shuffle_rotate_up(T x, ushort delta) {                               \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    uint32_t base = exchanged.lane & ~(width - 1u);                                                  \
-    uint32_t position = exchanged.lane % (width);                                                    \
-    return simd_detail::value_of_lane(exchanged, base + (position + (width) - delta % (width)) % (width)); \
-  }                                                                                                  \
-  template <class T> T prefix##_shuffle_rotate_down(T x, ushort delta) {                             \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    uint32_t base = exchanged.lane & ~(width - 1u);                                                  \
-    uint32_t position = exchanged.lane % (width);                                                    \
-    return simd_detail::value_of_lane(exchanged, base + (position + delta) % (width));               \
-  }                                                                                                  \
-  template <class T> T prefix##_prefix_inclusive_sum(T x) {                                          \
-    auto exchanged = simd_detail::simd_exchange(x);                                                  \
-    uint32_t base = exchanged.lane & ~(width - 1u);                                                  \
-    return simd_detail::add(mlx_fm_emulator::prefix_reduce(exchanged, exchanged.lane, T(0), simd_detail::add), \
-                            T(0)) * T(base == base) + x * T(0) + prefix##_detail_unused(x);          \
+#define MLX_FM_GROUP_FUNCTIONS(prefix, width)                                                 \
+  template <class T> T prefix##_sum(T x) {                                                    \
+    return simd_detail::group_reduce(x, width, T(0), simd_detail::add);                       \
+  }                                                                                           \
+  template <class T> T prefix##_product(T x) {                                                \
+    return simd_detail::group_reduce(x, width, T(1), simd_detail::multiply);                  \
+  }                                                                                           \
+  template <class T> T prefix##_max(T x) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::maximum);              \
+  }                                                                                           \
+  template <class T> T prefix##_min(T x) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::minimum);              \
+  }                                                                                           \
+  template <class T> T prefix##_and(T x) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_and);              \
+  }                                                                                           \
+  template <class T> T prefix##_or(T x) {                                                     \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_or);               \
+  }                                                                                           \
+  template <class T> T prefix##_xor(T x) {                                                    \
+    return simd_detail::group_reduce(x, width, T(0), simd_detail::bit_xor);                   \
+  }                                                                                           \
+  template <class T> T prefix##_shuffle(T x, ushort lane) {                                   \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + lane % (width)); \
+  }                                                                                           \
+  template <class T> T prefix##_broadcast(T x, ushort lane) { return prefix##_shuffle(x, lane); } \
+  template <class T> T prefix##_shuffle_xor(T x, ushort mask) {                               \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    return simd_detail::value_of_lane(exchanged, exchanged.lane ^ (mask & ((width) - 1u)));   \
+  }                                                                                           \
+  template <class T> T prefix##_shuffle_up(T x, ushort delta) {                               \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    if (exchanged.lane % (width) < delta) return x;                                           \
+    return simd_detail::value_of_lane(exchanged, exchanged.lane - delta);                     \
+  }                                                                                           \
+  template <class T> T prefix##_shuffle_down(T x, ushort delta) {                             \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    if (exchanged.lane % (width) + delta >= (width)) return x;                                \
+    return simd_detail::value_of_lane(exchanged, exchanged.lane + delta);                     \
+  }                                                                                           \
+  template <class T> T prefix##_shuffle_rotate_up(T x, ushort delta) {                        \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    uint32_t position = (exchanged.lane + (width) - delta % (width)) % (width);               \
+    return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + position); \
+  }                                                                                           \
+  template <class T> T prefix##_shuffle_rotate_down(T x, ushort delta) {                      \
+    auto exchanged = simd_detail::simd_exchange(x);                                           \
+    uint32_t position = (exchanged.lane + delta) % (width);                                   \
+    return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + position); \
+  }                                                                                           \
+  template <class T> T prefix##_prefix_inclusive_sum(T x) {                                   \
+    return simd_detail::group_prefix(x, width, 1, T(0), simd_detail::add);                    \
+  }                                                                                           \
+  template <class T> T prefix##_prefix_exclusive_sum(T x) {                                   \
+    return simd_detail::group_prefix(x, width, 0, T(0), simd_detail::add);                    \
+  }                                                                                           \
+  template <class T> T prefix##_prefix_inclusive_product(T x) {                               \
+    return simd_detail::group_prefix(x, width, 1, T(1), simd_detail::multiply);               \
+  }                                                                                           \
+  template <class T> T prefix##_prefix_exclusive_product(T x) {                               \
+    return simd_detail::group_prefix(x, width, 0, T(1), simd_detail::multiply);               \
+  }                                                                                           \
+  inline bool prefix##_all(bool predicate) {                                                  \
+    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_and);  \
+  }                                                                                           \
+  inline bool prefix##_any(bool predicate) {                                                  \
+    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_or);   \
   }
 
-#undef MLX_FM_GROUP_REDUCTIONS
+MLX_FM_GROUP_FUNCTIONS(simd, 32u)
+MLX_FM_GROUP_FUNCTIONS(quad, 4u)
+#undef MLX_FM_GROUP_FUNCTIONS
+
+template <class T>
+T simd_broadcast_first(T x) {
+  auto exchanged = simd_detail::simd_exchange(x);
+  return exchanged.values[exchanged.first_lane()];
+}
+
+inline bool simd_is_first() {
+  auto exchanged = simd_detail::simd_exchange(false);
+  return exchanged.lane == exchanged.first_lane();
+}
+
+// Lanes whose predicate is true, as the bits of a 64-bit mask.
+struct simd_vote {
+  uint64_t mask;
+  explicit operator uint64_t() const { return mask; }
+  bool any() const { return mask != 0; }
+};
+
+inline simd_vote simd_ballot(bool predicate) {
+  auto exchanged = simd_detail::simd_exchange(predicate);
+  uint64_t mask = 0;
+  for (int i = 0; i < simd_detail::simd_width; ++i) {
+    if (exchanged.participates(i) && exchanged.values[i]) mask |= uint64_t(1) << i;
+  }
+  return simd_vote{mask};
+}
+
+inline simd_vote simd_active_threads_mask() { return simd_ballot(true); }
+
+// Atomics: atomic<T> has the layout of T; operations use the compiler's
+// atomic built-ins (floating-point read-modify-write by compare-exchange).
+enum memory_order { memory_order_relaxed, memory_order_seq_cst };
+
+template <class T>
+struct atomic {
+  T value;
+};
+using atomic_int = atomic<int>;
+using atomic_uint = atomic<uint>;
+using atomic_bool = atomic<bool>;
+using atomic_float = atomic<float>;
+
+template <class T>
+void atomic_store_explicit(volatile atomic<T>* object, T desired, memory_order) {
+  __atomic_store(&object->value, &desired, __ATOMIC_SEQ_CST);
+}
+
+template <class T>
+T atomic_load_explicit(const volatile atomic<T>* object, memory_order) {
+  T result;
+  __atomic_load(&object->value, &result, __ATOMIC_SEQ_CST);
+  return result;
+}
+
+template <class T>
+T atomic_exchange_explicit(volatile atomic<T>* object, T desired, memory_order) {
+  T previous;
+  __atomic_exchange(&object->value, &desired, &previous, __ATOMIC_SEQ_CST);
+  return previous;
+}
+
+template <class T>
+bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* object, T* expected, T desired, memory_order,
+                                           memory_order) {
+  return __atomic_compare_exchange(&object->value, expected, &desired, false, __ATOMIC_SEQ_CST,
+                                   __ATOMIC_SEQ_CST);
+}
+
+namespace atomic_detail {
+template <class T, class Update>
+T read_modify_write(volatile atomic<T>* object, Update update) {
+  T expected = atomic_load_explicit(object, memory_order_relaxed);
+  while (!atomic_compare_exchange_weak_explicit(object, &expected, T(update(expected)), memory_order_relaxed,
+                                                memory_order_relaxed)) {
+  }
+  return expected;
+}
+}  // namespace atomic_detail
+
+#define MLX_FM_ATOMIC_FETCH(name, expression)                                                        \
+  template <class T, class U>                                                                        \
+  T atomic_fetch_##name##_explicit(volatile atomic<T>* object, U operand, memory_order) {            \
+    T argument = T(operand);                                                                         \
+    return atomic_detail::read_modify_write(object, [argument](T current) { return expression; });  \
+  }
+
+MLX_FM_ATOMIC_FETCH(add, current + argument)
+MLX_FM_ATOMIC_FETCH(sub, current - argument)
+MLX_FM_ATOMIC_FETCH(max, max(current, argument))
+MLX_FM_ATOMIC_FETCH(min, min(current, argument))
+MLX_FM_ATOMIC_FETCH(and, current & argument)
+MLX_FM_ATOMIC_FETCH(or, current | argument)
+MLX_FM_ATOMIC_FETCH(xor, current ^ argument)
+#undef MLX_FM_ATOMIC_FETCH
 
 }  // namespace metal
+
+// Address-space qualifiers carry no meaning on the CPU. Declarations of
+// threadgroup storage are rewritten by metal_kernel.py before compilation;
+// what remains of `threadgroup` qualifies pointers and references.
+#define device
+#define constant
+#define thread
+#define threadgroup
+#define METAL_FUNC inline

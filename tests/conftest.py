@@ -1,0 +1,29 @@
+import mlx_fm  # noqa: F401  (loads the fast BLAS before mlx.core)
+
+import mlx.core as mx
+import pytest
+
+from mlx_fm import Model, ModelArgs, save_model
+from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+
+TINY = dict(vocab_size=BYTE_VOCAB_SIZE + 1, hidden_size=32, num_hidden_layers=2,
+            num_heads=2, num_slots=8, top_k=3, intermediate_size=48,
+            tie_word_embeddings=False)
+
+
+def tiny_model(seed=0, **overrides):
+    mx.random.seed(seed)
+    model = Model(ModelArgs(**(TINY | overrides)))
+    # Non-zero biases, so that η and μ differ across heads.
+    for layer in model.layers:
+        layer.mixer.eta_bias = mx.random.normal(layer.mixer.eta_bias.shape)
+        layer.mixer.mu_bias = mx.random.normal(layer.mixer.mu_bias.shape)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    save_model(path, tiny_model(), byte_tokenizer())
+    return path

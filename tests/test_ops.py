@@ -1,0 +1,138 @@
+"""The FM scan: step recurrence and chunked form held to the same numbers."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, route
+
+
+def relative_error(actual, expected):
+    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+
+
+def random_scan_inputs(batch, length, heads, width, slots, top_k, seed=0, logit_scale=3.0,
+                       temperature=0.5, eta_scale=3.0):
+    mx.random.seed(seed)
+    x = mx.random.normal((batch, length, heads, width))
+    weights = route(mx.random.normal((batch, length, heads, slots)) * logit_scale,
+                    temperature, top_k)
+    eta = mx.sigmoid(mx.random.normal((batch, length, heads)) * eta_scale)
+    state = mx.random.normal((batch, heads, slots, width))
+    return x, weights, eta, state
+
+
+CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the chunk, long T
+    (1, 16, 16), (1, 16, 4), (37, 16, 16), (37, 12, 3), (200, 16, 16), (200, 20, 5),
+    (4100, 16, 16), (4100, 16, 4),
+]
+
+
+@pytest.mark.parametrize("length,slots,top_k", CASES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_equals_step(length, slots, top_k, with_state):
+    x, weights, eta, state = random_scan_inputs(2, length, 2, 8, slots, top_k)
+    state = state if with_state else None
+    expected, expected_state = fm_recurrent(x, weights, eta, state)
+    actual, actual_state = fm_chunked(x, weights, eta, state)
+    assert relative_error(actual, expected) < 1e-4
+    assert relative_error(actual_state, expected_state) < 1e-4
+
+
+def test_chunk_sizes_do_not_change_the_result():
+    x, weights, eta, state = random_scan_inputs(1, 90, 2, 4, 8, 8)
+    expected, _ = fm_recurrent(x, weights, eta, state)
+    for chunk_size, sub_chunk, segment in [(8, 8, 8), (16, 4, 32), (32, 2, 64), (64, 16, 64)]:
+        actual, _ = fm_chunked(x, weights, eta, state, chunk_size, sub_chunk, segment)
+        assert relative_error(actual, expected) < 1e-4, (chunk_size, sub_chunk)
+
+
+def test_extreme_inputs_stay_finite():
+    """Router logits of ±50 at τ = 0.05, η within float32 rounding of 1, a long sequence."""
+    batch, length, heads, width, slots = 1, 2048, 2, 8, 16
+    mx.random.seed(3)
+    x = mx.random.normal((batch, length, heads, width)) * 10
+    logits = mx.where(mx.random.uniform(shape=(batch, length, heads, slots)) > 0.5, 50.0, -50.0)
+    for top_k in (1, 4, slots):
+        weights = route(logits, 0.05, top_k)
+        eta = mx.sigmoid(mx.full((batch, length, heads), 40.0))
+        expected, expected_state = fm_recurrent(x, weights, eta)
+        actual, state = fm_chunked(x, weights, eta)
+        for array in (actual, state):
+            assert mx.isfinite(array).all().item()
+        assert relative_error(actual, expected) < 1e-4
+        assert relative_error(state, expected_state) < 1e-4
+
+
+def test_route_sparse_keeps_exactly_top_k_and_renormalizes():
+    mx.random.seed(0)
+    logits = mx.random.normal((3, 5, 2, 12))
+    dense = route(logits, 0.7, 12)
+    sparse = route(logits, 0.7, 4)
+    assert ((sparse > 0).sum(-1) == 4).all().item()
+    assert mx.allclose(sparse.sum(-1), mx.ones((3, 5, 2)), atol=1e-6).item()
+    kept = np.argsort(-np.array(dense), axis=-1)[..., :4]
+    assert (np.take_along_axis(np.array(sparse), kept, -1) > 0).all()
+    assert mx.allclose(dense, mx.softmax(logits / 0.7, axis=-1), atol=1e-6).item()
+
+
+def test_unselected_slots_are_bit_for_bit_unchanged():
+    x, weights, eta, state = random_scan_inputs(2, 24, 3, 8, 16, 2)
+    # One step: slots outside this token's top-k.
+    _, after_step = fm_step(x[:, 0], weights[:, 0], eta[:, 0], state)
+    untouched = np.array(weights[:, 0] == 0)
+    assert untouched.sum() > 0
+    assert np.array_equal(np.array(after_step)[untouched], np.array(state)[untouched])
+    # One chunk: slots that no token of the chunk selected.
+    _, after_chunk = fm_chunked(x, weights, eta, state, chunk_size=32, sub_chunk=8)
+    untouched = np.array((weights == 0).all(axis=1))
+    assert untouched.sum() > 0
+    assert np.array_equal(np.array(after_chunk)[untouched], np.array(state)[untouched])
+    assert not np.array_equal(np.array(after_chunk)[~untouched], np.array(state)[~untouched])
+
+
+def test_gradients_of_chunked_and_step_agree():
+    x, weights, eta, state = random_scan_inputs(1, 70, 2, 4, 8, 3, logit_scale=1.0)
+    logits = mx.random.normal(weights.shape)
+    probe = mx.random.normal(x.shape)
+
+    def loss(scan, x, logits, eta, state):
+        read, final = scan(x, route(logits, 0.5, 3), eta, state)
+        return (read * probe).sum() + final.sum()
+
+    arguments = (x, logits, eta, state)
+    expected = mx.grad(lambda *a: loss(fm_recurrent, *a), argnums=(0, 1, 2, 3))(*arguments)
+    actual = mx.grad(lambda *a: loss(fm_chunked, *a), argnums=(0, 1, 2, 3))(*arguments)
+    for got, want in zip(actual, expected):
+        assert mx.isfinite(got).all().item()
+        assert relative_error(got, want) < 1e-4
+
+
+def test_mix_keeps_a_float32_state_for_low_precision_inputs():
+    batch, length, heads, width, slots = 1, 20, 2, 8, 8
+    mx.random.seed(1)
+    x = mx.random.normal((batch, length, heads, width)).astype(mx.bfloat16)
+    logits = mx.random.normal((batch, length, heads, slots)).astype(mx.bfloat16)
+    gates = mx.random.normal((batch, length, heads)).astype(mx.bfloat16)
+    bias = mx.zeros((heads,), mx.bfloat16)
+    out, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=4, temperature=1.0)
+    assert state.dtype == mx.float32 and out.dtype == mx.float32
+    out_step, state_step = fm_mix(x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1],
+                                  bias, bias, top_k=4, temperature=1.0,
+                                  state=mx.zeros_like(state))
+    assert state_step.dtype == mx.float32
+
+
+def test_mix_masked_tokens_leave_the_state_untouched():
+    batch, length, heads, width, slots = 2, 12, 2, 4, 8
+    mx.random.seed(2)
+    x = mx.random.normal((batch, length, heads, width))
+    logits = mx.random.normal((batch, length, heads, slots))
+    gates = mx.random.normal((batch, length, heads))
+    bias = mx.zeros((heads,))
+    mask = mx.array([[True] * length, [False] * 5 + [True] * (length - 5)])
+    _, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=8, temperature=1.0,
+                      mask=mask)
+    _, state_unpadded = fm_mix(x[1:, 5:], logits[1:, 5:], gates[1:, 5:], gates[1:, 5:],
+                               bias, bias, top_k=8, temperature=1.0)
+    assert relative_error(state[1:], state_unpadded) < 1e-6
