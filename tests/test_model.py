@@ -1,0 +1,172 @@
+"""The FM language model as an mlx-lm model: config, weights, cache, generation."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import batch_generate, generate, stream_generate
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_fm import Model, ModelArgs, load
+from mlx_fm.ops import fm_recurrent
+
+from conftest import TINY, tiny_model
+
+
+def relative_error(actual, expected):
+    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("top_k", 9, "top_k"), ("top_k", 0, "top_k"), ("num_heads", 3, "num_heads"),
+    ("hidden_size", 0, "hidden_size"), ("num_slots", -1, "num_slots"),
+    ("router_temperature", 0.0, "router_temperature"), ("conv_kernel", -1, "conv_kernel"),
+    ("model_type", "llama", "model_type"),
+])
+def test_invalid_config_values_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**(TINY | {key: value}))
+
+
+def test_from_dict_ignores_unknown_keys_and_defaults_to_dense():
+    config = {k: v for k, v in TINY.items() if k != "top_k"}
+    args = ModelArgs.from_dict(config | {"architectures": ["X"], "torch_dtype": "float32"})
+    assert args.top_k == args.num_slots
+    assert args.head_dim == args.expand * args.hidden_size // args.num_heads
+
+
+def test_sanitize_accepts_pytorch_layout_and_is_idempotent():
+    model = tiny_model()
+    from mlx.utils import tree_flatten
+    weights = dict(tree_flatten(model.parameters()))
+    torch_layout = dict(weights)
+    for key in [k for k in weights if k.endswith("conv1d.weight")]:
+        torch_layout[key] = weights[key].swapaxes(1, 2)  # E×1×K
+        assert torch_layout[key].shape[1] == 1
+    once = model.sanitize(torch_layout)
+    twice = model.sanitize(once)
+    for key, value in weights.items():
+        assert once[key].shape == value.shape and mx.array_equal(once[key], value).item()
+        assert mx.array_equal(twice[key], value).item()
+
+
+def reference_logits(model, tokens):
+    """The LM computed straight from SPEC, token by token, with the step recurrence."""
+    args = model.args
+    h = model.backbone.embeddings(tokens)
+    for layer in model.layers:
+        mixer = layer.mixer
+        u = layer.norm(h)
+        z, x, rho, e, g = mx.split(mixer.in_proj(u), mixer.splits, axis=-1)
+        k = args.conv_kernel
+        padded = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
+        w = mixer.conv1d.weight[:, :, 0]
+        conv = mixer.conv1d.bias + sum(w[:, j] * padded[:, j:j + x.shape[1]] for j in range(k))
+        xbar = mx.sigmoid(conv) * conv
+        b, t = x.shape[:2]
+        xbar = xbar.reshape(b, t, args.num_heads, args.head_dim)
+        alpha = mx.softmax(rho.reshape(b, t, args.num_heads, -1) / args.router_temperature, -1)
+        kth = mx.sort(alpha, axis=-1)[..., -args.top_k][..., None]
+        alpha = mx.where(alpha >= kth, alpha, 0)
+        alpha = alpha / alpha.sum(-1, keepdims=True)
+        eta = mx.sigmoid(e + mixer.eta_bias)
+        mu = mx.sigmoid(g + mixer.mu_bias)[..., None]
+        r, _ = fm_recurrent(xbar, alpha, eta)
+        o = (mu * r + (1 - mu) * xbar).reshape(b, t, -1)
+        h = h + mixer.out_proj(mixer.norm(o * (mx.sigmoid(z) * z)))
+        h = h + layer.mlp(layer.mlp_norm(h))
+    return model.lm_head(model.backbone.norm_f(h))
+
+
+def test_forward_matches_spec_reference():
+    model = tiny_model()
+    tokens = mx.array([[3, 70, 12, 250, 9, 9, 41, 100, 7, 1, 2, 3, 4, 5, 6, 7, 8] * 5])
+    assert relative_error(model(tokens), reference_logits(model, tokens)) < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [{}, {"conv_kernel": 0, "intermediate_size": 0},
+                                        {"conv_kernel": 1, "top_k": 8}, {"conv_kernel": 2}])
+def test_prefill_in_steps_then_decode_equals_full_forward(overrides):
+    model = tiny_model(**overrides)
+    mx.random.seed(5)
+    tokens = mx.random.randint(0, 257, (2, 150))
+    full = model(tokens)
+    cache = make_prompt_cache(model)
+    pieces = [model(tokens[:, :64], cache=cache), model(tokens[:, 64:128], cache=cache)]
+    pieces += [model(tokens[:, t:t + 1], cache=cache) for t in range(128, 150)]
+    assert relative_error(mx.concatenate(pieces, axis=1), full) < 1e-4
+
+
+def test_cache_state_is_float32_and_does_not_grow():
+    model = tiny_model().apply(lambda p: p.astype(mx.bfloat16))
+    cache = make_prompt_cache(model)
+    model(mx.zeros((1, 10), mx.int32), cache=cache)
+    sizes = [c.nbytes for c in cache]
+    assert cache[0][0].dtype == mx.float32
+    model(mx.zeros((1, 500), mx.int32), cache=cache)
+    assert [c.nbytes for c in cache] == sizes
+    assert cache[0][0].dtype == mx.float32
+
+
+def test_left_padding_leaks_into_neither_conv_nor_state():
+    model = tiny_model()
+    prompt = mx.array([[5, 80, 31, 7, 99, 12, 64]])
+    alone = make_prompt_cache(model)
+    expected = model(prompt, cache=alone)[:, -1]
+    padded_cache = make_prompt_cache(model)
+    for c in padded_cache:
+        c.left_padding = mx.array([4])
+    garbage = mx.array([[200, 201, 202, 203]])
+    logits = model(mx.concatenate([garbage, prompt], axis=1), cache=padded_cache)[:, -1]
+    assert relative_error(logits, expected) < 1e-4
+    for c_alone, c_padded in zip(alone, padded_cache):
+        for a, b in zip(c_alone.cache, c_padded.cache):
+            assert relative_error(b, a) < 1e-5
+
+
+def test_prompt_cache_save_and_load(tmp_path):
+    model = tiny_model()
+    cache = make_prompt_cache(model)
+    model(mx.array([[1, 2, 3, 4, 5]]), cache=cache)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    restored = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    next_token = mx.array([[6]])
+    assert mx.allclose(model(next_token, cache=restored), model(next_token, cache=cache)).item()
+
+
+def test_mlx_lm_generate_and_stream_generate(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    text = generate(model, tokenizer, "Hello", max_tokens=8)
+    streamed = "".join(r.text for r in stream_generate(model, tokenizer, "Hello", max_tokens=8))
+    assert text == streamed
+    assert len(tokenizer.encode(text)) >= 1
+
+
+def test_batch_generate_matches_single_prompt_generation(tiny_model_dir):
+    model, tokenizer = load(tiny_model_dir)
+    prompts = [tokenizer.encode(p) for p in ["Hi", "A much longer prompt here", "Mid size"]]
+    batch = batch_generate(model, tokenizer, prompts, max_tokens=10, verbose=False)
+    for prompt, text in zip(prompts, batch.texts):
+        alone = generate(model, tokenizer, prompt, max_tokens=10, sampler=make_sampler(0.0))
+        assert text == alone
+
+
+def test_batch_cache_merge_filter_extract():
+    model = tiny_model()
+    caches = []
+    for prompt in ([[1, 2, 3]], [[4, 5, 6, 7, 8]]):
+        cache = make_prompt_cache(model)
+        model(mx.array(prompt), cache=cache)
+        caches.append(cache)
+    merged = [type(c0).merge([c0, c1]) for c0, c1 in zip(*caches)]
+    step = mx.array([[9], [9]])
+    together = model(step, cache=merged)
+    apart = [model(step[:1], cache=c) for c in caches]
+    assert relative_error(together[0], apart[0][0]) < 1e-5
+    assert relative_error(together[1], apart[1][0]) < 1e-5
+    extracted = [c.extract(1) for c in merged]
+    for c in merged:
+        c.filter([1])
+    for a, b in zip(extracted, merged):
+        for x, y in zip(a.cache, b.cache):
+            assert mx.array_equal(x, y).item()
