@@ -1,0 +1,507 @@
+"""Run MLX custom Metal kernels on the CPU, for tests on machines without Metal.
+
+``metal_kernel`` is a drop-in stand-in for ``mx.fast.metal_kernel``: it builds
+the kernel source the way MLX does (signature, template parameters, shape and
+stride parameters, Metal thread attributes), compiles it as C++ with g++ on top
+of ``metal_compat.h`` and runs it with Metal's execution model: the grid counts
+threads, edge threadgroups are cut to the grid, the threads of a threadgroup
+run as cooperative fibers that meet at ``threadgroup_barrier`` and at SIMD-group
+functions (width 32), and ``threadgroup`` variables are shared by the threads
+of one threadgroup.
+
+Differences from the GPU: calls run eagerly (not inside ``mx.compile``), math
+functions are the correctly rounded CPU ones, outputs without ``init_value``
+start as NaN (floating types) or all-ones bits (integers) so that unwritten
+elements stand out, and an out-of-bounds access may crash the process.
+"""
+
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+__all__ = ["metal_kernel", "MetalKernelEmulator", "UnsupportedMetalFeature", "MetalKernelCompileError"]
+
+MAX_THREADS_PER_THREADGROUP = 1024
+# MLX passes inputs with fewer elements in the constant address space.
+_MAX_CONSTANT_ARRAY_SIZE = 8
+_COMPAT_HEADER = Path(__file__).with_name("metal_compat.h")
+_COMPILE_FLAGS = (
+    "-std=c++17",
+    "-O2",
+    "-shared",
+    "-fPIC",
+    "-fvisibility=hidden",
+    # Metal has no double: unsuffixed literals such as 0.5 are float.
+    "-fsingle-precision-constant",
+    "-fno-math-errno",
+    "-w",
+)
+
+
+class UnsupportedMetalFeature(ValueError):
+    """The kernel or its launch uses something the emulator does not support."""
+
+
+class MetalKernelCompileError(RuntimeError):
+    """g++ rejected the generated kernel source."""
+
+
+@dataclass(frozen=True)
+class _DtypeInfo:
+    metal_type: str
+    buffer_dtype: np.dtype
+
+
+_DTYPES = {
+    mx.bool_: _DtypeInfo("bool", np.dtype(np.bool_)),
+    mx.uint8: _DtypeInfo("uint8_t", np.dtype(np.uint8)),
+    mx.uint16: _DtypeInfo("uint16_t", np.dtype(np.uint16)),
+    mx.uint32: _DtypeInfo("uint32_t", np.dtype(np.uint32)),
+    mx.uint64: _DtypeInfo("uint64_t", np.dtype(np.uint64)),
+    mx.int8: _DtypeInfo("int8_t", np.dtype(np.int8)),
+    mx.int16: _DtypeInfo("int16_t", np.dtype(np.int16)),
+    mx.int32: _DtypeInfo("int32_t", np.dtype(np.int32)),
+    mx.int64: _DtypeInfo("int64_t", np.dtype(np.int64)),
+    mx.float16: _DtypeInfo("float16_t", np.dtype(np.float16)),
+    # numpy has no bfloat16: its buffers travel as raw 16-bit words.
+    mx.bfloat16: _DtypeInfo("bfloat16_t", np.dtype(np.uint16)),
+    mx.float32: _DtypeInfo("float", np.dtype(np.float32)),
+}
+
+# Metal thread attributes in MLX's order, with their types; MLX adds a
+# parameter for each one whose name appears in the kernel source.
+_METAL_ATTRIBUTES = (
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+)
+# Attributes that are another attribute's value under a second name.
+_ATTRIBUTE_ALIASES = {"grid_size": "threads_per_grid", "thread_execution_width": "threads_per_simdgroup"}
+
+_UNSUPPORTED_FEATURES = (
+    (re.compile(r"\bsimdgroup_(matrix|(half|float|bfloat)8x8|load|store|multiply(_accumulate)?)\b"), "simdgroup_matrix"),
+    (re.compile(r"\b(texture(1d|2d|3d|cube|_buffer)\w*|depth(2d|cube)\w*|sampler)\b"), "textures and samplers"),
+    (re.compile(r"\bimageblock\b"), "imageblocks"),
+    (re.compile(r"\b(raytracing|intersector|acceleration_structure)\b"), "ray tracing"),
+    (re.compile(r"\b\d+(\.\d*)?h\b"), "half literals with the 'h' suffix"),
+)
+_SYNCHRONIZATION = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+)\s*\(")
+_METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>\s*$", re.MULTILINE)
+_THREADGROUP_QUALIFIER = re.compile(r"\bthreadgroup\b")
+_DECLARATOR_END = re.compile(r"[;,=){]")
+_ARRAY_EXTENT = re.compile(r"\[[^\]]*\]")
+
+
+def metal_kernel(
+    name,
+    input_names,
+    output_names,
+    source,
+    header="",
+    ensure_row_contiguous=True,
+    atomic_outputs=False,
+    compile_options=None,
+):
+    """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU.
+
+    ``compile_options`` is accepted for compatibility; the CPU math is always
+    the precise one.
+    """
+    return MetalKernelEmulator(
+        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+    )
+
+
+@dataclass(frozen=True)
+class _InputSlot:
+    """How one input array is passed: its buffer and optional shape info."""
+
+    name: str
+    metal_type: str
+    is_scalar: bool
+    in_constant_space: bool
+    passes_shape: bool
+    passes_strides: bool
+    passes_ndim: bool
+
+
+class MetalKernelEmulator:
+    def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs):
+        if not output_names:
+            raise ValueError("[metal_kernel] Must specify at least one output.")
+        _reject_unsupported_features(header + source)
+        self.name = name
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+        self.source = source
+        self.header = header
+        self.ensure_row_contiguous = ensure_row_contiguous
+        self.atomic_outputs = atomic_outputs
+        self.attributes = [(attr, kind) for attr, kind in _METAL_ATTRIBUTES if attr in source]
+        self.uses_synchronization = bool(_SYNCHRONIZATION.search(header + source))
+
+    def __call__(
+        self,
+        *,
+        inputs,
+        output_shapes,
+        output_dtypes,
+        grid,
+        threadgroup,
+        template=None,
+        init_value=None,
+        verbose=False,
+        stream=None,
+    ):
+        self._check_counts(inputs, output_shapes, output_dtypes)
+        grid, threadgroup = _checked_launch_shape(grid, threadgroup)
+        arrays = [_as_mlx_array(x) for x in inputs]
+        slots = [self._input_slot(name, x) for name, x in zip(self.input_names, arrays)]
+        output_types = [_dtype_info(dtype).metal_type for dtype in output_dtypes]
+        template_args = [_template_value(name, value) for name, value in (template or [])]
+        kernel_name = _kernel_name(self.name, template_args, slots, output_types)
+        kernel_source = self._metal_source(kernel_name, slots, output_types, template_args)
+        if verbose:
+            print(f"Generated source code for `{self.name}`:\n```\n{kernel_source}\n```")
+
+        launch = _compiled_launcher(self._cpp_source(kernel_name, kernel_source, slots, output_types, template_args))
+        buffers = [self._input_buffer(x) for x in arrays]
+        outputs = [_output_buffer(shape, dtype, init_value) for shape, dtype in zip(output_shapes, output_dtypes)]
+        launch(_pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization)
+        return [_to_mlx(buffer, dtype) for buffer, dtype in zip(outputs, output_dtypes)]
+
+    def _check_counts(self, inputs, output_shapes, output_dtypes):
+        for what, given, expected in (
+            ("inputs", inputs, self.input_names),
+            ("output_shapes", output_shapes, self.output_names),
+            ("output_dtypes", output_dtypes, self.output_names),
+        ):
+            if len(given) != len(expected):
+                raise ValueError(
+                    f"[metal_kernel] Expected `{what}` to have size {len(expected)} but got size {len(given)}."
+                )
+
+    def _input_slot(self, name, array):
+        return _InputSlot(
+            name=name,
+            metal_type=_dtype_info(array.dtype).metal_type,
+            is_scalar=array.ndim == 0,
+            in_constant_space=array.size < _MAX_CONSTANT_ARRAY_SIZE,
+            passes_shape=array.ndim > 0 and f"{name}_shape" in self.source,
+            passes_strides=array.ndim > 0 and f"{name}_strides" in self.source,
+            passes_ndim=array.ndim > 0 and f"{name}_ndim" in self.source,
+        )
+
+    def _input_buffer(self, array):
+        buffer_view = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+        buffer = np.asarray(buffer_view)
+        return np.ascontiguousarray(buffer) if self.ensure_row_contiguous else buffer
+
+    def _metal_source(self, kernel_name, slots, output_types, template_args):
+        """The kernel source exactly as MLX generates it for Metal."""
+        lines = []
+        for slot in slots:
+            location = "constant" if slot.in_constant_space else "device"
+            reference = "&" if slot.is_scalar else "*"
+            lines.append(f"  const {location} {slot.metal_type}{reference} {slot.name}")
+            if slot.passes_shape:
+                lines.append(f"  const constant int* {slot.name}_shape")
+            if slot.passes_strides:
+                lines.append(f"  const constant int64_t* {slot.name}_strides")
+            if slot.passes_ndim:
+                lines.append(f"  const constant int& {slot.name}_ndim")
+        for name, metal_type in zip(self.output_names, output_types):
+            pointee = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
+            lines.append(f"  device {pointee}* {name}")
+        parameters = [f"{line} [[buffer({index})]]" for index, line in enumerate(lines)]
+        parameters += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
+
+        text = self.header
+        if template_args:
+            text += "template <" + ", ".join(f"{kind} {name}" for name, kind, _ in template_args) + ">\n"
+        text += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(parameters) + ") {\n"
+        text += self.source + "\n}\n"
+        if template_args:
+            instance = kernel_name + _template_list(template_args)
+            text += (
+                f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
+            )
+        return text
+
+    def _cpp_source(self, kernel_name, kernel_source, slots, output_types, template_args):
+        """A C++ translation unit: the kernel plus an entry point that runs it.
+
+        The header defines `device`, `constant`, `thread` and `threadgroup`
+        away, so the code after the kernel must not use those words.
+        """
+        arguments = []
+        index = 0
+        for slot in slots:
+            if slot.is_scalar:
+                arguments.append(f"*static_cast<const {slot.metal_type}*>(buffers[{index}])")
+            else:
+                arguments.append(f"static_cast<const {slot.metal_type}*>(buffers[{index}])")
+            index += 1
+            for passed, kind in (
+                (slot.passes_shape, "const int*"),
+                (slot.passes_strides, "const int64_t*"),
+                (slot.passes_ndim, None),
+            ):
+                if passed:
+                    argument = f"static_cast<{kind}>(buffers[{index}])" if kind else f"*static_cast<const int*>(buffers[{index}])"
+                    arguments.append(argument)
+                    index += 1
+        for metal_type in output_types:
+            pointee = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
+            arguments.append(f"static_cast<{pointee}*>(buffers[{index}])")
+            index += 1
+        arguments += [f"a.{_ATTRIBUTE_ALIASES.get(attr, attr)}" for attr, _ in self.attributes]
+        call = kernel_name + (_template_list(template_args) if template_args else "")
+        argument_text = ",\n      ".join(arguments)
+        return f"""#include "metal_compat.h"
+namespace metal::kernel_scope {{
+{_prepare_for_cpp(kernel_source)}
+static void mlx_fm_invoke_kernel(void* context, const mlx_fm_emulator::ThreadAttributes& a) {{
+  void** buffers = static_cast<void**>(context);
+  {call}(
+      {argument_text});
+}}
+}}  // namespace metal::kernel_scope
+
+extern "C" __attribute__((visibility("default"))) int mlx_fm_launch(
+    void** buffers, const uint32_t* grid, const uint32_t* group_size, int uses_synchronization,
+    char* error, size_t error_size) {{
+  return mlx_fm_emulator::dispatch(grid, group_size, uses_synchronization != 0,
+                                   &metal::kernel_scope::mlx_fm_invoke_kernel, buffers, error, error_size);
+}}
+"""
+
+
+def _reject_unsupported_features(code):
+    for pattern, feature in _UNSUPPORTED_FEATURES:
+        if pattern.search(code):
+            raise UnsupportedMetalFeature(f"[metal_kernel emulator] {feature} not supported")
+
+
+def _checked_launch_shape(grid, threadgroup):
+    for what, dims in (("grid", grid), ("threadgroup", threadgroup)):
+        if len(dims) != 3 or any(int(d) < 1 for d in dims):
+            raise UnsupportedMetalFeature(
+                f"[metal_kernel emulator] {what} must be three positive sizes, got {tuple(dims)}"
+            )
+    threads = int(np.prod(threadgroup))
+    if threads > MAX_THREADS_PER_THREADGROUP:
+        raise UnsupportedMetalFeature(
+            f"[metal_kernel emulator] Thread group size ({threads}) is greater than the maximum allowed "
+            f"threads per threadgroup ({MAX_THREADS_PER_THREADGROUP})."
+        )
+    # As MLX does, a threadgroup larger than the grid shrinks to the grid.
+    clamped = tuple(min(int(t), int(g)) for t, g in zip(threadgroup, grid))
+    return tuple(int(g) for g in grid), clamped
+
+
+def _as_mlx_array(value):
+    return value if isinstance(value, mx.array) else mx.array(value)
+
+
+def _dtype_info(dtype):
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise UnsupportedMetalFeature(f"[metal_kernel emulator] unsupported dtype {dtype}") from None
+
+
+def _template_value(name, value):
+    """(name, parameter kind, C++ text of the argument) for one template arg."""
+    if isinstance(value, bool):
+        return name, "bool", str(int(value))
+    if isinstance(value, int):
+        return name, "int", str(value)
+    if isinstance(value, mx.Dtype):
+        return name, "typename", _dtype_info(value).metal_type
+    raise UnsupportedMetalFeature(
+        f"[metal_kernel emulator] template argument {name!r} must be an int, bool or mlx dtype, got {value!r}"
+    )
+
+
+def _template_list(template_args):
+    return "<" + ", ".join(text for _, _, text in template_args) + ">"
+
+
+def _kernel_name(name, template_args, slots, output_types):
+    kernel_name = "custom_kernel_" + name
+    if template_args:
+        kernel_name += "_" + re.sub(r"<|>|, ", "_", _template_list(template_args))[:-1]
+    for slot in slots:
+        suffix = "s" if slot.is_scalar else ("c" if slot.in_constant_space else "")
+        kernel_name += f"_{slot.metal_type}{suffix}"
+    for metal_type in output_types:
+        kernel_name += f"_{metal_type}"
+    return kernel_name
+
+
+def _prepare_for_cpp(code):
+    """Turns Metal-only constructs into their emulated C++ form.
+
+    Threadgroup variable declarations become function-static storage, which
+    the fibers of the running threadgroup share; `threadgroup` qualifying a
+    pointer or reference is dropped by the header's empty macro.
+    """
+
+    def storage_or_pointer(match):
+        rest = code[match.end() :]
+        end = _DECLARATOR_END.search(rest)
+        declarator = _ARRAY_EXTENT.sub("", rest[: end.start() if end else len(rest)])
+        return match.group(0) if "*" in declarator or "&" in declarator else "static"
+
+    code = _METAL_INCLUDE.sub("", code)
+    return _THREADGROUP_QUALIFIER.sub(storage_or_pointer, code)
+
+
+def _output_buffer(shape, dtype, init_value):
+    info = _dtype_info(dtype)
+    if init_value is not None:
+        initial = mx.full(shape, init_value, dtype)
+        return np.array(initial.view(mx.uint16) if dtype == mx.bfloat16 else initial, copy=True)
+    if info.buffer_dtype == np.bool_:
+        return np.ones(shape, np.bool_)
+    # All-ones bits: NaN for every floating type, -1 or the maximum for integers.
+    buffer = np.empty(shape, info.buffer_dtype)
+    buffer.view(np.uint8).fill(0xFF)
+    return buffer
+
+
+def _pointer_table(slots, buffers, outputs):
+    """The kernel's buffer arguments in signature order, as void pointers.
+
+    The numpy arrays created here are kept alive by the returned table.
+    """
+    pointers = []
+    keep_alive = []
+    for slot, buffer in zip(slots, buffers):
+        pointers.append(buffer.ctypes.data)
+        extras = []
+        if slot.passes_shape:
+            extras.append(np.array(buffer.shape, np.int32))
+        if slot.passes_strides:
+            extras.append(np.array([s // buffer.itemsize for s in buffer.strides], np.int64))
+        if slot.passes_ndim:
+            extras.append(np.array(buffer.ndim, np.int32))
+        keep_alive += extras
+        pointers += [extra.ctypes.data for extra in extras]
+    pointers += [output.ctypes.data for output in outputs]
+    table = (ctypes.c_void_p * len(pointers))(*pointers)
+    table.keep_alive = (keep_alive, buffers)
+    return table
+
+
+def _to_mlx(buffer, dtype):
+    array = mx.array(buffer)
+    return array.view(mx.bfloat16) if dtype == mx.bfloat16 else array
+
+
+# --- compilation ---------------------------------------------------------------
+
+_launchers = {}
+
+
+def _compiled_launcher(cpp_source):
+    key = hashlib.sha256(
+        "\0".join((cpp_source, _COMPAT_HEADER.read_text(), " ".join(_COMPILE_FLAGS))).encode()
+    ).hexdigest()[:40]
+    if key not in _launchers:
+        library = ctypes.CDLL(str(_shared_library(key, cpp_source)))
+        entry = library.mlx_fm_launch
+        entry.restype = ctypes.c_int
+        entry.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+        ]
+        _launchers[key] = _Launcher(library, entry)
+    return _launchers[key]
+
+
+@dataclass
+class _Launcher:
+    library: ctypes.CDLL
+    entry: object
+
+    def __call__(self, buffer_table, grid, threadgroup, uses_synchronization):
+        error = ctypes.create_string_buffer(512)
+        status = self.entry(
+            buffer_table,
+            (ctypes.c_uint32 * 3)(*grid),
+            (ctypes.c_uint32 * 3)(*threadgroup),
+            int(uses_synchronization),
+            error,
+            len(error),
+        )
+        if status != 0:
+            raise RuntimeError(f"[metal_kernel emulator] {error.value.decode()}")
+
+
+def _cache_directory():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = Path(base) / "mlx_fm" / "metal_emulator"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+    except OSError:
+        directory = Path(tempfile.gettempdir()) / "mlx_fm_metal_emulator"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+
+def _shared_library(key, cpp_source):
+    """Path of the compiled kernel, building it unless already cached.
+
+    Builds go to unique temporary names and are renamed into place, so
+    concurrent processes compiling the same kernel never see partial files.
+    """
+    directory = _cache_directory()
+    library = directory / f"{key}.so"
+    if library.exists():
+        return library
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        source_file = Path(scratch) / "kernel.cpp"
+        source_file.write_text(cpp_source)
+        built = Path(scratch) / "kernel.so"
+        compiler = os.environ.get("CXX", "g++")
+        command = [compiler, *_COMPILE_FLAGS, f"-I{_COMPAT_HEADER.parent}", str(source_file), "-o", str(built)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise MetalKernelCompileError(
+                f"[metal_kernel emulator] g++ failed to compile the kernel:\n{result.stderr}\n"
+                f"--- generated source ---\n{cpp_source}"
+            )
+        os.replace(built, library)
+    return library
