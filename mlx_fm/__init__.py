@@ -1,6 +1,6 @@
 """mlx_fm: Factorization Memory language models on MLX."""
 
-from ._blas import blas_info, load_fast_blas
+from .blas import blas_info, load_fast_blas
 
 load_fast_blas()  # must precede the first `import mlx.core`
 

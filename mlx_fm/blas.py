@@ -89,3 +89,23 @@ def blas_info() -> dict:
         "optimized": library is not None,
         "reason": _status["reason"],
     }
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> dict:
+    """Float32 matmul speed through MLX and through numpy, in GFLOP/s."""
+    import time
+
+    import mlx.core as mx
+    import numpy as np
+
+    def rate(multiply):
+        multiply()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            multiply()
+        return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    b = mx.array(a)
+    return {"mlx": rate(lambda: mx.eval(b @ b)), "numpy": rate(lambda: a @ a)}
+

@@ -1,0 +1,104 @@
+"""Loading, saving, the BLAS set-up, and the mlx_fm.generate command."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_fm
+from mlx_fm import ModelLoadError, load, load_model, save_model
+
+from conftest import tiny_model
+
+
+def run_cli(module, *args, stdin=None, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_save_then_load_gives_the_same_logits(tmp_path, tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    original = tiny_model()
+    tokens = mx.array([[1, 2, 3, 4]])
+    assert mx.allclose(model(tokens), original(tokens)).item()
+    save_model(tmp_path / "copy", model)
+    assert mx.array_equal(load_model(tmp_path / "copy")(tokens), model(tokens)).item()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def corrupt(tiny_model_dir, tmp_path, edit):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, path)
+    edit(path)
+    return path
+
+
+def set_config(path, **changes):
+    config = json.loads((path / "config.json").read_text()) | changes
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda p: (p / "config.json").unlink(), "no config.json"),
+    (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda p: set_config(p, model_type="llama"), "model_type"),
+    (lambda p: set_config(p, top_k=99), "top_k"),
+    (lambda p: (p / "model.safetensors").unlink(), "safetensors"),
+    (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 10), "cannot load"),
+    (lambda p: set_config(p, model_file="evil.py"), "custom module"),
+])
+def test_bad_checkpoints_raise_one_clear_error(tiny_model_dir, tmp_path, edit, message):
+    path = corrupt(tiny_model_dir, tmp_path, edit)
+    (path / "evil.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_missing_path_is_an_error_without_network():
+    with pytest.raises(ModelLoadError, match="not found"):
+        load("./no/such/model")
+
+
+def test_blas_is_loaded_and_agrees_with_numpy():
+    info = mlx_fm.blas_info()
+    if sys.platform == "linux":
+        assert info["optimized"], info
+    a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((200, 100), dtype=np.float32)
+    assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-4)
+
+
+def test_blas_can_be_switched_off():
+    result = run_cli("mlx_fm", env={"MLX_FM_BLAS": "off", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    assert "switched off" in result.stdout
+
+
+def test_generate_cli(tiny_model_dir):
+    result = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "Hello",
+                     "--max-tokens", "5", "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert "Generation: 5 tokens" in result.stdout and "Peak memory" in result.stdout
+    from_stdin = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "-",
+                         "--max-tokens", "5", stdin="Hello")
+    plain = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "Hello",
+                    "--max-tokens", "5")
+    assert from_stdin.stdout == plain.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/dir", "--prompt", "hi"], "model path not found"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "hi", "--max-tokens", "0"], "max-tokens"),
+])
+def test_generate_cli_bad_input(tiny_model_dir, args, message):
+    if "--model" not in args:
+        args = ["--model", str(tiny_model_dir), *args]
+    result = run_cli("mlx_fm.generate", *args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
