@@ -181,7 +181,8 @@ def test_simd_functions_combine_the_lanes_of_a_simdgroup(simd_kernel, thread_cou
 
     np.testing.assert_array_equal(result["sums"], lane_sum)
     assert result["sums"][0] == 496
-    np.testing.assert_array_equal(result["butterflies"], lane_sum)
+    full = count == 32  # a butterfly over a partial SIMD-group reads absent lanes
+    np.testing.assert_array_equal(result["butterflies"][full], 496)
     np.testing.assert_array_equal(result["inclusive"], lane * (lane + 1) / 2)
     np.testing.assert_array_equal(result["exclusive"], lane * (lane - 1) / 2)
     factorial = np.array([1, 2, 6, 24, 120])[np.minimum(lane, 4)]
@@ -305,9 +306,9 @@ def test_template_dtypes_round_like_mlx(dtype):
                                          template=[("T", dtype)])
 
     assert mx.array_equal(converted, wide.astype(dtype), equal_nan=True).item()
-    finite = ~mx.isnan(wide)
-    bits = converted.view(mx.uint16)
-    assert mx.array_equal(bits[finite], wide.astype(dtype).view(mx.uint16)[finite]).item()  # signed zeros too
+    not_nan = ~np.isnan(np.array(wide))
+    bits, expected_bits = (np.array(a.view(mx.uint16)) for a in (converted, wide.astype(dtype)))
+    np.testing.assert_array_equal(bits[not_nan], expected_bits[not_nan])  # signed zeros too
     assert mx.array_equal(arithmetic, narrow * narrow + narrow).item()
     assert mx.array_equal(widened, narrow.astype(mx.float32) * 0.5).item()
 
