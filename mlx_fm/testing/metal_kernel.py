@@ -21,7 +21,8 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -151,6 +152,9 @@ class _InputSlot:
 
 
 class MetalKernelEmulator:
+    """The callable `metal_kernel` returns; calls take the keyword arguments
+    of MLX's kernels (`stream` is accepted and ignored: it runs on the CPU)."""
+
     def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs):
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
@@ -185,11 +189,12 @@ class MetalKernelEmulator:
         output_types = [_dtype_info(dtype).metal_type for dtype in output_dtypes]
         template_args = [_template_value(name, value) for name, value in (template or [])]
         kernel_name = _kernel_name(self.name, template_args, slots, output_types)
-        kernel_source = self._metal_source(kernel_name, slots, output_types, template_args)
+        parameters = self._buffer_parameters(slots, output_types)
+        kernel_source = self._metal_source(kernel_name, parameters, template_args)
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{kernel_source}\n```")
 
-        launch = _compiled_launcher(self._cpp_source(kernel_name, kernel_source, slots, output_types, template_args))
+        launch = _compiled_launcher(self._cpp_source(kernel_name, kernel_source, parameters, template_args))
         buffers = [self._input_buffer(x) for x in arrays]
         outputs = [_output_buffer(shape, dtype, init_value) for shape, dtype in zip(output_shapes, output_dtypes)]
         launch(_pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization)
@@ -222,64 +227,44 @@ class MetalKernelEmulator:
         buffer = np.asarray(buffer_view)
         return np.ascontiguousarray(buffer) if self.ensure_row_contiguous else buffer
 
-    def _metal_source(self, kernel_name, slots, output_types, template_args):
-        """The kernel source exactly as MLX generates it for Metal."""
-        lines = []
+    def _buffer_parameters(self, slots, output_types):
+        """The kernel's buffer parameters in MLX's order."""
+        parameters = []
         for slot in slots:
-            location = "constant" if slot.in_constant_space else "device"
-            reference = "&" if slot.is_scalar else "*"
-            lines.append(f"  const {location} {slot.metal_type}{reference} {slot.name}")
+            space = "constant" if slot.in_constant_space else "device"
+            parameters.append(_BufferParameter(slot.name, f"const {space} ", slot.metal_type, slot.is_scalar))
             if slot.passes_shape:
-                lines.append(f"  const constant int* {slot.name}_shape")
+                parameters.append(_BufferParameter(f"{slot.name}_shape", "const constant ", "int", False))
             if slot.passes_strides:
-                lines.append(f"  const constant int64_t* {slot.name}_strides")
+                parameters.append(_BufferParameter(f"{slot.name}_strides", "const constant ", "int64_t", False))
             if slot.passes_ndim:
-                lines.append(f"  const constant int& {slot.name}_ndim")
+                parameters.append(_BufferParameter(f"{slot.name}_ndim", "const constant ", "int", True))
         for name, metal_type in zip(self.output_names, output_types):
-            pointee = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
-            lines.append(f"  device {pointee}* {name}")
-        parameters = [f"{line} [[buffer({index})]]" for index, line in enumerate(lines)]
-        parameters += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
+            value_type = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
+            parameters.append(_BufferParameter(name, "device ", value_type, False))
+        return parameters
 
+    def _metal_source(self, kernel_name, parameters, template_args):
+        """The kernel source exactly as MLX generates it for Metal."""
+        declarations = [parameter.declaration(index) for index, parameter in enumerate(parameters)]
+        declarations += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
         text = self.header
         if template_args:
             text += "template <" + ", ".join(f"{kind} {name}" for name, kind, _ in template_args) + ">\n"
-        text += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(parameters) + ") {\n"
+        text += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(declarations) + ") {\n"
         text += self.source + "\n}\n"
         if template_args:
             instance = kernel_name + _template_list(template_args)
-            text += (
-                f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
-            )
+            text += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
         return text
 
-    def _cpp_source(self, kernel_name, kernel_source, slots, output_types, template_args):
+    def _cpp_source(self, kernel_name, kernel_source, parameters, template_args):
         """A C++ translation unit: the kernel plus an entry point that runs it.
 
         The header defines `device`, `constant`, `thread` and `threadgroup`
         away, so the code after the kernel must not use those words.
         """
-        arguments = []
-        index = 0
-        for slot in slots:
-            if slot.is_scalar:
-                arguments.append(f"*static_cast<const {slot.metal_type}*>(buffers[{index}])")
-            else:
-                arguments.append(f"static_cast<const {slot.metal_type}*>(buffers[{index}])")
-            index += 1
-            for passed, kind in (
-                (slot.passes_shape, "const int*"),
-                (slot.passes_strides, "const int64_t*"),
-                (slot.passes_ndim, None),
-            ):
-                if passed:
-                    argument = f"static_cast<{kind}>(buffers[{index}])" if kind else f"*static_cast<const int*>(buffers[{index}])"
-                    arguments.append(argument)
-                    index += 1
-        for metal_type in output_types:
-            pointee = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
-            arguments.append(f"static_cast<{pointee}*>(buffers[{index}])")
-            index += 1
+        arguments = [parameter.argument(index) for index, parameter in enumerate(parameters)]
         arguments += [f"a.{_ATTRIBUTE_ALIASES.get(attr, attr)}" for attr, _ in self.attributes]
         call = kernel_name + (_template_list(template_args) if template_args else "")
         argument_text = ",\n      ".join(arguments)
@@ -300,6 +285,24 @@ extern "C" __attribute__((visibility("default"))) int mlx_fm_launch(
                                    &metal::kernel_scope::mlx_fm_invoke_kernel, buffers, error, error_size);
 }}
 """
+
+
+@dataclass(frozen=True)
+class _BufferParameter:
+    """One `[[buffer(i)]]` parameter: a pointer, or a reference for scalars."""
+
+    name: str
+    qualifiers: str  # const-ness and address space, as in "const device "
+    value_type: str
+    by_reference: bool
+
+    def declaration(self, index):
+        return f"  {self.qualifiers}{self.value_type}{'&' if self.by_reference else '*'} {self.name} [[buffer({index})]]"
+
+    def argument(self, index):
+        const = "const " if self.qualifiers.startswith("const") else ""
+        pointer = f"static_cast<{const}{self.value_type}*>(buffers[{index}])"
+        return "*" + pointer if self.by_reference else pointer
 
 
 def _reject_unsupported_features(code):
@@ -454,17 +457,20 @@ def _compiled_launcher(cpp_source):
 class _Launcher:
     library: ctypes.CDLL
     entry: object
+    # ctypes releases the GIL, and a library's scheduler state is global.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, buffer_table, grid, threadgroup, uses_synchronization):
         error = ctypes.create_string_buffer(512)
-        status = self.entry(
-            buffer_table,
-            (ctypes.c_uint32 * 3)(*grid),
-            (ctypes.c_uint32 * 3)(*threadgroup),
-            int(uses_synchronization),
-            error,
-            len(error),
-        )
+        with self.lock:
+            status = self.entry(
+                buffer_table,
+                (ctypes.c_uint32 * 3)(*grid),
+                (ctypes.c_uint32 * 3)(*threadgroup),
+                int(uses_synchronization),
+                error,
+                len(error),
+            )
         if status != 0:
             raise RuntimeError(f"[metal_kernel emulator] {error.value.decode()}")
 
