@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlx_lm.models import gated_delta, ssm
 
+from mlx_fm.testing import metal_kernel as emulator
 from mlx_fm.testing.metal_kernel import MetalKernelCompileError, UnsupportedMetalFeature, metal_kernel
 
 
@@ -452,3 +453,22 @@ def test_compile_errors_carry_the_compiler_message():
     kernel = metal_kernel("broken", [], ["out"], "out[0] = undefined_name;")
     with pytest.raises(MetalKernelCompileError, match="undefined_name"):
         run(kernel, [], (1, 1, 1), (1, 1, 1), [((1,), mx.float32)])
+
+
+def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(emulator, "_launchers", {})
+    source = "out[thread_position_in_grid.x] = 2.0f * x[thread_position_in_grid.x] + 0.25f;"
+
+    def launch():
+        kernel = metal_kernel("cached", ["x"], ["out"], source)
+        return run(kernel, [mx.arange(3).astype(mx.float32)], (3, 1, 1), (3, 1, 1), [((3,), mx.float32)])[0]
+
+    launch()
+    cache = tmp_path / "mlx_fm" / "metal_emulator"
+    assert [path.suffix for path in cache.iterdir()] == [".so"]  # no build leftovers
+
+    # A new process (here: an empty in-memory table) loads it without g++.
+    monkeypatch.setattr(emulator, "_launchers", {})
+    monkeypatch.setattr(emulator.subprocess, "run", lambda *args, **kwargs: pytest.fail("recompiled"))
+    np.testing.assert_array_equal(np.array(launch()), [0.25, 2.25, 4.25])

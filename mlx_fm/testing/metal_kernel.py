@@ -9,10 +9,18 @@ run as cooperative fibers that meet at ``threadgroup_barrier`` and at SIMD-group
 functions (width 32), and ``threadgroup`` variables are shared by the threads
 of one threadgroup.
 
-Differences from the GPU: calls run eagerly (not inside ``mx.compile``), math
-functions are the correctly rounded CPU ones, outputs without ``init_value``
-start as NaN (floating types) or all-ones bits (integers) so that unwritten
-elements stand out, and an out-of-bounds access may crash the process.
+Differences from the GPU: calls run eagerly (not inside ``mx.compile``) on one
+CPU thread, threadgroup after threadgroup; math functions are the correctly
+rounded CPU ones; outputs without ``init_value`` start as NaN (floating types)
+or all-ones bits (integers) so that unwritten elements stand out; a SIMD-group
+function reading a lane that does not take part (past the grid's edge, or
+returned) gets the reader's own value; and an out-of-bounds access may crash
+the process. In an edge threadgroup, ``threads_per_threadgroup`` and the
+thread and SIMD-group indices follow the threadgroup's actual (cut) size.
+
+Compiled kernels are cached under ``$XDG_CACHE_HOME/mlx_fm/metal_emulator``
+(default ``~/.cache``), keyed by a hash of the generated source, the header
+and the compiler flags; ``$CXX`` names the compiler (default g++).
 """
 
 import ctypes
