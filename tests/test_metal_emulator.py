@@ -48,7 +48,7 @@ def emulated_mlx_lm_kernels():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(mx.metal, "is_available", lambda: True)
         patch.setattr(mx.fast, "metal_kernel", metal_kernel)
-        yield {
+        return {
             "ssm": ssm.make_ssm_kernel(),
             "gated_delta": gated_delta._make_gated_delta_kernel(has_mask=False, vectorized=False),
             "gated_delta_masked": gated_delta._make_gated_delta_kernel(has_mask=True, vectorized=False),
@@ -119,7 +119,7 @@ def test_mlx_lm_gated_delta_kernels_match_ops(emulated_mlx_lm_kernels, monkeypat
     assert max_error(new_state, state_ref) < 1e-5
 
 
-def test_mlx_lm_packed_gated_delta_kernel_is_bitwise_its_comparators(emulated_mlx_lm_kernels, monkeypatch):
+def test_mlx_lm_packed_gated_delta_kernel_matches_its_comparators_bitwise(emulated_mlx_lm_kernels, monkeypatch):
     # mlx-lm documents the packed kernel as bitwise equal to the explicit
     # butterfly kernel, and that one as bitwise equal to the simd_sum kernel
     # on Apple GPUs, whose simd_sum is the same ascending butterfly.
@@ -270,7 +270,7 @@ def test_atomic_outputs_start_from_init_value():
     """
     kernel = metal_kernel("atomics", [], ["counts", "total", "largest"], source, atomic_outputs=True)
     outputs = [((4,), mx.int32), ((1,), mx.float32), ((1,), mx.int32)]
-    counts, total, largest = run(kernel, [], (1000, 1, 1), (128, 1, 1), outputs, init_value=5, verbose=False)
+    counts, total, largest = run(kernel, [], (1000, 1, 1), (128, 1, 1), outputs, init_value=5)
 
     np.testing.assert_array_equal(np.array(counts), 5 + 250)
     assert total.item() == 5 + 0.5 * 999 * 1000 / 2
