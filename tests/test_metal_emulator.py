@@ -205,7 +205,7 @@ def test_simd_functions_combine_the_lanes_of_a_simdgroup(simd_kernel, thread_cou
 # --- threadgroup memory and barriers -------------------------------------------
 
 ROTATE_SOURCE = """
-    threadgroup float shared[256];
+    threadgroup float shared[128 * 2];  // the * in the extent is no pointer
     uint t = thread_index_in_threadgroup;
     uint n = threads_per_threadgroup.x;
     threadgroup float* mine = shared + t;
