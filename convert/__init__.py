@@ -1,0 +1,1 @@
+"""Converting PyTorch / Hugging Face FM checkpoints to MLX, and the PyTorch reference model."""

@@ -1,0 +1,1 @@
+"""Metal kernel sources (*.metal), read by mlx_fm.kernels."""
