@@ -6,6 +6,7 @@ a single token, the chunked parallel form for longer inputs.
 
 import mlx.core as mx
 
+from .. import kernels
 from .chunk import fm_chunked
 from .recurrent import fm_recurrent, fm_step
 from .router import gates, route
@@ -24,6 +25,9 @@ def fm_mix(
     mask: (B, T) bool, False for padding (such tokens leave the state untouched).
     Returns the merged output o (B, T, H, P) float32 and the new state.
     """
+    if kernels.use_kernels():
+        return kernels.fm_mix(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+                              top_k=top_k, temperature=temperature, state=state, mask=mask)
     x = x.astype(mx.float32)
     weights = route(router_logits, temperature, top_k)
     eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
