@@ -157,6 +157,33 @@ def _indexed_files(directory: Path, index_file: Path) -> list:
     return files
 
 
+def split_into_shards(weights: dict, max_shard_bytes) -> list:
+    """Consecutive groups of tensors of at most `max_shard_bytes` each (None: one group);
+    a larger tensor gets a group of its own."""
+    shards, size = [{}], 0
+    for name, tensor in weights.items():
+        if max_shard_bytes is not None and shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    return shards
+
+
+def shard_file_names(stem: str, suffix: str, count: int) -> list:
+    """Hugging Face's names: model.safetensors, or model-00001-of-00002.safetensors, …"""
+    if count == 1:
+        return [stem + suffix]
+    return [f"{stem}-{i:05d}-of-{count:05d}{suffix}" for i in range(1, count + 1)]
+
+
+def shard_index(shards: list, names: list) -> dict:
+    """The index (model.safetensors.index.json) of sharded weights."""
+    total_size = sum(tensor.nbytes for shard in shards for tensor in shard.values())
+    weight_map = {key: name for shard, name in zip(shards, names) for key in shard}
+    return {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+
+
 def check_tensor_names_and_shapes(shapes: dict, expected: dict) -> None:
     """Raise naming the missing, unexpected and misshapen tensors, if any."""
     missing = sorted(set(expected) - set(shapes))

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import MODEL_TYPE, model_settings, read_config, weight_files
+from .layout import (
+    MODEL_TYPE, model_settings, read_config, shard_file_names, shard_index, split_into_shards,
+    weight_files,
+)
 
 # 1 − θ is floored here so that log-decays stay finite when θ rounds to 1.
 DECAY_FLOOR = 1e-30
@@ -266,16 +269,14 @@ class FactorizationMemoryForCausalLM(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         weights = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        shards = _shards(weights, max_shard_bytes)
+        shards = split_into_shards(weights, max_shard_bytes)
         names = _shard_names(weights_format, len(shards))
         for shard, name in zip(shards, names):
             _write_weights(path / name, shard, weights_format)
         if len(shards) > 1:
             index_name = "model.safetensors.index.json" if weights_format == "safetensors" \
                 else "pytorch_model.bin.index.json"
-            index = {"metadata": {"total_size": sum(t.nbytes for t in weights.values())},
-                     "weight_map": {key: name for shard, name in zip(shards, names)
-                                    for key in shard}}
+            index = shard_index(shards, names)
             (path / index_name).write_text(json.dumps(index, indent=2) + "\n")
         return path
 
@@ -293,17 +294,6 @@ class FactorizationMemoryForCausalLM(nn.Module):
         return model
 
 
-def _shards(weights: dict, max_shard_bytes: Optional[int]) -> list:
-    shards, size = [{}], 0
-    for name, tensor in weights.items():
-        if max_shard_bytes is not None and shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
-    return shards
-
-
 def _shard_names(weights_format: str, count: int) -> list:
     if weights_format == "pt":
         if count > 1:
@@ -311,9 +301,7 @@ def _shard_names(weights_format: str, count: int) -> list:
         return ["model.pt"]
     stem, suffix = {"safetensors": ("model", ".safetensors"),
                     "bin": ("pytorch_model", ".bin")}[weights_format]
-    if count == 1:
-        return [stem + suffix]
-    return [f"{stem}-{i:05d}-of-{count:05d}{suffix}" for i in range(1, count + 1)]
+    return shard_file_names(stem, suffix, count)
 
 
 def _write_weights(file: Path, weights: dict, weights_format: str) -> None:

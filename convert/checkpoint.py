@@ -1,0 +1,224 @@
+"""Convert FM checkpoints: SPEC's PyTorch / Hugging Face layout to MLX (optionally quantized), and back.
+
+The output is written to a temporary directory next to the destination and
+renamed into place only when complete, so a failed conversion leaves nothing.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import (
+    create_model_card, dequantize_model, quantize_model, save_config, upload_to_hub,
+)
+
+from mlx_fm import Model, ModelArgs, load_model
+
+from .layout import (
+    CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
+    shard_file_names, shard_index, split_into_shards, tensor_shapes, weight_files,
+)
+from .weights import read_weights
+
+CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
+TOKENIZER_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)
+SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "tokenizer.model", "*.txt",
+                   "*.jinja"]
+
+
+def keep_in_proj_in_float(path: str, module: nn.Module) -> bool:
+    """The default quantization predicate: every Linear and Embedding but the mixers' in_proj.
+
+    in_proj computes the router logits ρ and the gates e, g along with z and x;
+    quantizing it moves tokens to other slots (examples/quantization_routing.py).
+    """
+    return not path.endswith("mixer.in_proj")
+
+
+def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
+            q_group_size: Optional[int] = None, q_bits: Optional[int] = None,
+            q_mode: str = "affine", dtype: Optional[str] = None,
+            upload_repo: Optional[str] = None, revision: Optional[str] = None,
+            dequantize: bool = False, to_hf: bool = False, force: bool = False,
+            quantize_in_proj: bool = False,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Convert `hf_path` (directory or Hugging Face repo id) and write it to `mlx_path`."""
+    _check_options(quantize, dequantize, to_hf, dtype)
+    destination = Path(mlx_path).expanduser()
+    if destination.exists() and not force:
+        raise CheckpointError(f"{destination} already exists (pass --force to replace it)")
+    model, config, source = load_source(hf_path, revision)
+    if source.resolve().is_relative_to(destination.resolve()):
+        raise CheckpointError(f"the destination {destination} holds the source")
+    dtype = dtype or _config_dtype(config)
+    if dtype is not None:
+        print(f"[INFO] Using dtype: {dtype}")
+        _cast_floats(model, getattr(mx, dtype))
+    if quantize:
+        model, config = _quantized(model, config, q_group_size, q_bits, q_mode,
+                                   quantize_in_proj)
+    if dequantize or to_hf:
+        model = dequantize_model(model)
+        config = {key: value for key, value in config.items() if key not in QUANTIZATION_KEYS}
+    with _written_atomically(destination) as staging:
+        if to_hf:
+            _write_hf(staging, model, config, max_shard_bytes)
+        else:
+            _write_mlx(staging, model, config, max_shard_bytes)
+            create_model_card(staging, None if Path(hf_path).expanduser().is_dir() else hf_path)
+        _copy_tokenizer_files(source, staging)
+    print(f"[INFO] Wrote {destination}")
+    if upload_repo is not None:
+        upload_to_hub(str(destination), upload_repo)
+    return destination
+
+
+def _check_options(quantize, dequantize, to_hf, dtype):
+    if quantize and dequantize:
+        raise CheckpointError("choose either --quantize or --dequantize, not both")
+    if quantize and to_hf:
+        raise CheckpointError("--to-hf writes float weights; it cannot be combined with --quantize")
+    if dtype is not None and dtype not in CONVERSION_DTYPES:
+        raise CheckpointError(f"--dtype must be one of {', '.join(CONVERSION_DTYPES)}")
+
+
+def load_source(path_or_repo: str, revision: Optional[str] = None):
+    """(model, config, directory): an FM checkpoint in SPEC's layout, or an MLX one."""
+    source = _source_directory(path_or_repo, revision)
+    config = read_config(source)
+    if "quantization" in config:
+        # Only an MLX checkpoint is quantized; mlx-lm's loader rebuilds its layers.
+        return load_model(source), config, source
+    settings = model_settings(config)
+    weights = _in_spec_layout(read_weights(weight_files(source)), settings)
+    check_tensor_names_and_shapes({name: w.shape for name, w in weights.items()},
+                                  tensor_shapes(settings))
+    model = Model(ModelArgs.from_dict(config | settings))
+    model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    mx.eval(model.parameters())
+    return model, config | settings, source
+
+
+def _source_directory(path_or_repo: str, revision: Optional[str]) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"source not found: {text}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=SOURCE_PATTERNS))
+    except Exception as error:  # the hub raises many kinds; one line is what users need
+        raise CheckpointError(f"cannot fetch {text!r}: {error}") from error
+
+
+def _in_spec_layout(weights: dict, settings: dict) -> dict:
+    """Accept an MLX checkpoint's conv1d (E×K×1) too, and a tied lm_head copy."""
+    kernel = settings["conv_kernel"]
+    for name, value in weights.items():
+        if name.endswith("conv1d.weight") and value.ndim == 3 and kernel > 1 \
+                and value.shape[1:] == (kernel, 1):
+            weights[name] = value.swapaxes(1, 2)
+    if settings["tie_word_embeddings"]:
+        weights.pop("lm_head.weight", None)
+    return weights
+
+
+def _config_dtype(config: dict) -> Optional[str]:
+    dtype = config.get("torch_dtype", config.get("dtype"))
+    return dtype if dtype in CONVERSION_DTYPES else None
+
+
+def _cast_floats(model: nn.Module, dtype) -> None:
+    model.update(tree_map(
+        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+        model.parameters(),
+    ))
+
+
+def _quantized(model, config, group_size, bits, mode, quantize_in_proj):
+    if "quantization" in config:
+        raise CheckpointError("the source is already quantized; use --dequantize first")
+    predicate = None if quantize_in_proj else keep_in_proj_in_float
+    try:
+        model, config = quantize_model(model, config, group_size, bits, mode=mode,
+                                       quant_predicate=predicate)
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"cannot quantize with mode {mode}: {error}") from error
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    if not any(isinstance(module, quantized) for module in model.modules()):
+        raise CheckpointError(
+            f"no layer could be quantized: group size {config['quantization']['group_size']} "
+            "divides none of their input sizes"
+        )
+    return model, config
+
+
+def _write_mlx(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
+    write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx",
+                      max_shard_bytes)
+    save_config(dict(config), directory / "config.json")
+
+
+def _write_hf(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
+    """SPEC's PyTorch layout: conv1d weights E×1×K, no quantization."""
+    weights = {name: value.swapaxes(1, 2) if name.endswith("conv1d.weight") else value
+               for name, value in tree_flatten(model.parameters())}
+    write_safetensors(directory, weights, "pt", max_shard_bytes)
+    save_config(dict(config), directory / "config.json")
+
+
+def write_safetensors(directory: Path, weights: dict, format_tag: str,
+                      max_shard_bytes: int) -> None:
+    """model.safetensors, or shards, and model.safetensors.index.json (as mlx-lm writes)."""
+    shards = split_into_shards(weights, max_shard_bytes)
+    names = shard_file_names("model", ".safetensors", len(shards))
+    for shard, name in zip(shards, names):
+        mx.save_safetensors(str(directory / name), shard, metadata={"format": format_tag})
+    index = shard_index(shards, names)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def _copy_tokenizer_files(source: Path, destination: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, destination / name)
+
+
+@contextlib.contextmanager
+def _written_atomically(destination: Path):
+    """A staging directory next to `destination`, renamed to it when the block succeeds."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists() or destination.is_symlink():
+            _replace(staging, destination)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: Path, destination: Path) -> None:
+    """Move the old destination aside, put the new one in place, then delete the old."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+    aside = retired / destination.name
+    os.replace(destination, aside)
+    os.replace(staging, destination)
+    shutil.rmtree(retired)
