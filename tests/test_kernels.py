@@ -1,0 +1,228 @@
+"""The FM Metal kernels (mlx_fm.kernels), run through the CPU emulator of
+mx.fast.metal_kernel, against the ops path (mlx_fm.ops)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_fm import kernels, ops
+from mlx_fm.testing.metal_kernel import metal_kernel
+
+FLOAT32_TOLERANCE = 1e-5
+# The kernels read 16-bit inputs and compute in float32 as the ops do after
+# their cast, so half inputs are held to the float32 tolerance too.
+HALF_TOLERANCE = 1e-5
+SCAN_CHUNK = 4  # small, so that short sequences span several chunks
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    return kernels.FMKernels(metal_kernel=metal_kernel, scan_chunk=SCAN_CHUNK)
+
+
+@pytest.fixture(autouse=True)
+def ops_reference(monkeypatch):
+    """ops.fm_mix stays the reference, even on a Mac with Metal."""
+    monkeypatch.setenv("MLX_FM_OPS_ONLY", "1")
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.astype(mx.float32), expected.astype(mx.float32)
+    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+
+
+def mix_inputs(batch, length, heads, width, slots, dtype=mx.float32, seed=0):
+    """Arguments of fm_mix (without top_k, temperature and mask), state included."""
+    mx.random.seed(seed)
+    x = mx.random.normal((batch, length, heads, width)).astype(dtype)
+    router_logits = (mx.random.normal((batch, length, heads, slots)) * 3).astype(dtype)
+    update_logits = (mx.random.normal((batch, length, heads)) * 2).astype(dtype)
+    merge_logits = mx.random.normal((batch, length, heads)).astype(dtype)
+    eta_bias = mx.random.normal((heads,))
+    mu_bias = mx.random.normal((heads,))
+    state = mx.random.normal((batch, heads, slots, width))
+    return [x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state]
+
+
+def scan_inputs(batch, length, heads, width, slots, top_k, seed=0):
+    """x, weights α̃, eta and a state, as fm_chunked takes them."""
+    x, router_logits, update_logits, _, eta_bias, _, state = mix_inputs(
+        batch, length, heads, width, slots, seed=seed
+    )
+    weights = ops.route(router_logits, 0.7, top_k)
+    eta = mx.sigmoid(update_logits + eta_bias)
+    return x, weights, eta, state
+
+
+def both_mixes(emulated, inputs, **options):
+    *arguments, state = inputs
+    actual = emulated.mix(*arguments, state=state, **options)
+    expected = ops.fm_mix(*arguments, state=state, **options)
+    return actual, expected
+
+
+# --- decode ---------------------------------------------------------------------
+
+DECODE_CASES = [  # (width, slots, top_k)
+    (20, 12, 12), (20, 12, 1), (20, 40, 10), (20, 40, 40), (8, 64, 16),
+    (300, 4, 2),  # wider than one threadgroup pass over the columns
+]
+
+
+@pytest.mark.parametrize("width,slots,top_k", DECODE_CASES)
+def test_decode_matches_ops(emulated, width, slots, top_k):
+    inputs = mix_inputs(2, 1, 3, width, slots)
+    (out, state), (expected_out, expected_state) = both_mixes(
+        emulated, inputs, top_k=top_k, temperature=0.7
+    )
+    assert out.shape == expected_out.shape and out.dtype == mx.float32
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+    assert relative_error(state, expected_state) < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_decode_half_inputs_match_ops(emulated, dtype):
+    inputs = mix_inputs(2, 1, 2, 20, 40, dtype=dtype)
+    (out, state), (expected_out, expected_state) = both_mixes(
+        emulated, inputs, top_k=10, temperature=0.5
+    )
+    assert state.dtype == mx.float32
+    assert relative_error(out, expected_out) < HALF_TOLERANCE
+    assert relative_error(state, expected_state) < HALF_TOLERANCE
+
+
+def test_decode_leaves_unselected_rows_bit_identical(emulated):
+    x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state = mix_inputs(2, 1, 3, 20, 40)
+    _, new_state = emulated.decode(
+        x[:, 0], router_logits[:, 0], update_logits[:, 0], merge_logits[:, 0], eta_bias, mu_bias,
+        state, top_k=3, temperature=0.7,
+    )
+    selected = np.array(ops.route(router_logits[:, 0], 0.7, 3)) != 0
+    old, new = np.array(state), np.array(new_state)
+    assert selected.sum(-1).tolist() == [[3] * 3] * 2
+    assert np.array_equal(new[~selected], old[~selected])
+    assert (new[selected] != old[selected]).any(axis=-1).all()
+
+
+def test_decode_masked_row_keeps_its_state(emulated):
+    inputs = mix_inputs(2, 1, 3, 20, 12)
+    mask = mx.array([[True], [False]])
+    (out, state), (expected_out, expected_state) = both_mixes(
+        emulated, inputs, top_k=4, temperature=0.7, mask=mask
+    )
+    assert np.array_equal(np.array(state[1]), np.array(inputs[-1][1]))
+    assert not np.array_equal(np.array(state[0]), np.array(inputs[-1][0]))
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+    assert relative_error(state, expected_state) < FLOAT32_TOLERANCE
+
+
+# --- scan -----------------------------------------------------------------------
+
+SCAN_CASES = [  # (length, slots, top_k): T = 1, T not a multiple of the chunk, k = 1, k = m
+    (1, 12, 12), (1, 40, 1), (11, 12, 1), (13, 40, 10), (13, 40, 40), (8, 64, 16),
+]
+
+
+@pytest.mark.parametrize("length,slots,top_k", SCAN_CASES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+def test_scan_matches_chunked(emulated, length, slots, top_k, with_state):
+    x, weights, eta, state = scan_inputs(2, length, 2, 20, slots, top_k)
+    state = state if with_state else None
+    reads, final_state = emulated.scan(x, weights, eta, state)
+    expected_reads, expected_state = ops.fm_chunked(x, weights, eta, state)
+    assert reads.shape == expected_reads.shape and final_state.shape == expected_state.shape
+    assert relative_error(reads, expected_reads) < FLOAT32_TOLERANCE
+    assert relative_error(final_state, expected_state) < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_prefill_with_padding_and_state_matches_ops(emulated, dtype):
+    inputs = mix_inputs(3, 10, 2, 20, 40, dtype=dtype)
+    lengths = mx.array([10, 7, 3])
+    mask = mx.arange(10)[None, :] >= (10 - lengths)[:, None]  # left padding
+    (out, state), (expected_out, expected_state) = both_mixes(
+        emulated, inputs, top_k=10, temperature=0.7, mask=mask
+    )
+    tolerance = FLOAT32_TOLERANCE if dtype == mx.float32 else HALF_TOLERANCE
+    assert relative_error(out, expected_out) < tolerance
+    assert relative_error(state, expected_state) < tolerance
+
+
+def scan_loss(scan):
+    """A scalar loss of the reads and the final state, with cotangents that
+    vary from token to token and column to column."""
+
+    def loss(x, weights, eta, state):
+        reads, final_state = scan(x, weights, eta, state)
+        return (reads * mx.cos(reads)).sum() + 0.3 * (final_state * final_state).sum()
+
+    return loss
+
+
+@pytest.mark.parametrize("length,slots,top_k", [(1, 12, 12), (9, 12, 1), (13, 40, 10), (6, 64, 64)])
+def test_scan_gradients_match_chunked(emulated, length, slots, top_k):
+    inputs = scan_inputs(2, length, 2, 20, slots, top_k)
+    arguments = (0, 1, 2, 3)
+    grads = mx.grad(scan_loss(emulated.scan), argnums=arguments)(*inputs)
+    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=arguments)(*inputs)
+    for name, grad, expected_grad in zip(("x", "weights", "eta", "state"), grads, expected):
+        assert grad.shape == expected_grad.shape, name
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
+
+
+def test_mix_gradients_with_padding_match_ops(emulated):
+    *arguments, state = mix_inputs(2, 9, 2, 20, 12)
+    mask = mx.array([[True] * 9, [False] * 4 + [True] * 5])
+
+    def loss(mix):
+        def value(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state):
+            out, new_state = mix(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+                                 top_k=4, temperature=0.7, state=state, mask=mask)
+            return (out * mx.sin(out)).sum() + (new_state * new_state).sum()
+
+        return value
+
+    arguments = (*arguments, state)
+    argnums = tuple(range(len(arguments)))
+    grads = mx.grad(loss(emulated.mix), argnums=argnums)(*arguments)
+    expected = mx.grad(loss(ops.fm_mix), argnums=argnums)(*arguments)
+    for index, (grad, expected_grad) in enumerate(zip(grads, expected)):
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, index
+
+
+# --- dispatch -------------------------------------------------------------------
+
+
+def test_fm_mix_dispatches_to_the_kernels(emulated, monkeypatch):
+    calls = []
+
+    def recorded_mix(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernels.FMKernels.mix(emulated, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "use_kernels", lambda: True)
+    monkeypatch.setattr(kernels, "default_kernels", lambda: emulated)
+    monkeypatch.setattr(emulated, "mix", recorded_mix)
+    *arguments, state = mix_inputs(1, 5, 2, 8, 12)
+    out, new_state = ops.fm_mix(*arguments, top_k=3, temperature=0.7, state=state)
+    expected_out, expected_state = kernels.FMKernels.mix(
+        emulated, *arguments, top_k=3, temperature=0.7, state=state
+    )
+    assert calls == [(1, 5, 2, 8)]
+    assert np.array_equal(np.array(out), np.array(expected_out))
+    assert np.array_equal(np.array(new_state), np.array(expected_state))
+
+
+def test_use_kernels_needs_metal_the_gpu_and_no_opt_out(monkeypatch):
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    monkeypatch.delenv("MLX_FM_OPS_ONLY")
+    assert kernels.use_kernels()
+    monkeypatch.setenv("MLX_FM_OPS_ONLY", "1")
+    assert not kernels.use_kernels()
+    monkeypatch.delenv("MLX_FM_OPS_ONLY")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert not kernels.use_kernels()
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert not kernels.use_kernels()
