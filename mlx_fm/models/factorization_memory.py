@@ -109,12 +109,7 @@ class FactorizationMemory(nn.Module):
         window = mx.concatenate([history, x], axis=1)
         if cached:
             cache[1] = _last_inputs(window, keep, cache.lengths)
-        weight = self.conv1d.weight[:, :, 0].astype(x.dtype)  # (E, K)
-        length = x.shape[1]
-        out = self.conv1d.bias.astype(x.dtype)
-        for tap in range(self.conv_kernel):
-            out = out + weight[:, tap] * window[:, tap : tap + length]
-        return nn.silu(out)
+        return _causal_conv_silu(window, self.conv1d.weight, self.conv1d.bias)
 
     def __call__(self, u, mask=None, cache=None):
         batch, length, _ = u.shape
@@ -134,7 +129,23 @@ class FactorizationMemory(nn.Module):
             cache[0] = state
             cache.advance(length)
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
-        return self.out_proj(self.norm(out * nn.silu(z)))
+        return self.out_proj(self.norm(_gate(out, z)))
+
+
+@mx.compile
+def _causal_conv_silu(window, weight, bias):
+    """SiLU(depthwise conv) of a (B, K−1+T, E) window with MLX conv weights (E, K, 1)."""
+    taps = weight.shape[1]
+    length = window.shape[1] - taps + 1
+    out = bias.astype(window.dtype)
+    for tap in range(taps):
+        out = out + weight[:, tap, 0].astype(window.dtype) * window[:, tap : tap + length]
+    return nn.silu(out)
+
+
+@mx.compile
+def _gate(out, z):
+    return out * nn.silu(z)
 
 
 def _last_inputs(window, keep, lengths):

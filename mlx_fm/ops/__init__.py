@@ -38,5 +38,10 @@ def fm_mix(
         read = read[:, None]
     else:
         read, state = fm_chunked(x, weights, eta, state)
+    return _merge(read, x, mu), state
+
+
+@mx.compile
+def _merge(read, x, mu):
     mu = mu[..., None]
-    return mu * read + (1 - mu) * x, state
+    return mu * read + (1 - mu) * x

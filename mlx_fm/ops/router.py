@@ -3,6 +3,7 @@
 import mlx.core as mx
 
 
+@mx.compile
 def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     """Slot weights α̃ over the last axis (the m slots), in float32.
 
@@ -22,6 +23,7 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     return kept / kept.sum(axis=-1, keepdims=True)
 
 
+@mx.compile
 def gates(update_logits, merge_logits, eta_bias, mu_bias):
     """Update rate η and merge rate μ, per head, in float32."""
     eta = mx.sigmoid(update_logits.astype(mx.float32) + eta_bias.astype(mx.float32))
