@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from .ops.router import gates, route
 
-__all__ = ["FMKernels", "use_kernels", "fm_decode", "fm_scan", "fm_mix"]
+__all__ = ["FMKernels", "default_kernels", "use_kernels", "fm_decode", "fm_scan", "fm_mix"]
 
 SCAN_CHUNK = 32  # tokens between the states the forward saves for the backward
 SIMD_WIDTH = 32
