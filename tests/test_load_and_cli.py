@@ -73,7 +73,9 @@ def test_blas_is_loaded_and_agrees_with_numpy():
 
 
 def test_blas_can_be_switched_off():
-    result = run_cli("mlx_fm", env={"MLX_FM_BLAS": "off", "PATH": ""})
+    code = "import mlx_fm; print(mlx_fm.blas_info()['reason'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, env={"MLX_FM_BLAS": "off", "PATH": ""})
     assert result.returncode == 0, result.stderr
     assert "switched off" in result.stdout
 
@@ -102,3 +104,9 @@ def test_generate_cli_bad_input(tiny_model_dir, args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_hub_repo_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot fetch model 'nobody/no-such-fm-model'"):
+        load_model("nobody/no-such-fm-model")
