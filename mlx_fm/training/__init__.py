@@ -1,0 +1,1 @@
+"""Pretraining FM models from scratch: data, optimization, checkpoints."""
