@@ -39,13 +39,30 @@ SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "tokenizer.model"
                    "*.jinja"]
 
 
-def keep_in_proj_in_float(path: str, module: nn.Module) -> bool:
-    """The default quantization predicate: every Linear and Embedding but the mixers' in_proj.
+# Layers that decide routing or are most sensitive to error: the mixers' in_proj
+# (router logits ρ and gates e, g, with z and x), the embedding and lm_head.
+ROUTING_CRITICAL = ("mixer.in_proj", "embeddings", "lm_head")
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
 
-    in_proj computes the router logits ρ and the gates e, g along with z and x;
-    quantizing it moves tokens to other slots (examples/quantization_routing.py).
+
+def routing_safe_predicate(bits: int, group_size: int, mode: str):
+    """The default quantization predicate (see examples/quantization_routing.py).
+
+    The routing-critical layers get 8 bits when the rest get fewer, and stay in
+    float when the rest get 8 or more; every other Linear gets `bits`.
     """
-    return not path.endswith("mixer.in_proj")
+    def predicate(path: str, module: nn.Module):
+        if not path.endswith(ROUTING_CRITICAL):
+            return True
+        if bits >= 8:
+            return False
+        if mode == "affine":
+            return {"group_size": group_size, "bits": 8, "mode": "affine"}
+        if module.weight.shape[-1] % 32 == 0:
+            return {"group_size": 32, "bits": 8, "mode": "mxfp8"}
+        return False
+
+    return predicate
 
 
 def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
@@ -53,7 +70,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
             q_mode: str = "affine", dtype: Optional[str] = None,
             upload_repo: Optional[str] = None, revision: Optional[str] = None,
             dequantize: bool = False, to_hf: bool = False, force: bool = False,
-            quantize_in_proj: bool = False,
+            quantize_all: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Convert `hf_path` (directory or Hugging Face repo id) and write it to `mlx_path`."""
     _check_options(quantize, dequantize, to_hf, dtype)
@@ -68,8 +85,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
         print(f"[INFO] Using dtype: {dtype}")
         _cast_floats(model, getattr(mx, dtype))
     if quantize:
-        model, config = _quantized(model, config, q_group_size, q_bits, q_mode,
-                                   quantize_in_proj)
+        model, config = _quantized(model, config, q_group_size, q_bits, q_mode, quantize_all)
     if dequantize or to_hf:
         model = dequantize_model(model)
         config = {key: value for key, value in config.items() if key not in QUANTIZATION_KEYS}
@@ -151,10 +167,12 @@ def _cast_floats(model: nn.Module, dtype) -> None:
     ))
 
 
-def _quantized(model, config, group_size, bits, mode, quantize_in_proj):
+def _quantized(model, config, group_size, bits, mode, quantize_all):
     if "quantization" in config:
         raise CheckpointError("the source is already quantized; use --dequantize first")
-    predicate = None if quantize_in_proj else keep_in_proj_in_float
+    default_group_size, default_bits = MODE_DEFAULTS[mode]
+    group_size, bits = group_size or default_group_size, bits or default_bits
+    predicate = None if quantize_all else routing_safe_predicate(bits, group_size, mode)
     try:
         model, config = quantize_model(model, config, group_size, bits, mode=mode,
                                        quant_predicate=predicate)

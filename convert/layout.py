@@ -4,6 +4,7 @@ Shared by the PyTorch reference and the converter; imports neither torch nor mlx
 """
 
 import json
+import os
 from pathlib import Path
 
 MODEL_TYPE = "factorization_memory"
@@ -143,10 +144,11 @@ def _indexed_files(directory: Path, index_file: Path) -> list:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
             AttributeError) as error:
         raise CheckpointError(f"{index_file.name} is not a valid index: {error}") from error
-    root = directory.resolve()
+    # Lexical, not resolved: a Hugging Face cache links every file to a blob elsewhere.
+    root = Path(os.path.normpath(directory.absolute()))
     files = []
     for name in names:
-        path = (directory / str(name)).resolve()
+        path = Path(os.path.normpath(root / str(name)))
         if not path.is_relative_to(root) or path == root:
             raise CheckpointError(
                 f"{index_file.name} names {name!r}, outside the checkpoint directory"

@@ -45,9 +45,9 @@ def build_parser():
     parser.add_argument("--q-bits", type=int, default=None,
                         help="Bits per weight (default: the mode's, 4 for affine)")
     parser.add_argument("--q-mode", choices=Q_MODES, default="affine")
-    parser.add_argument("--quantize-in-proj", action="store_true",
-                        help="Also quantize the mixers' in_proj, which holds the router "
-                             "(smaller, but tokens may go to other slots)")
+    parser.add_argument("--quantize-all", action="store_true",
+                        help="Quantize in_proj (the router), embeddings and lm_head at --q-bits "
+                             "too: smaller, but tokens go to other slots more often")
     parser.add_argument("--dtype", choices=CONVERSION_DTYPES, default=None,
                         help="Type of the float weights (default: config's torch_dtype, "
                              "else unchanged)")

@@ -157,30 +157,44 @@ def module_named(model, name):
     return dict(model.named_modules())[name]
 
 
-@pytest.mark.parametrize("bits,tolerance", [(4, 0.2), (8, 0.015)])
-def test_default_quantization_keeps_in_proj_float_and_stays_close(tmp_path, source_dir, bits,
-                                                                  tolerance):
-    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=32)
+ROUTING_CRITICAL = ("backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj",
+                    "backbone.embeddings", "lm_head")
+OTHERS = ("backbone.layers.1.mixer.out_proj", "backbone.layers.0.mlp.down_proj")
+
+
+def test_4_bit_default_gives_routing_critical_layers_8_bits(tmp_path, source_dir):
+    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32)
+    model = load_model(tmp_path / "q")
+    assert all(module_named(model, name).bits == 8 for name in ROUTING_CRITICAL)
+    assert all(module_named(model, name).bits == 4 for name in OTHERS)
+    quantization = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert quantization["bits"] == 4 and quantization["group_size"] == 32
+    assert all(quantization[name] == {"group_size": 32, "bits": 8, "mode": "affine"}
+               for name in ROUTING_CRITICAL)
+    error = relative_error(mlx_logits(model), mlx_logits(load_model(source_dir)))
+    assert 0 < error < 0.1
+
+
+def test_8_bit_default_keeps_routing_critical_layers_float(tmp_path, source_dir):
+    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=8, q_group_size=32)
     model = load_model(tmp_path / "q")
     types = quantized_types(model)
-    assert types["backbone.layers.0.mixer.in_proj"] is nn.Linear
-    for name in ("backbone.layers.1.mixer.out_proj", "backbone.layers.0.mlp.down_proj",
-                 "lm_head"):
-        assert types[name] is nn.QuantizedLinear and module_named(model, name).bits == bits
-    assert types["backbone.embeddings"] is nn.QuantizedEmbedding
-    config = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
-    float_model = load_model(source_dir)
-    error = relative_error(mlx_logits(model), mlx_logits(float_model))
-    assert 0 < error < tolerance
+    assert {types[name] for name in ROUTING_CRITICAL} == {nn.Linear, nn.Embedding}
+    assert all(module_named(model, name).bits == 8 for name in OTHERS)
+    error = relative_error(mlx_logits(model), mlx_logits(load_model(source_dir)))
+    assert 0 < error < 0.01
 
 
-def test_naive_quantization_quantizes_in_proj_too(tmp_path, source_dir):
-    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=4, q_group_size=32,
-            quantize_in_proj=True)
+@pytest.mark.parametrize("bits,tolerance", [(4, 0.2), (8, 0.015)])
+def test_naive_quantization_quantizes_every_layer_alike(tmp_path, source_dir, bits, tolerance):
+    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=32,
+            quantize_all=True)
     model = load_model(tmp_path / "q")
-    assert quantized_types(model)["backbone.layers.0.mixer.in_proj"] is nn.QuantizedLinear
-    assert model.layers[0].mixer.in_proj.bits == 4
+    assert all(module_named(model, name).bits == bits for name in ROUTING_CRITICAL + OTHERS)
+    quantization = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert quantization == {"group_size": 32, "bits": bits, "mode": "affine"}
+    error = relative_error(mlx_logits(model), mlx_logits(load_model(source_dir)))
+    assert 0 < error < tolerance
 
 
 @pytest.mark.parametrize("mode,tolerance", [("mxfp4", 0.3), ("nvfp4", 0.3), ("mxfp8", 0.1)])
@@ -188,6 +202,11 @@ def test_float_quantization_modes_run_and_reload(tmp_path, source_dir, mode, tol
     convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_mode=mode)
     model = load_model(tmp_path / "q")
     assert model.layers[0].mixer.out_proj.mode == mode
+    in_proj = model.layers[0].mixer.in_proj
+    if mode == "mxfp8":
+        assert type(in_proj) is nn.Linear
+    else:
+        assert in_proj.mode == "mxfp8"
     assert relative_error(mlx_logits(model), mlx_logits(load_model(source_dir))) < tolerance
 
 
@@ -253,11 +272,14 @@ def truncate(name):
     return edit
 
 
-def escaping_index(path):
-    (path / "model.safetensors").rename(path.parent / "elsewhere.safetensors")
-    weights = mx.load(str(path.parent / "elsewhere.safetensors"))
-    index = {"weight_map": {name: "../elsewhere.safetensors" for name in weights}}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+def index_pointing_outside(absolute):
+    def edit(path):
+        outside = path.parent / "elsewhere.safetensors"
+        (path / "model.safetensors").rename(outside)
+        name = str(outside) if absolute else "../elsewhere.safetensors"
+        index = {"weight_map": {key: name for key in mx.load(str(outside))}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return edit
 
 
 def as_bin(path):
@@ -282,7 +304,10 @@ def as_bin(path):
      r"backbone.norm_f.weight is \(31,\), expected \(32,\)"),
     (truncate("model.safetensors"), "cannot read model.safetensors"),
     (lambda p: (as_bin(p), truncate("pytorch_model.bin")(p)), "cannot read pytorch_model.bin"),
-    (escaping_index, "names '../elsewhere.safetensors', outside the checkpoint directory"),
+    (index_pointing_outside(absolute=False),
+     "names '../elsewhere.safetensors', outside the checkpoint directory"),
+    (index_pointing_outside(absolute=True),
+     "/elsewhere.safetensors', outside the checkpoint directory"),
     (lambda p: (p / "model.safetensors").unlink(), "no weights in"),
 ])
 def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, source_dir, capsys, edit,
@@ -297,6 +322,16 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, source_dir, 
     assert stderr.startswith("mlx_fm: error: ") and stderr.count("\n") == 1
     assert re.search(message, stderr), stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
+
+
+def test_shards_linked_from_elsewhere_like_the_hub_cache_are_read(tmp_path):
+    model = reference_checkpoint(tmp_path / "blobs", "sparse", "safetensors", 30_000)
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for path in (tmp_path / "blobs").iterdir():
+        (snapshot / path.name).symlink_to(path)
+    convert(str(snapshot), str(tmp_path / "mlx"))
+    assert np.abs(mlx_logits(load_model(tmp_path / "mlx")) - reference_logits(model)).max() < 1e-4
 
 
 def test_existing_destination_needs_force(tmp_path, source_dir, capsys):
