@@ -1,4 +1,4 @@
-"""Convert FM checkpoints: SPEC's PyTorch / Hugging Face layout to MLX (optionally quantized), and back.
+"""Convert FM checkpoints: SPEC's PyTorch / Hugging Face layout to MLX (maybe quantized), and back.
 
 The output is written to a temporary directory next to the destination and
 renamed into place only when complete, so a failed conversion leaves nothing.
@@ -73,7 +73,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
             quantize_all: bool = False,
             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Convert `hf_path` (directory or Hugging Face repo id) and write it to `mlx_path`."""
-    _check_options(quantize, dequantize, to_hf, dtype)
+    _check_options(quantize, dequantize, to_hf, dtype, upload_repo)
     destination = Path(mlx_path).expanduser()
     if destination.exists() and not force:
         raise CheckpointError(f"{destination} already exists (pass --force to replace it)")
@@ -102,11 +102,14 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
     return destination
 
 
-def _check_options(quantize, dequantize, to_hf, dtype):
+def _check_options(quantize, dequantize, to_hf, dtype, upload_repo):
     if quantize and dequantize:
         raise CheckpointError("choose either --quantize or --dequantize, not both")
     if quantize and to_hf:
         raise CheckpointError("--to-hf writes float weights; it cannot be combined with --quantize")
+    if to_hf and upload_repo is not None:
+        raise CheckpointError("--upload-repo uploads MLX models; upload a --to-hf export with "
+                              "`huggingface-cli upload`")
     if dtype is not None and dtype not in CONVERSION_DTYPES:
         raise CheckpointError(f"--dtype must be one of {', '.join(CONVERSION_DTYPES)}")
 

@@ -124,6 +124,7 @@ def main():
             slots, logits = routing_and_logits(quantized, evaluation)
             unchanged = mx.all(slots == float_slots, axis=-1).mean().item()
             error = (mx.linalg.norm(logits - float_logits) / mx.linalg.norm(float_logits)).item()
+            quantized.set_dtype(mx.float16)  # bits/weight as a float16 checkpoint stores them
             rows.append(f"| {bits} | {name} | {compute_bits_per_weight(quantized):.2f} | "
                         f"{unchanged:.2%} | {error:.4f} |")
     print("\n| bits | quantization | bits/weight | top-k set unchanged | relative logit error |")

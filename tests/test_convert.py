@@ -366,6 +366,7 @@ def test_a_failure_during_writing_leaves_the_old_destination(tmp_path, source_di
 @pytest.mark.parametrize("args,message", [
     (["-q", "--dequantize"], "either --quantize or --dequantize"),
     (["-q", "--to-hf"], "cannot be combined with --quantize"),
+    (["--to-hf", "--upload-repo", "me/fm"], "--upload-repo uploads MLX models"),
     (["-q", "--q-group-size", "48"], "no layer could be quantized"),
 ])
 def test_conflicting_options_are_refused(tmp_path, source_dir, capsys, args, message):
