@@ -1,0 +1,54 @@
+"""Merge LoRA / DoRA adapters into an FM model: `mlx_fm.fuse --model PATH --adapter-path DIR`.
+
+Writes a plain MLX model (atomically), loadable by `mlx_fm.load`; `--dequantize`
+turns a quantized base into a float one.
+"""
+
+import argparse
+
+from mlx.utils import tree_unflatten
+
+from . import load, save_model
+from .cli import fail_cleanly
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mlx_fm.fuse", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="The base model")
+    parser.add_argument("--adapter-path", default="adapters",
+                        help="Directory with adapters.safetensors and adapter_config.json")
+    parser.add_argument("--save-path", default="fused_model")
+    parser.add_argument("--dequantize", action="store_true")
+    return parser
+
+
+def fuse(model, dequantize: bool = False):
+    """Replace every adapted layer of `model` by its fused plain layer, in place."""
+    from mlx_lm.utils import dequantize_model
+
+    fused = [(name, module.fuse(dequantize=dequantize))
+             for name, module in model.named_modules() if hasattr(module, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return dequantize_model(model) if dequantize else model
+
+
+@fail_cleanly
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        model, tokenizer, config = load(args.model, adapter_path=args.adapter_path,
+                                        return_config=True)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"adapters in {args.adapter_path} do not fit {args.model}: "
+                         f"{error}") from error
+    model = fuse(model, args.dequantize)
+    if args.dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    save_model(args.save_path, model, tokenizer, extra_config=config)
+    print(f"fused model written to {args.save_path}")
+
+
+if __name__ == "__main__":
+    main()
