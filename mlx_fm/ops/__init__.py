@@ -1,7 +1,9 @@
 """The FM mixer's core op: route, write, read, merge (SPEC.md), on MLX ops.
 
-`fm_mix` is the one place that picks an implementation: the step recurrence for
-a single token, the chunked parallel form for longer inputs.
+`fm_mix` is the one place that picks an implementation: the Metal kernels
+(mlx_fm.kernels) where Metal is available and the GPU is the default device
+(MLX_FM_OPS_ONLY=1 forces the ops); otherwise the step recurrence for a single
+token and the chunked parallel form for longer inputs.
 """
 
 import mlx.core as mx
