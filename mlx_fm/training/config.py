@@ -1,0 +1,147 @@
+"""What a training run is: `TrainConfig`, read from YAML and command-line options."""
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from ..models.factorization_memory import ModelArgs
+
+DTYPES = ("float32", "bfloat16")
+
+# The SPEC hyper-parameters a `model:` section may set (vocab_size defaults to the tokenizer's).
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelArgs) if f.name != "model_type")
+
+DEFAULT_MODEL = dict(hidden_size=256, num_hidden_layers=4, expand=2, num_heads=4,
+                     num_slots=64, top_k=16, router_temperature=1.0, conv_kernel=4,
+                     intermediate_size=768, tie_word_embeddings=True)
+
+# What must not change when a run is resumed: the data, its order and the model.
+RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "batch_size", "dtype", "model")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `mlx_fm.train`; YAML keys and command-line options use these names."""
+
+    data: list = field(default_factory=list)  # text/jsonl files or directories
+    output: str = ""  # run directory: checkpoints/, model/, metrics.jsonl
+    model: dict = field(default_factory=dict)  # SPEC hyper-parameters, over DEFAULT_MODEL
+    tokenizer: Optional[str] = None  # "bytes", a sentencepiece .model, an HF dir or tokenizer.json
+    vocab_size: Optional[int] = None  # train a sentencepiece tokenizer of this size on the data
+    seq_len: int = 512
+    batch_size: int = 8  # sequences per optimizer step, over all processes
+    grad_accumulation: int = 1  # micro-batches per optimizer step (per process)
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    min_learning_rate: Optional[float] = None  # end of the cosine decay; default learning_rate/10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # maximum global gradient norm; 0 turns clipping off
+    grad_checkpoint: bool = False
+    dtype: str = "float32"  # of the weights; optimizer and FM state are always float32
+    init_std: float = 0.02
+    seed: int = 0
+    val_fraction: float = 0.05
+    val_every: int = 100
+    val_batches: int = 16  # validation batches of batch_size sequences; 0 = all
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    compile: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        self.data = [str(path) for path in self.data]
+        self.output = str(self.output)
+        unknown = set(self.model) - set(MODEL_KEYS)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))} "
+                             f"(known: {', '.join(MODEL_KEYS)})")
+        self.model = DEFAULT_MODEL | self.model
+        self._validate()
+
+    def _validate(self):
+        if not self.data:
+            raise ValueError("no training data: give --data FILE_OR_DIR")
+        if not self.output:
+            raise ValueError("no output directory: give --output DIR")
+        for key in ("seq_len", "batch_size", "grad_accumulation", "steps", "val_every",
+                    "save_every", "keep_checkpoints", "log_every"):
+            _require(key, getattr(self, key), int, lambda v: v >= 1, "a positive integer")
+        for key in ("warmup_steps", "val_batches", "seed"):
+            _require(key, getattr(self, key), int, lambda v: v >= 0, "a non-negative integer")
+        for key in ("learning_rate", "init_std"):
+            _require(key, getattr(self, key), float, lambda v: v > 0, "a positive number")
+        for key in ("weight_decay", "grad_clip"):
+            _require(key, getattr(self, key), float, lambda v: v >= 0, "a non-negative number")
+        for key in ("beta1", "beta2", "val_fraction"):
+            _require(key, getattr(self, key), float, lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.vocab_size is not None:
+            _require("vocab_size", self.vocab_size, int, lambda v: v >= 1, "a positive integer")
+            if self.tokenizer is not None:
+                raise ValueError("give --tokenizer or --vocab-size (to train one), not both")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size % self.grad_accumulation:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"grad_accumulation ({self.grad_accumulation})")
+
+    @property
+    def final_learning_rate(self) -> float:
+        if self.min_learning_rate is None:
+            return self.learning_rate / 10
+        return self.min_learning_rate
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(key, value, kind, test, what):
+    numeric = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not numeric or not test(value):
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads 3e-4 (no dot) as a string; read it as a float, as mlx-lm does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path) -> dict:
+    """The options in a YAML file (mlx-lm style: keys are option names, plus `model:`)."""
+    path = Path(path)
+    try:
+        options = yaml.load(path.read_text(), Loader=_YamlLoader)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{path} must hold a mapping of options")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) in {path}: {', '.join(sorted(unknown))}")
+    if not isinstance(options.get("model", {}), dict):
+        raise ValueError(f"`model` in {path} must be a mapping of hyper-parameters")
+    return options
+
+
+def build_config(yaml_path=None, **overrides) -> TrainConfig:
+    """YAML options (if any), then `overrides` on top; `model` entries merge key by key."""
+    options = read_yaml(yaml_path) if yaml_path is not None else {}
+    model = dict(options.get("model") or {}) | dict(overrides.pop("model", None) or {})
+    return TrainConfig(**(options | overrides | {"model": model}))
