@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
+from mlx_fm_convert.layout import CheckpointError, read_config
+
 from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
 
 
@@ -50,14 +52,10 @@ def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None) -> Path
 
 
 def _checked_config(path: Path) -> None:
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"no config.json in {path}")
     try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from error
-    get_model_classes(config)
+        get_model_classes(read_config(path))
+    except CheckpointError as error:
+        raise ModelLoadError(str(error)) from error
     if not any(path.glob("model*.safetensors")):
         raise ModelLoadError(f"no model*.safetensors weights in {path}")
 

@@ -5,17 +5,17 @@ loads after `sanitize` with no renaming. The decode cache of each layer is an
 mlx-lm `ArraysCache`: [FM state (B, H, m, P) float32, last K−1 conv inputs].
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
+from mlx_fm_convert.layout import MODEL_TYPE, model_settings
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import fm_mix
-
-MODEL_TYPE = "factorization_memory"
 
 
 @dataclass
@@ -35,35 +35,9 @@ class ModelArgs(BaseModelArgs):
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
-        if self.model_type != MODEL_TYPE:
-            raise ValueError(
-                f"model_type must be {MODEL_TYPE!r}, got {self.model_type!r}"
-            )
-        if self.top_k is None:
-            self.top_k = self.num_slots
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads",
-                    "num_slots", "expand", "top_k")
-        for key in positive:
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("conv_kernel", "intermediate_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {value!r}")
-        for key in ("router_temperature", "rms_norm_eps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{key} must be a positive number, got {value!r}")
-        if self.top_k > self.num_slots:
-            raise ValueError(
-                f"top_k ({self.top_k}) must not exceed num_slots ({self.num_slots})"
-            )
-        if (self.expand * self.hidden_size) % self.num_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must divide expand*hidden_size "
-                f"({self.expand * self.hidden_size})"
-            )
+        # SPEC's config contract, shared with the converter and the PyTorch reference:
+        # raises a ValueError that names the offending key.
+        self.top_k = model_settings(dataclasses.asdict(self))["top_k"]
 
     @property
     def inner_size(self) -> int:
