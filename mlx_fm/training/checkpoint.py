@@ -78,8 +78,7 @@ def read_trainer_state(checkpoint: Path):
     return state, record["config"]
 
 
-def restore_optimizer(optimizer, model, checkpoint: Path) -> None:
-    optimizer.init(model.trainable_parameters())
+def restore_optimizer(optimizer, checkpoint: Path) -> None:
     saved = mx.load(str(checkpoint / OPTIMIZER_FILE))
     optimizer.state = tree_unflatten(list(saved.items()))
 

@@ -94,12 +94,15 @@ def train_sentencepiece(documents, vocab_size: int, seed: int) -> bytes:
 
 
 def sentencepiece_tokenizer(model: bytes):
-    """A sentencepiece model as a Hugging Face (fast) Llama tokenizer that adds no BOS."""
-    from transformers import LlamaTokenizer
+    """A sentencepiece model as a Hugging Face fast tokenizer that encodes as sentencepiece does.
+
+    (transformers converts BPE and unigram models alike, normalizer included.)
+    """
+    from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "tokenizer.model").write_bytes(model)
-        return LlamaTokenizer.from_pretrained(folder, add_bos_token=False)
+        return AutoTokenizer.from_pretrained(folder)
 
 
 def broadcast_bytes(data, group) -> bytes:

@@ -48,20 +48,23 @@ def train(config: TrainConfig, progress_stream=None) -> TrainResult:
     documents = read_documents(config.data)
     if resume_from is None:
         tokenizer = resolve_tokenizer(config, documents, group)
+    else:
+        tokenizer = load_saved_tokenizer(resume_from)
+    data = pack(token_stream(documents, tokenizer, tokenizer.eos_token_id),
+                config.seq_len, config.val_fraction, config.seed)
+    if resume_from is None:
         model = build_model(config.model, len(tokenizer), config.init_std, config.seed,
                             config.dtype)
         state = ckpt.TrainerState(rng_key=ckpt.rng_key())
     else:
-        tokenizer = load_saved_tokenizer(resume_from)
         model = load_model(resume_from)
         state, _ = ckpt.read_trainer_state(resume_from)
-    data = pack(token_stream(documents, tokenizer, tokenizer.eos_token_id),
-                config.seq_len, config.val_fraction, config.seed)
     local_batch = _local_batch_size(config, group.size())
 
     optimizer = build_optimizer(config)
+    optimizer.init(model.trainable_parameters())  # from the weights: their dtype sets the state's
     if resume_from is not None:
-        ckpt.restore_optimizer(optimizer, model, resume_from)
+        ckpt.restore_optimizer(optimizer, resume_from)
         ckpt.restore_rng(state.rng_key)
     if config.grad_checkpoint:
         checkpoint_layers(model)
