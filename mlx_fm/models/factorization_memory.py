@@ -16,6 +16,7 @@ from mlx_fm_convert.layout import MODEL_TYPE, model_settings
 from mlx_lm.models.cache import ArraysCache
 
 from ..ops import fm_mix
+from ..ops.activations import silu
 
 
 @dataclass
@@ -71,7 +72,7 @@ class FactorizationMemory(nn.Module):
     def _conv(self, x, cache, mask):
         """SiLU(causal depthwise conv) over time, carrying the last K−1 inputs in the cache."""
         if self.conv_kernel == 0:
-            return nn.silu(x)
+            return silu(x)
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
         keep = self.conv_kernel - 1
@@ -114,12 +115,12 @@ def _causal_conv_silu(window, weight, bias):
     out = bias.astype(window.dtype)
     for tap in range(taps):
         out = out + weight[:, tap, 0].astype(window.dtype) * window[:, tap : tap + length]
-    return nn.silu(out)
+    return silu(out)
 
 
 @mx.compile
 def _gate(out, z):
-    return out * nn.silu(z)
+    return out * silu(z)
 
 
 def _last_inputs(window, keep, lengths):

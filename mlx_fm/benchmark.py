@@ -1,0 +1,152 @@
+"""Speed and memory of FM against mlx-lm's Llama and Mamba-2 of the same size.
+
+    mlx_fm.benchmark [--contexts 1024 4096 16384] [--models fm llama mamba2]
+
+All models get random weights and run in this one process, one after another,
+so the ratios hold even on a noisy machine. For each context length: prompt
+tokens/s (prefill in mlx-lm's steps), decode tokens/s right after that prompt,
+and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
+count closest to the FM model's.
+"""
+
+import argparse
+import time
+
+import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama, mamba2
+from mlx_lm.models.cache import make_prompt_cache
+
+from .cli import fail_cleanly
+
+PREFILL_STEP = 2048
+
+
+def fm_model(args, layers):
+    return mlx_fm.Model(mlx_fm.ModelArgs(
+        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=layers,
+        expand=2, num_heads=2 * args.hidden_size // args.head_dim, num_slots=args.slots,
+        top_k=args.top_k, intermediate_size=args.fm_intermediate_size,
+    ))
+
+
+def llama_model(args, layers):
+    return llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=layers,
+        intermediate_size=8 * args.hidden_size // 3, num_attention_heads=args.hidden_size // 64,
+        num_key_value_heads=args.hidden_size // 64, rms_norm_eps=1e-5,
+        vocab_size=args.vocab_size, tie_word_embeddings=True,
+    ))
+
+
+def mamba2_model(args, layers):
+    return mamba2.Model(mamba2.ModelArgs(
+        model_type="mamba2", num_heads=2 * args.hidden_size // args.head_dim,
+        head_dim=args.head_dim, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size, state_size=128, num_hidden_layers=layers,
+        layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1, use_bias=False,
+        use_conv_bias=True, tie_word_embeddings=True, time_step_limit=(0.0, float("inf")),
+        time_step_rank="auto",
+    ))
+
+
+BUILDERS = {"fm": fm_model, "llama": llama_model, "mamba2": mamba2_model}
+NAMES = {"fm": "FM", "llama": "Llama", "mamba2": "Mamba-2"}
+
+
+def parameter_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def layers_to_match(build, args, target: int) -> int:
+    """The layer count whose parameter count is closest to `target`."""
+    one, two = (parameter_count(build(args, n)) for n in (1, 2))
+    per_layer = two - one
+    return max(1, round((target - (one - per_layer)) / per_layer))
+
+
+def measure(model, context: int, decode_tokens: int, vocab_size: int):
+    """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens."""
+    tokens = mx.random.randint(0, vocab_size, (1, context))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cache = make_prompt_cache(model)
+    start = time.perf_counter()
+    for begin in range(0, context - 1, PREFILL_STEP):
+        model(tokens[:, begin : min(begin + PREFILL_STEP, context - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
+    mx.eval(token)
+    prompt_rate = context / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.async_eval(token)
+    mx.eval(token)
+    decode_rate = decode_tokens / (time.perf_counter() - start)
+    return prompt_rate, decode_rate, mx.get_peak_memory() / 1e9
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mlx_fm.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--hidden-size", type=int, default=512)
+    parser.add_argument("--fm-layers", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--fm-intermediate-size", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    return parser
+
+
+def run(args) -> dict:
+    """{model name: {context: (prompt tok/s, decode tok/s, peak GB)}}, printed as it goes."""
+    mx.random.seed(0)
+    target = parameter_count(fm_model(args, args.fm_layers))
+    results = {}
+    for key in args.models:
+        layers = args.fm_layers if key == "fm" else layers_to_match(BUILDERS[key], args, target)
+        model = BUILDERS[key](args, layers)
+        mx.eval(model.parameters())
+        measure(model, 64, 2, args.vocab_size)  # warm-up: compile and allocate
+        print(f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters")
+        results[NAMES[key]] = {}
+        for context in args.contexts:
+            result = measure(model, context, args.decode_tokens, args.vocab_size)
+            results[NAMES[key]][context] = result
+            print(f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s, "
+                  f"decode {result[1]:7.1f} tok/s, peak {result[2]:6.3f} GB", flush=True)
+        del model
+    return results
+
+
+def print_ratios(results: dict):
+    if "FM" not in results or len(results) < 2:
+        return
+    print(f"\n{'context':>8} " + " ".join(
+        f"{'FM/' + name + ' ' + what:>22}" for name in results if name != "FM"
+        for what in ("prompt", "decode")))
+    for context, (fm_prompt, fm_decode, _) in results["FM"].items():
+        cells = []
+        for name, rows in results.items():
+            if name != "FM":
+                prompt, decode, _ = rows[context]
+                cells += [f"{fm_prompt / prompt:21.2f}x", f"{fm_decode / decode:21.2f}x"]
+        print(f"{context:8d} " + " ".join(cells))
+
+
+@fail_cleanly
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if min(args.contexts) < 2 or args.decode_tokens < 1:
+        raise ValueError("contexts must be at least 2 tokens and --decode-tokens at least 1")
+    print_ratios(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The polynomial SiLU, and the mlx_fm.benchmark tool."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_fm import benchmark
+from mlx_fm.ops.activations import silu
+
+
+def test_silu_matches_the_exact_one_to_float32_rounding():
+    x = mx.concatenate([mx.linspace(-100, 100, 20001), mx.array([-1e30, 1e30, 0.0, -0.0])])
+    wide = np.array(x, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        exact = wide / (1 + np.exp(-wide))
+    got = np.array(silu(x), dtype=np.float64)
+    assert np.all(np.isfinite(got))
+    assert np.allclose(got, exact, rtol=5e-7, atol=1e-30)
+
+
+def test_silu_keeps_the_input_dtype():
+    x = mx.random.normal((64,)).astype(mx.bfloat16)
+    out = silu(x)
+    assert out.dtype == mx.bfloat16
+    assert mx.allclose(out.astype(mx.float32), nn.silu(x).astype(mx.float32), atol=1e-2).item()
+
+
+def test_benchmark_compares_models_of_matching_size(capsys):
+    args = benchmark.build_parser().parse_args(
+        ["--contexts", "40", "--decode-tokens", "2", "--hidden-size", "64", "--fm-layers", "2",
+         "--vocab-size", "300", "--slots", "8", "--top-k", "2"])
+    results = benchmark.run(args)
+    assert set(results) == {"FM", "Llama", "Mamba-2"}
+    counts = {}
+    for line in capsys.readouterr().out.splitlines():
+        if "parameters" in line:
+            name, rest = line.split(":")
+            counts[name] = float(rest.split(",")[1].split("M")[0])
+    for name in ("Llama", "Mamba-2"):
+        assert abs(counts[name] - counts["FM"]) / counts["FM"] < 0.35
+    for rows in results.values():
+        prompt, decode, peak = rows[40]
+        assert prompt > 0 and decode > 0 and peak > 0
+    benchmark.print_ratios(results)
+    assert "FM/Mamba-2 decode" in capsys.readouterr().out
