@@ -18,6 +18,13 @@ def test_silu_matches_the_exact_one_to_float32_rounding():
     assert np.allclose(got, exact, rtol=5e-7, atol=1e-30)
 
 
+def test_silu_gradient_matches_the_exact_one():
+    x = mx.linspace(-30, 30, 6001)
+    got = mx.grad(lambda v: silu(v).sum())(x)
+    want = mx.grad(lambda v: nn.silu(v).sum())(x)
+    assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
+
+
 def test_silu_keeps_the_input_dtype():
     x = mx.random.normal((64,)).astype(mx.bfloat16)
     out = silu(x)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +70,52 @@ def test_fuse_with_adapters_of_another_model_fails_cleanly(lora_run, tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "do not fit" in result.stderr
     assert not (tmp_path / "fused").exists()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+DATA_FORMATS = {
+    "completions": lambda i: {"prompt": f"Q{i % 3}: the colour?", "completion": " blue, blue."},
+    "chat": lambda i: {"messages": [{"role": "user", "content": f"Q{i % 3}"},
+                                    {"role": "assistant", "content": "blue, blue."}]},
+}
+
+
+@pytest.mark.parametrize("data_format,fine_tune_type,quantized", [
+    ("completions", "dora", False), ("chat", "full", False), ("completions", "lora", True),
+])
+def test_tuner_formats_types_and_quantized_models(tiny_model_dir, tmp_path, data_format,
+                                                  fine_tune_type, quantized):
+    from mlx_fm_convert.checkpoint import convert
+
+    model_dir = tmp_path / "with_template"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    if quantized:
+        model_dir = tmp_path / "quantized"
+        convert(str(tmp_path / "with_template"), str(model_dir), quantize=True, q_group_size=32,
+                q_bits=4, quantize_all=True)
+        assert "quantization" in json.loads((model_dir / "config.json").read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [DATA_FORMATS[data_format](i) for i in range(12)]
+    write_jsonl(data / "train.jsonl", rows)
+    write_jsonl(data / "valid.jsonl", rows[:4])
+    result = run_cli("mlx_fm.lora", "--model", str(model_dir), "--train", "--data", str(data),
+                     "--fine-tune-type", fine_tune_type, "--mask-prompt", "--iters", "40",
+                     "--batch-size", "2", "--num-layers", "2", "--learning-rate", "3e-3",
+                     "--steps-per-eval", "40", "--val-batches", "2",
+                     "--adapter-path", str(tmp_path / "adapters"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout)
+    losses = [float(v) for v in re.findall(r"\bval\s+([0-9.]+)", plain)]
+    assert len(losses) >= 2 and losses[-1] < 0.7 * losses[0], plain[-1500:]
 
 
 def chat_session(model_dir, **kwargs):

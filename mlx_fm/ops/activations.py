@@ -16,12 +16,12 @@ _EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # e^r for |r| 
 def _exp(x):
     """e^x for float32 x, as 2^n · e^r with n = round(x / ln 2); 0 and inf outside ±87."""
     clipped = mx.clip(x, -87.0, 87.0)
-    n = mx.round(clipped * _LOG2_E)
+    n = mx.stop_gradient(mx.round(clipped * _LOG2_E))  # piecewise constant: no gradient
     r = clipped - n * _LN2_HIGH - n * _LN2_LOW
     power = _EXP_TAYLOR[-1]
     for coefficient in reversed(_EXP_TAYLOR[:-1]):
         power = power * r + coefficient
-    two_to_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+    two_to_n = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
     outside = mx.where(x < 0, 0.0, mx.inf)
     return mx.where(mx.abs(x) > 87.0, outside, power * two_to_n)
 
