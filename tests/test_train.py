@@ -100,6 +100,14 @@ def test_bfloat16_weights_keep_float32_optimizer_state(tmp_path, copy_data):
     assert losses[-1] < losses[0]
 
 
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, copy_data):
+    plain = train(tiny_config(copy_data, tmp_path / "plain", steps=3))
+    checkpointed = train(tiny_config(copy_data, tmp_path / "ckpt", steps=3, grad_checkpoint=True))
+    assert checkpointed.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
+    expected, actual = weights(plain.model_path), weights(checkpointed.model_path)
+    assert all(mx.allclose(expected[k], actual[k], atol=1e-6).item() for k in expected)
+
+
 def sentencepiece_model(tmp_path, lines):
     import sentencepiece as spm
 

@@ -52,12 +52,17 @@ def _file_text(path: Path) -> Iterator[str]:
     try:
         yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: {error.reason} at byte {error.start}")
+        raise ValueError(f"{path} is not UTF-8 text: {error.reason} at byte {error.start}") \
+            from None
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="strict") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text: {error.reason}") from None
             if not line.strip():
                 continue
             try:

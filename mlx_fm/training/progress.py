@@ -28,7 +28,7 @@ class ProgressBar:
         self._line_open = False
 
     def update(self, step: int, loss: float, learning_rate: float, tokens: int) -> None:
-        """After optimizer step `step` (1-based); `tokens`: trained on so far in this run."""
+        """After optimizer step `step` (1-based), having trained on `tokens` tokens in all."""
         now = time.perf_counter()
         if self._started is None:
             self._started = (now, step, tokens)

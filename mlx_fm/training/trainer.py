@@ -85,7 +85,7 @@ def train(config: TrainConfig, progress_stream=None) -> TrainResult:
         learning_rate = optimizer.learning_rate.item()
         metrics.write(step=step, loss=loss, learning_rate=learning_rate)
         if is_main:
-            progress.update(step, loss, learning_rate, (step - 1) * tokens_per_step)
+            progress.update(step, loss, learning_rate, step * tokens_per_step)
         if step % config.val_every == 0 or step == config.steps:
             val_loss = validation_loss(model, data.validation, config, group)
             if val_loss is not None:
