@@ -121,7 +121,7 @@ def test_given_tokenizers_are_saved_with_the_model(tmp_path, copy_data):
     import sentencepiece as spm
 
     sp_model = sentencepiece_model(tmp_path, copy_lines(400))
-    train(tiny_config(copy_data, tmp_path / "run", tokenizer=str(sp_model), steps=1))
+    train(tiny_config(copy_data, tmp_path / "run", tokenizer=str(sp_model), steps=2))
     model, tokenizer = mlx_fm.load(tmp_path / "run/model")
     text = "fed=fed. bag cab"
     expected = spm.SentencePieceProcessor(model_file=str(sp_model)).encode(text)
@@ -131,7 +131,7 @@ def test_given_tokenizers_are_saved_with_the_model(tmp_path, copy_data):
 
 
 def test_hf_tokenizer_directory(tmp_path, copy_data, tiny_model_dir):
-    train(tiny_config(copy_data, tmp_path / "run", tokenizer=str(tiny_model_dir), steps=1))
+    train(tiny_config(copy_data, tmp_path / "run", tokenizer=str(tiny_model_dir), steps=2))
     _, tokenizer = mlx_fm.load(tmp_path / "run/model")
     assert tokenizer.encode("abc") == [97, 98, 99]
     assert tokenizer.eos_token_id == 256

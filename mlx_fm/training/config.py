@@ -88,6 +88,9 @@ class TrainConfig:
             _require("vocab_size", self.vocab_size, int, lambda v: v >= 1, "a positive integer")
             if self.tokenizer is not None:
                 raise ValueError("give --tokenizer or --vocab-size (to train one), not both")
+        if 0 < self.steps <= self.warmup_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps "
+                             f"({self.steps})")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.batch_size % self.grad_accumulation:
