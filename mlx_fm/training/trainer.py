@@ -45,27 +45,9 @@ def train(config: TrainConfig, progress_stream=None) -> TrainResult:
     output = Path(config.output)
     prepare_output(output)
     resume_from = resume_point(output, config)
-    documents = read_documents(config.data)
-    if resume_from is None:
-        tokenizer = resolve_tokenizer(config, documents, group)
-    else:
-        tokenizer = load_saved_tokenizer(resume_from)
-    data = pack(token_stream(documents, tokenizer, tokenizer.eos_token_id),
-                config.seq_len, config.val_fraction, config.seed)
-    if resume_from is None:
-        model = build_model(config.model, len(tokenizer), config.init_std, config.seed,
-                            config.dtype)
-        state = ckpt.TrainerState(rng_key=ckpt.rng_key())
-    else:
-        model = load_model(resume_from)
-        state, _ = ckpt.read_trainer_state(resume_from)
+    tokenizer, data = tokenizer_and_data(config, resume_from, group)
+    model, optimizer, state = model_and_optimizer(config, len(tokenizer), resume_from)
     local_batch = _local_batch_size(config, group.size())
-
-    optimizer = build_optimizer(config)
-    optimizer.init(model.trainable_parameters())  # from the weights: their dtype sets the state's
-    if resume_from is not None:
-        ckpt.restore_optimizer(optimizer, resume_from)
-        ckpt.restore_rng(state.rng_key)
     if config.grad_checkpoint:
         checkpoint_layers(model)
     train_step = make_train_step(model, optimizer, config, group)
@@ -102,6 +84,34 @@ def train(config: TrainConfig, progress_stream=None) -> TrainResult:
         save_model(model_path, model, tokenizer)
         progress.message(f"saved the model to {model_path}")
     return TrainResult(model_path, state.step, loss, val_loss)
+
+
+def tokenizer_and_data(config: TrainConfig, resume_from: Optional[Path], group):
+    """The run's tokenizer (a resumed run's own) and its packed data."""
+    documents = read_documents(config.data)
+    if resume_from is None:
+        tokenizer = resolve_tokenizer(config, documents, group)
+    else:
+        tokenizer = load_saved_tokenizer(resume_from)
+    data = pack(token_stream(documents, tokenizer, tokenizer.eos_token_id),
+                config.seq_len, config.val_fraction, config.seed)
+    return tokenizer, data
+
+
+def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optional[Path]):
+    """A fresh model, optimizer and TrainerState, or those of the checkpoint (RNG included)."""
+    if resume_from is None:
+        model = build_model(config.model, vocab_size, config.init_std, config.seed, config.dtype)
+        state = ckpt.TrainerState(rng_key=ckpt.rng_key())
+    else:
+        model = load_model(resume_from)
+        state, _ = ckpt.read_trainer_state(resume_from)
+    optimizer = build_optimizer(config)
+    optimizer.init(model.trainable_parameters())  # from the weights: their dtype sets the state's
+    if resume_from is not None:
+        ckpt.restore_optimizer(optimizer, resume_from)
+        ckpt.restore_rng(state.rng_key)
+    return model, optimizer, state
 
 
 def prepare_output(output: Path) -> None:
