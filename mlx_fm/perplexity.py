@@ -155,6 +155,7 @@ def _save_atomically(figure, path: Path):
     try:
         with os.fdopen(handle, "wb") as file:
             figure.savefig(file, format="png", dpi=100)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 is for secrets
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -82,6 +82,7 @@ def test_plot_writes_a_png(tmp_path):
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary left behind
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_cli_plot_and_table(tiny_model_dir, tmp_path, capsys):
