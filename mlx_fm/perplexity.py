@@ -26,7 +26,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import fail_cleanly
-from .training.data import _file_text, _jsonl_texts, token_stream
+from .training.data import file_text, jsonl_texts, token_stream
 
 FIRST_TABLE_POSITION = 1024
 PLOT_POINTS = 2000
@@ -37,7 +37,7 @@ def read_documents(path) -> List[str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
-    reader = _jsonl_texts if path.suffix == ".jsonl" else _file_text
+    reader = jsonl_texts if path.suffix == ".jsonl" else file_text
     documents = [text for text in reader(path) if text]
     if not documents:
         raise ValueError(f"no text in {path}")

@@ -41,14 +41,14 @@ def read_documents(paths) -> List[str]:
     """Every non-empty document: a whole text file, or the "text" of each jsonl line."""
     documents = []
     for file in data_files(paths):
-        reader = _jsonl_texts if file.suffix == ".jsonl" else _file_text
+        reader = jsonl_texts if file.suffix == ".jsonl" else file_text
         documents.extend(text for text in reader(file) if text)
     if not documents:
         raise ValueError(f"the training data is empty: no text in {', '.join(map(str, paths))}")
     return documents
 
 
-def _file_text(path: Path) -> Iterator[str]:
+def file_text(path: Path) -> Iterator[str]:
     try:
         yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -56,7 +56,7 @@ def _file_text(path: Path) -> Iterator[str]:
             from None
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
+def jsonl_texts(path: Path) -> Iterator[str]:
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:
