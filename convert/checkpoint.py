@@ -20,6 +20,7 @@ from mlx_lm.utils import (
 )
 
 from mlx_fm import Model, ModelArgs, load_model
+from mlx_fm.utils import resolve_model_path
 
 from .layout import (
     CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
@@ -116,7 +117,7 @@ def _check_options(quantize, dequantize, to_hf, dtype, upload_repo):
 
 def load_source(path_or_repo: str, revision: Optional[str] = None):
     """(model, config, directory): an FM checkpoint in SPEC's layout, or an MLX one."""
-    source = _source_directory(path_or_repo, revision)
+    source = resolve_model_path(path_or_repo, revision, SOURCE_PATTERNS)
     config = read_config(source)
     if "quantization" in config:
         # Only an MLX checkpoint is quantized; mlx-lm's loader rebuilds its layers.
@@ -129,21 +130,6 @@ def load_source(path_or_repo: str, revision: Optional[str] = None):
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
     return model, config | settings, source
-
-
-def _source_directory(path_or_repo: str, revision: Optional[str]) -> Path:
-    path = Path(path_or_repo).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_repo)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise CheckpointError(f"source not found: {text}")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=SOURCE_PATTERNS))
-    except Exception as error:  # the hub raises many kinds; one line is what users need
-        raise CheckpointError(f"cannot fetch {text!r}: {error}") from error
 
 
 def _in_spec_layout(weights: dict, settings: dict) -> dict:

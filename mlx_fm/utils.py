@@ -31,7 +31,11 @@ def get_model_classes(config: dict):
     return Model, ModelArgs
 
 
-def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None) -> Path:
+MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None,
+                       allow_patterns=MODEL_FILES) -> Path:
     """A local directory, or a Hugging Face repo id downloaded to the local cache."""
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
@@ -43,10 +47,7 @@ def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None) -> Path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(
-            text, revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"],
-        ))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=allow_patterns))
     except Exception as error:  # the hub raises many kinds; one line is what users need
         raise ModelLoadError(f"cannot fetch model {text!r}: {error}") from error
 

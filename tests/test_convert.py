@@ -425,7 +425,7 @@ def test_the_command_line_reports_errors_in_one_line(tmp_path):
         [sys.executable, "-m", "mlx_fm.convert", "--hf-path", str(tmp_path / "nothing"),
          "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr == f"mlx_fm: error: source not found: {tmp_path / 'nothing'}\n"
+    assert result.stderr == f"mlx_fm: error: model path not found: {tmp_path / 'nothing'}\n"
 
 
 def test_write_safetensors_keeps_every_tensor(tmp_path):
