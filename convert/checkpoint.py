@@ -4,11 +4,7 @@ The output is written to a temporary directory next to the destination and
 renamed into place only when complete, so a failed conversion leaves nothing.
 """
 
-import contextlib
-import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -20,16 +16,17 @@ from mlx_lm.utils import (
 )
 
 from mlx_fm import Model, ModelArgs, load_model
-from mlx_fm.utils import resolve_model_path
+from mlx_fm.utils import (
+    DEFAULT_MAX_SHARD_BYTES, resolve_model_path, write_safetensors, written_atomically,
+)
 
 from .layout import (
     CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
-    shard_file_names, shard_index, split_into_shards, tensor_shapes, weight_files,
+    tensor_shapes, weight_files,
 )
 from .weights import read_weights
 
 CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
-DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 TOKENIZER_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -90,7 +87,7 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
     if dequantize or to_hf:
         model = dequantize_model(model)
         config = {key: value for key, value in config.items() if key not in QUANTIZATION_KEYS}
-    with _written_atomically(destination) as staging:
+    with written_atomically(destination) as staging:
         if to_hf:
             _write_hf(staging, model, config, max_shard_bytes)
         else:
@@ -190,42 +187,9 @@ def _write_hf(directory: Path, model, config: dict, max_shard_bytes: int) -> Non
     save_config(dict(config), directory / "config.json")
 
 
-def write_safetensors(directory: Path, weights: dict, format_tag: str,
-                      max_shard_bytes: int) -> None:
-    """model.safetensors, or shards, and model.safetensors.index.json (as mlx-lm writes)."""
-    shards = split_into_shards(weights, max_shard_bytes)
-    names = shard_file_names("model", ".safetensors", len(shards))
-    for shard, name in zip(shards, names):
-        mx.save_safetensors(str(directory / name), shard, metadata={"format": format_tag})
-    index = shard_index(shards, names)
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
-
-
 def _copy_tokenizer_files(source: Path, destination: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, destination / name)
 
 
-@contextlib.contextmanager
-def _written_atomically(destination: Path):
-    """A staging directory next to `destination`, renamed to it when the block succeeds."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists() or destination.is_symlink():
-            _replace(staging, destination)
-        else:
-            os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace(staging: Path, destination: Path) -> None:
-    """Move the old destination aside, put the new one in place, then delete the old."""
-    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
-    aside = retired / destination.name
-    os.replace(destination, aside)
-    os.replace(staging, destination)
-    shutil.rmtree(retired)

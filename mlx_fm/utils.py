@@ -1,5 +1,6 @@
 """Loading and saving FM models in the MLX format (config.json + safetensors)."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -13,9 +14,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from mlx_fm_convert.layout import CheckpointError, read_config
+from mlx_fm_convert.layout import (
+    CheckpointError, read_config, shard_file_names, shard_index, split_into_shards,
+)
 
 from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
+
+DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 
 
 class ModelLoadError(ValueError):
@@ -107,28 +112,51 @@ def load(path_or_hf_repo, tokenizer_config: Optional[dict] = None,
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
-def model_config(args: ModelArgs) -> dict:
-    return {k: v for k, v in dataclasses.asdict(args).items()}
-
-
 def save_model(path: Union[str, Path], model: Model, tokenizer=None,
-               extra_config: Optional[dict] = None) -> Path:
-    """Write config.json, model.safetensors (and the tokenizer) to `path`, atomically."""
+               extra_config: Optional[dict] = None,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write config.json, the safetensors (and the tokenizer) to `path`, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(staging / "model.safetensors"), weights,
-                            metadata={"format": "mlx"})
-        config = model_config(model.args) | (extra_config or {})
+    with written_atomically(path) as staging:
+        write_safetensors(staging, dict(tree_flatten(model.parameters())), "mlx",
+                          max_shard_bytes)
+        config = dataclasses.asdict(model.args) | (extra_config or {})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
+
+
+@contextlib.contextmanager
+def written_atomically(destination: Path):
+    """A staging directory next to `destination`, renamed to it when the block succeeds."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists() or destination.is_symlink():
+            _replace(staging, destination)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: Path, destination: Path) -> None:
+    """Move the old destination aside, put the new one in place, then delete the old."""
+    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+    aside = retired / destination.name
+    os.replace(destination, aside)
+    os.replace(staging, destination)
+    shutil.rmtree(retired)
+
+
+def write_safetensors(directory: Path, weights: dict, format_tag: str,
+                      max_shard_bytes: int) -> None:
+    """model.safetensors, or shards, and model.safetensors.index.json (as mlx-lm writes)."""
+    shards = split_into_shards(weights, max_shard_bytes)
+    names = shard_file_names("model", ".safetensors", len(shards))
+    for shard, name in zip(shards, names):
+        mx.save_safetensors(str(directory / name), shard, metadata={"format": format_tag})
+    index = shard_index(shards, names)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
