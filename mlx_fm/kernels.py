@@ -24,7 +24,7 @@ from importlib import resources
 
 import mlx.core as mx
 
-from .ops.router import gates, route
+from .ops.router import merge, prepare
 
 __all__ = ["FMKernels", "default_kernels", "use_kernels", "fm_decode", "fm_scan", "fm_mix"]
 
@@ -182,13 +182,12 @@ class FMKernels:
                 mask=None if mask is None else mask[:, 0],
             )
             return out[:, None], state
-        weights = route(router_logits, temperature, top_k)
-        eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
-        if mask is not None:
-            eta = mx.where(mask[..., None], eta, 0.0)
+        x, weights, eta, mu = prepare(
+            x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+            top_k=top_k, temperature=temperature, mask=mask,
+        )
         read, state = self.scan(x, weights, eta, state)
-        mu = mu[..., None]
-        return mu * read + (1 - mu) * x.astype(mx.float32), state
+        return merge(read, x, mu), state
 
 
 @cache

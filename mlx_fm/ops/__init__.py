@@ -6,12 +6,10 @@
 token and the chunked parallel form for longer inputs.
 """
 
-import mlx.core as mx
-
 from .. import kernels
 from .chunk import fm_chunked
 from .recurrent import fm_recurrent, fm_step
-from .router import gates, route
+from .router import gates, merge, prepare, route
 
 __all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates"]
 
@@ -30,20 +28,13 @@ def fm_mix(
     if kernels.use_kernels():
         return kernels.fm_mix(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
                               top_k=top_k, temperature=temperature, state=state, mask=mask)
-    x = x.astype(mx.float32)
-    weights = route(router_logits, temperature, top_k)
-    eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
-    if mask is not None:
-        eta = mx.where(mask[..., None], eta, 0.0)
+    x, weights, eta, mu = prepare(
+        x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+        top_k=top_k, temperature=temperature, mask=mask,
+    )
     if x.shape[1] == 1 and state is not None:
         read, state = fm_step(x[:, 0], weights[:, 0], eta[:, 0], state)
         read = read[:, None]
     else:
         read, state = fm_chunked(x, weights, eta, state)
-    return _merge(read, x, mu), state
-
-
-@mx.compile
-def _merge(read, x, mu):
-    mu = mu[..., None]
-    return mu * read + (1 - mu) * x
+    return merge(read, x, mu), state

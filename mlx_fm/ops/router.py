@@ -29,3 +29,20 @@ def gates(update_logits, merge_logits, eta_bias, mu_bias):
     eta = mx.sigmoid(update_logits.astype(mx.float32) + eta_bias.astype(mx.float32))
     mu = mx.sigmoid(merge_logits.astype(mx.float32) + mu_bias.astype(mx.float32))
     return eta, mu
+
+
+def prepare(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+            *, top_k, temperature, mask=None):
+    """What every scan takes: x̄ in float32, slot weights α̃, η (0 where masked), μ."""
+    weights = route(router_logits, temperature, top_k)
+    eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
+    if mask is not None:
+        eta = mx.where(mask[..., None], eta, 0.0)
+    return x.astype(mx.float32), weights, eta, mu
+
+
+@mx.compile
+def merge(read, x, mu):
+    """o = μ·r + (1 − μ)·x̄."""
+    mu = mu[..., None]
+    return mu * read + (1 - mu) * x
