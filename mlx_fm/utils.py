@@ -118,13 +118,19 @@ def save_model(path: Union[str, Path], model: Model, tokenizer=None,
     """Write config.json, the safetensors (and the tokenizer) to `path`, atomically."""
     path = Path(path)
     with written_atomically(path) as staging:
-        write_safetensors(staging, dict(tree_flatten(model.parameters())), "mlx",
-                          max_shard_bytes)
-        config = dataclasses.asdict(model.args) | (extra_config or {})
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
+        write_model(staging, model, tokenizer, extra_config, max_shard_bytes)
     return path
+
+
+def write_model(directory: Path, model: Model, tokenizer=None,
+                extra_config: Optional[dict] = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """The files of `save_model`, into an existing directory."""
+    write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
+    config = dataclasses.asdict(model.args) | (extra_config or {})
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
 
 
 @contextlib.contextmanager

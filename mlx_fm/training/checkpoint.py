@@ -8,7 +8,6 @@ either exists whole or not at all, even if the process is killed while writing.
 """
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..utils import save_model
+from ..utils import write_model, written_atomically
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -34,17 +33,13 @@ class TrainerState:
 
 def save_checkpoint(output: Path, state: TrainerState, model, optimizer, tokenizer,
                     config: dict, keep: int) -> Path:
-    folder = output / CHECKPOINTS
-    final = folder / f"{_PREFIX}{state.step:07d}"
-    staging = folder / f".{final.name}.partial"
-    save_model(staging, model, tokenizer)
-    mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-    record = {"step": state.step, "windows_seen": state.windows_seen,
-              "rng_key": list(state.rng_key), "config": config}
-    (staging / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    final = output / CHECKPOINTS / f"{_PREFIX}{state.step:07d}"
+    with written_atomically(final) as staging:
+        write_model(staging, model, tokenizer)
+        mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+        record = {"step": state.step, "windows_seen": state.windows_seen,
+                  "rng_key": list(state.rng_key), "config": config}
+        (staging / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     for old in checkpoints(output)[:-keep]:
         shutil.rmtree(old)
     return final
