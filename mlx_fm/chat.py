@@ -10,12 +10,11 @@ Commands typed at the prompt: /reset, /save FILE, /load FILE, /tokens, /quit.
 import argparse
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 from . import load
 from .cli import fail_cleanly
+from .utils import written_file_atomically
 
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
 
@@ -89,16 +88,9 @@ class ChatSession:
         """Write the state and the conversation to a .safetensors file, atomically."""
         from mlx_lm.models.cache import save_prompt_cache
 
-        path = Path(path)
         metadata = {"messages": json.dumps(self.messages), "consumed": self.consumed}
-        handle, staging = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-        os.close(handle)
-        try:
-            save_prompt_cache(staging, self.cache, metadata)
-            os.replace(staging, path)
-        except BaseException:
-            Path(staging).unlink(missing_ok=True)
-            raise
+        with written_file_atomically(path, suffix=".safetensors") as staging:
+            save_prompt_cache(str(staging), self.cache, metadata)
 
     def load(self, path):
         from mlx_lm.models.cache import load_prompt_cache

@@ -12,8 +12,6 @@ shows whether the model keeps using context far back (the paper's long-context v
 
 import argparse
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
@@ -27,6 +25,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import fail_cleanly
 from .training.data import file_text, jsonl_texts, token_stream
+from .utils import written_file_atomically
 
 FIRST_TABLE_POSITION = 1024
 PLOT_POINTS = 2000
@@ -146,20 +145,9 @@ def plot_loss_by_position(losses, path, title: str = ""):
     axes.set(xscale="log", xlabel="token position", ylabel="loss (nats)", title=title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    _save_atomically(figure, Path(path))
+    with written_file_atomically(path) as staging:
+        figure.savefig(staging, format="png", dpi=100)
     plt.close(figure)
-
-
-def _save_atomically(figure, path: Path):
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", dpi=100)
-        os.chmod(temporary, 0o644)  # mkstemp's 0600 is for secrets
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def build_parser():

@@ -148,6 +148,21 @@ def written_atomically(destination: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def written_file_atomically(destination, suffix: str = ""):
+    """A temporary file (mode 0644) next to `destination`, renamed to it when the block succeeds."""
+    destination = Path(destination)
+    handle, staging = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
+                                       suffix=suffix)
+    os.close(handle)
+    os.chmod(staging, 0o644)  # mkstemp's 0600 is for secrets
+    try:
+        yield Path(staging)
+        os.replace(staging, destination)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
 def _replace(staging: Path, destination: Path) -> None:
     """Move the old destination aside, put the new one in place, then delete the old."""
     retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
