@@ -110,7 +110,8 @@ class ChatSession:
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.chat", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Model directory or Hugging Face repo id")
+    parser.add_argument("--model", default=None,
+                        help="Model directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--max-tokens", "-m", type=int, default=256)
     parser.add_argument("--temp", type=float, default=0.0)

@@ -1,4 +1,4 @@
-"""Generate text with an FM model: `mlx_fm.generate --model PATH --prompt TEXT`.
+"""Generate text with an FM model: `mlx_fm.generate [--model PATH] --prompt TEXT`.
 
 Mirrors `mlx_lm.generate`, on top of mlx-lm's generation loop.
 """
@@ -12,7 +12,8 @@ from .cli import fail_cleanly
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Model directory or Hugging Face repo id")
+    parser.add_argument("--model", default=None,
+                        help="Model directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--prompt", "-p", default="", help="Prompt text, or - to read stdin")
     parser.add_argument("--max-tokens", "-m", type=int, default=100)
     parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")

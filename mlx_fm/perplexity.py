@@ -152,7 +152,8 @@ def plot_loss_by_position(losses, path, title: str = ""):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.perplexity", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="Model directory or Hugging Face repo id")
+    parser.add_argument("--model", default=None,
+                        help="Model directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--data", required=True,
                         help='A text file, or jsonl with {"text": ...} per line')
     parser.add_argument("--max-tokens", type=int, default=None,

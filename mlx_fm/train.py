@@ -2,7 +2,8 @@
 
 Options come from a YAML file (--config; keys are the option names with
 underscores, plus a `model:` section of SPEC hyper-parameters) and the command
-line, which wins. For data parallelism, start it with mlx's launcher:
+line, which wins. `architecture: llama` (or any mlx-lm model type) trains that
+baseline instead, its `model:` section being that type's ModelArgs. For data parallelism, start it with mlx's launcher:
 `mlx.launch --backend ring -n 2 -- python -m mlx_fm.train ...`.
 """
 
@@ -14,6 +15,8 @@ from .training.config import MODEL_KEYS, TrainConfig
 
 # (option, type, help); defaults are TrainConfig's.
 TRAIN_OPTIONS = [
+    ("architecture", str, "factorization_memory, or an mlx-lm model type (llama, mamba2, ...) "
+                          "to train a baseline; its options go in the YAML model: section"),
     ("tokenizer", str, "'bytes', a sentencepiece .model, or a Hugging Face tokenizer "
                        "directory or tokenizer.json"),
     ("vocab_size", int, "train a sentencepiece tokenizer of this size on the data"),

@@ -37,11 +37,20 @@ def get_model_classes(config: dict):
 
 
 MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+# The small model trained on public-domain books by examples/build_default_model.py.
+DEFAULT_MODEL_PATH = Path(__file__).parent / "default_model"
 
 
-def resolve_model_path(path_or_hf_repo: Union[str, Path], revision=None,
+def resolve_model_path(path_or_hf_repo: Union[str, Path, None], revision=None,
                        allow_patterns=MODEL_FILES) -> Path:
-    """A local directory, or a Hugging Face repo id downloaded to the local cache."""
+    """A local directory, a Hugging Face repo id downloaded to the local cache, or (None)
+    the bundled default model."""
+    if path_or_hf_repo is None:
+        if not DEFAULT_MODEL_PATH.is_dir():
+            raise ModelLoadError(f"the bundled default model is missing ({DEFAULT_MODEL_PATH}): "
+                                 "give a model path, or build it with "
+                                 "examples/build_default_model.py")
+        return DEFAULT_MODEL_PATH
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
         return path
@@ -66,7 +75,7 @@ def _checked_config(path: Path) -> None:
         raise ModelLoadError(f"no model*.safetensors weights in {path}")
 
 
-def load_model(path_or_hf_repo, lazy: bool = False, strict: bool = True,
+def load_model(path_or_hf_repo=None, lazy: bool = False, strict: bool = True,
                model_config: Optional[dict] = None, revision=None) -> Model:
     """The model alone (no tokenizer needed). Never runs code from the checkpoint."""
     return _load(path_or_hf_repo, lazy, strict, model_config, revision)[0]
@@ -87,10 +96,11 @@ def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=
     return model, config, path
 
 
-def load(path_or_hf_repo, tokenizer_config: Optional[dict] = None,
+def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
          lazy: bool = False, return_config: bool = False, revision=None):
-    """(model, tokenizer) from a local directory or a Hugging Face repo id."""
+    """(model, tokenizer) from a local directory, a Hugging Face repo id or (None) the bundled
+    default model."""
     model, config, path = _load(path_or_hf_repo, lazy, True, model_config, revision)
     if adapter_path is not None:
         from mlx_lm.tuner.utils import load_adapters
@@ -127,10 +137,18 @@ def write_model(directory: Path, model: Model, tokenizer=None,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """The files of `save_model`, into an existing directory."""
     write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
-    config = dataclasses.asdict(model.args) | (extra_config or {})
+    config = model_config(model.args) | (extra_config or {})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+def model_config(args) -> dict:
+    """The args as config.json holds them: unset options (None by default) left out, as
+    transformers rejects a null where it expects a number (e.g. a llama's max_position_embeddings)."""
+    unset = {f.name for f in dataclasses.fields(args) if f.default is None}
+    return {key: value for key, value in dataclasses.asdict(args).items()
+            if not (value is None and key in unset)}
 
 
 @contextlib.contextmanager

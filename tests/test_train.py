@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -106,6 +107,52 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, copy_data):
     assert checkpointed.train_loss == pytest.approx(plain.train_loss, rel=1e-5)
     expected, actual = weights(plain.model_path), weights(checkpointed.model_path)
     assert all(mx.allclose(expected[k], actual[k], atol=1e-6).item() for k in expected)
+
+
+BASELINES = {
+    "llama": dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                  num_attention_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "mamba2": dict(hidden_size=32, num_hidden_layers=2, num_heads=4, head_dim=16,
+                   intermediate_size=64, state_size=16, n_groups=1, conv_kernel=4,
+                   layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+                   tie_word_embeddings=True, time_step_limit=[0.0, math.inf],
+                   time_step_rank="auto"),
+}
+
+
+@pytest.mark.parametrize("architecture", list(BASELINES))
+def test_mlx_lm_baselines_train_resume_and_load_with_mlx_lm(tmp_path, copy_data, architecture):
+    from mlx_lm import load as mlx_lm_load
+
+    options = dict(architecture=architecture, model=BASELINES[architecture], save_every=3,
+                   learning_rate=1e-2)
+    interrupted = train(tiny_config(copy_data, tmp_path / "run", steps=3, **options))
+    resumed = train(tiny_config(copy_data, tmp_path / "run", steps=12, resume=True, **options))
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.5
+    assert interrupted.steps == 3 and resumed.steps == 12
+    model, tokenizer = mlx_lm_load(str(resumed.model_path))
+    assert model.model_type == architecture
+    assert len(generate(model, tokenizer, "abc=", max_tokens=3)) > 0
+    fresh = train(tiny_config(copy_data, tmp_path / "fresh", steps=1, learning_rate=1e-9,
+                              warmup_steps=0, **{k: v for k, v in options.items()
+                                                 if k != "learning_rate"}))
+    initial = mlx_lm_load(str(fresh.model_path))[0]
+    residual = (initial.layers[0].mlp.down_proj if architecture == "llama"
+                else initial.layers[0].mixer.out_proj).weight
+    expected_std = 0.02 / math.sqrt(2 * 2)  # the residual-stream init, scaled by depth
+    assert float(mx.std(residual)) == pytest.approx(expected_std, rel=0.15)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(architecture="no_such_model"), "unknown architecture 'no_such_model'"),
+    (dict(architecture="llama", model=dict(num_slots=4)), "unknown llama model option(s): "
+                                                          "num_slots"),
+    (dict(architecture="llama", model=dict(hidden_size=32)), "bad llama model options"),
+])
+def test_bad_architecture_options_are_one_clear_error(tmp_path, copy_data, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(tiny_config(copy_data, tmp_path / "run", **options))
 
 
 def sentencepiece_model(tmp_path, lines):

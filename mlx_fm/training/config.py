@@ -1,6 +1,7 @@
 """What a training run is: `TrainConfig`, read from YAML and command-line options."""
 
 import dataclasses
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Optional
 
 import yaml
 
-from ..models.factorization_memory import ModelArgs
+from ..models.factorization_memory import MODEL_TYPE, ModelArgs
 
 DTYPES = ("float32", "bfloat16")
 
@@ -20,7 +21,8 @@ DEFAULT_MODEL = dict(hidden_size=256, num_hidden_layers=4, expand=2, num_heads=4
                      intermediate_size=768, tie_word_embeddings=True)
 
 # What must not change when a run is resumed: the data, its order and the model.
-RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "batch_size", "dtype", "model")
+RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "batch_size", "dtype",
+                     "architecture", "model")
 
 
 @dataclass
@@ -29,7 +31,9 @@ class TrainConfig:
 
     data: list = field(default_factory=list)  # text/jsonl files or directories
     output: str = ""  # run directory: checkpoints/, model/, metrics.jsonl
-    model: dict = field(default_factory=dict)  # SPEC hyper-parameters, over DEFAULT_MODEL
+    # An mlx-lm model type (a module of mlx_lm.models), to train baselines with the same trainer.
+    architecture: str = MODEL_TYPE
+    model: dict = field(default_factory=dict)  # its ModelArgs; for FM over DEFAULT_MODEL
     tokenizer: Optional[str] = None  # "bytes", a sentencepiece .model, an HF dir or tokenizer.json
     vocab_size: Optional[int] = None  # train a sentencepiece tokenizer of this size on the data
     seq_len: int = 512
@@ -61,11 +65,13 @@ class TrainConfig:
             self.data = [str(self.data)]
         self.data = [str(path) for path in self.data]
         self.output = str(self.output)
-        unknown = set(self.model) - set(MODEL_KEYS)
+        known = model_keys(self.architecture)
+        unknown = set(self.model) - set(known)
         if unknown:
-            raise ValueError(f"unknown model option(s): {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(MODEL_KEYS)})")
-        self.model = DEFAULT_MODEL | self.model
+            raise ValueError(f"unknown {self.architecture} model option(s): "
+                             f"{', '.join(sorted(unknown))} (known: {', '.join(known)})")
+        if self.architecture == MODEL_TYPE:
+            self.model = DEFAULT_MODEL | self.model
         self._validate()
 
     def _validate(self):
@@ -105,6 +111,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def model_args_class(architecture: str):
+    """The ModelArgs dataclass of an architecture: FM's, or that of mlx_lm.models.<architecture>."""
+    if architecture == MODEL_TYPE:
+        return ModelArgs
+    if not isinstance(architecture, str) or not architecture.isidentifier():
+        raise ValueError(f"architecture must be an mlx-lm model type, got {architecture!r}")
+    try:
+        return importlib.import_module(f"mlx_lm.models.{architecture}").ModelArgs
+    except (ImportError, AttributeError):
+        raise ValueError(f"unknown architecture {architecture!r}: not an mlx-lm model type "
+                         f"(e.g. {MODEL_TYPE}, llama, mamba2)") from None
+
+
+def model_keys(architecture: str) -> tuple:
+    """The options a `model:` section of this architecture may set."""
+    return tuple(f.name for f in dataclasses.fields(model_args_class(architecture))
+                 if f.name != "model_type")
 
 
 def _require(key, value, kind, test, what):

@@ -1,4 +1,6 @@
-"""A fresh FM model and its documented initialization."""
+"""A fresh model (FM, or an mlx-lm baseline) and its documented initialization."""
+
+import importlib
 
 import math
 
@@ -6,36 +8,50 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..models.factorization_memory import FactorizationMemory, Model, ModelArgs
+from ..models.factorization_memory import MODEL_TYPE, FactorizationMemory
+from .config import model_args_class
 
 # Initial update rates η₀ of the heads: geometrically spaced over this range.
 INITIAL_UPDATE_RATES = (0.5, 0.01)
 # Layers that write into the residual stream: their init is scaled down with depth.
-RESIDUAL_OUTPUTS = ("out_proj", "down_proj")
+RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj")
 
 
-def build_model(model_options: dict, vocab_size: int, std: float, seed: int, dtype: str) -> Model:
-    """A model of `model_options` (SPEC hyper-parameters), initialized by `initialize_weights`."""
+def build_model(model_options: dict, vocab_size: int, std: float, seed: int, dtype: str,
+                architecture: str = MODEL_TYPE) -> nn.Module:
+    """A model of `model_options` (its ModelArgs), initialized by `initialize_weights`."""
     options = {"vocab_size": vocab_size} | model_options
     if options["vocab_size"] < vocab_size:
         raise ValueError(f"model vocab_size ({options['vocab_size']}) is smaller than the "
                          f"tokenizer's ({vocab_size})")
     mx.random.seed(seed)
-    model = Model(ModelArgs(**options))
+    try:
+        args = model_args_class(architecture)(model_type=architecture, **options)
+    except TypeError as error:  # a required option is missing
+        raise ValueError(f"bad {architecture} model options: {error}") from None
+    model = model_class(architecture)(args)
     initialize_weights(model, std)
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return model
 
 
-def initialize_weights(model: Model, std: float = 0.02) -> None:
+def model_class(architecture: str):
+    if architecture == MODEL_TYPE:
+        from ..models.factorization_memory import Model
+
+        return Model
+    return importlib.import_module(f"mlx_lm.models.{architecture}").Model
+
+
+def initialize_weights(model: nn.Module, std: float = 0.02) -> None:
     """Set every parameter of `model` in place, drawing from mx.random's global state.
 
     - Token embeddings, in_proj (the z, x, ρ, e, g rows alike), the MLP's gate
       and up projections and an untied lm_head: N(0, std²). The router logits ρ
       thus start near 0: routing starts almost uniform.
     - The projections that write into the residual stream (mixer.out_proj,
-      mlp.down_proj): N(0, (std / √(2·L))²) for L layers, as in GPT-2, so the
+      mlp.down_proj; a baseline's o_proj, out_proj and down_proj): N(0, (std / √(2·L))²) for L layers, as in GPT-2, so the
       residual stream's variance does not grow with depth.
     - conv1d: weight U(−1/√K, 1/√K) (PyTorch's default for a depthwise conv,
       fan-in K), bias 0.
@@ -45,6 +61,7 @@ def initialize_weights(model: Model, std: float = 0.02) -> None:
     - mu_bias: 0, so μ starts at ½: the memory read and the direct path mixed
       equally.
     - RMSNorm weights: 1.
+    - A baseline's own parameters (Mamba-2's A_log, D, dt_bias): mlx-lm's defaults.
     """
     residual_std = std / math.sqrt(2 * model.args.num_hidden_layers)
     for name, module in model.named_modules():

@@ -16,6 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from ..models.factorization_memory import MODEL_TYPE
 
 from ..utils import load_model, save_model
 from . import checkpoint as ckpt
@@ -101,10 +104,11 @@ def tokenizer_and_data(config: TrainConfig, resume_from: Optional[Path], group):
 def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optional[Path]):
     """A fresh model, optimizer and TrainerState, or those of the checkpoint (RNG included)."""
     if resume_from is None:
-        model = build_model(config.model, vocab_size, config.init_std, config.seed, config.dtype)
+        model = build_model(config.model, vocab_size, config.init_std, config.seed, config.dtype,
+                            config.architecture)
         state = ckpt.TrainerState(rng_key=ckpt.rng_key())
     else:
-        model = load_model(resume_from)
+        model = load_trained_model(resume_from, config.architecture)
         state, _ = ckpt.read_trainer_state(resume_from)
     optimizer = build_optimizer(config)
     optimizer.init(model.trainable_parameters())  # from the weights: their dtype sets the state's
@@ -112,6 +116,12 @@ def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optio
         ckpt.restore_optimizer(optimizer, resume_from)
         ckpt.restore_rng(state.rng_key)
     return model, optimizer, state
+
+
+def load_trained_model(path: Path, architecture: str):
+    if architecture == MODEL_TYPE:
+        return load_model(path)
+    return mlx_lm_load_model(path)[0]
 
 
 def prepare_output(output: Path) -> None:

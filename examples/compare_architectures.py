@@ -1,0 +1,217 @@
+"""The paper's comparison at small scale: FM dense, FM sparse, Llama and Mamba-2, trained alike.
+
+    python examples/compare_architectures.py OUT_DIR [--books DIR] [--steps 250] [--only NAME ...]
+
+1. The books of examples/fetch_books.py (fetched into --books if missing). Jane Austen's
+   *Persuasion* is held out for the long-context evaluation; the models train on the rest.
+2. One 4K-token sentencepiece BPE vocabulary, trained on the training books, for every model.
+3. Four models of about the same parameter count (Llama's MLP width and Mamba-2's depth are
+   chosen to match FM's), each trained by mlx_fm.train with the same data, order, sequence
+   length (SEQ_LEN), batch, steps and learning-rate schedule: the same token budget.
+4. Each model reads *Persuasion* in windows of 16 × SEQ_LEN tokens, each from an empty state;
+   the per-position losses, averaged over windows, give the loss so far at 1×, 4× and 16× the
+   training length. The table (results.md, results.json) and the plot (loss_by_position.png)
+   go to OUT_DIR.
+
+A model whose OUT_DIR/NAME/model exists is not trained again, so an interrupted run resumes
+with the next model, and `--only` lets two processes train different models at once.
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm import load
+
+from mlx_fm.perplexity import running_mean, text_tokens, token_losses
+from mlx_fm.training import build_config, build_model, train
+from mlx_fm.training.data import read_documents
+from mlx_fm.training.tokenization import train_sentencepiece
+from mlx_fm.utils import written_file_atomically
+
+HERE = Path(__file__).parent
+HELD_OUT = "austen_persuasion.txt"
+SEQ_LEN = 256
+EXTRAPOLATION = (1, 4, 16)  # evaluation lengths, in training lengths
+VOCAB_SIZE = 4096
+HIDDEN = 192
+LAYERS = 4
+FM_MLP = 512
+
+FM = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, expand=2, num_heads=4, num_slots=32,
+          intermediate_size=FM_MLP, conv_kernel=4, tie_word_embeddings=True)
+LLAMA = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=3,
+             num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True,
+             max_position_embeddings=SEQ_LEN)
+MAMBA2 = dict(hidden_size=HIDDEN, num_heads=6, head_dim=64, intermediate_size=2 * HIDDEN,
+              state_size=64, n_groups=1, conv_kernel=4, layer_norm_epsilon=1e-5, use_bias=False,
+              use_conv_bias=True, tie_word_embeddings=True, time_step_limit=[0.0, math.inf],
+              time_step_rank="auto")
+# name → (architecture, model options; the sized-to-match option is added by matched_models)
+MODELS = {
+    "fm_dense": ("factorization_memory", FM | dict(top_k=32)),
+    "fm_sparse": ("factorization_memory", FM | dict(top_k=8)),
+    "llama": ("llama", LLAMA),
+    "mamba2": ("mamba2", MAMBA2),
+}
+LABELS = {"fm_dense": "FM dense (k = m = 32)", "fm_sparse": "FM sparse (k = m/4 = 8)",
+          "llama": "Llama (RoPE attention)", "mamba2": "Mamba-2"}
+TRAINING = dict(seq_len=SEQ_LEN, batch_size=16, learning_rate=2e-3, warmup_steps=25,
+                weight_decay=0.1, val_fraction=0.02, val_batches=16, log_every=10, seed=0)
+
+
+def parameter_count(architecture, options) -> int:
+    model = build_model(options, VOCAB_SIZE, 0.02, 0, "float32", architecture)
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+def closest(architecture, options, key, candidates, target):
+    return min(candidates, key=lambda v: abs(parameter_count(architecture, options | {key: v})
+                                             - target))
+
+
+def matched_models() -> dict:
+    """MODELS with Llama's MLP width and Mamba-2's depth set to match FM's parameter count."""
+    target = parameter_count(*MODELS["fm_sparse"])
+    models = dict(MODELS)
+    arch, options = models["llama"]
+    width = closest(arch, options | {"intermediate_size": 64}, "intermediate_size",
+                    range(64, 4 * HIDDEN * 4, 32), target)
+    models["llama"] = (arch, options | {"intermediate_size": width})
+    arch, options = models["mamba2"]
+    depth = closest(arch, options | {"num_hidden_layers": 1}, "num_hidden_layers",
+                    range(1, 4 * LAYERS), target)
+    models["mamba2"] = (arch, options | {"num_hidden_layers": depth})
+    return models
+
+
+def books(directory: Path) -> Path:
+    if not (directory / HELD_OUT).is_file():
+        subprocess.run([sys.executable, str(HERE / "fetch_books.py"), str(directory)], check=True)
+    return directory
+
+
+def train_tokenizer(training_files, path: Path) -> Path:
+    if not path.is_file():
+        model = train_sentencepiece(read_documents(training_files), VOCAB_SIZE, seed=0)
+        with written_file_atomically(path) as staging:
+            staging.write_bytes(model)
+    return path
+
+
+def train_model(name, architecture, options, training_files, tokenizer, output: Path, steps):
+    run = output / name
+    if (run / "model").is_dir():
+        return
+    config = build_config(None, data=[str(f) for f in training_files], output=str(run),
+                          architecture=architecture, model=options, tokenizer=str(tokenizer),
+                          steps=steps, val_every=max(steps // 5, 1), save_every=50,
+                          resume=(run / "checkpoints").is_dir(), **TRAINING)
+    print(f"== {name}: {architecture} {options}", flush=True)
+    train(config)
+
+
+def position_losses(model_dir: Path, text: Path) -> np.ndarray:
+    """Per window (row), the loss at positions 1 .. 16·SEQ_LEN of the text's disjoint windows."""
+    model, tokenizer = load(str(model_dir))
+    tokens = text_tokens(read_documents([text]), tokenizer)
+    length = EXTRAPOLATION[-1] * SEQ_LEN + 1
+    starts = range(0, len(tokens) - length + 1, length)
+    return np.stack([token_losses(model, tokens[s:s + length], segment=length) for s in starts])
+
+
+def final_val_loss(run: Path) -> float:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in records if "val_loss" in r][-1]
+
+
+def evaluate(models: dict, output: Path, text: Path) -> dict:
+    results = {}
+    for name, (architecture, options) in models.items():
+        losses = position_losses(output / name / "model", text)
+        per_window = np.cumsum(losses, axis=1) / np.arange(1, losses.shape[1] + 1)
+        at = {f"{m}x": float(running_mean(losses.mean(0))[m * SEQ_LEN - 1]) for m in EXTRAPOLATION}
+        spread = {f"{m}x": float(per_window[:, m * SEQ_LEN - 1].std(ddof=1)
+                                 / math.sqrt(len(losses))) for m in EXTRAPOLATION}
+        results[name] = dict(architecture=architecture, options=options,
+                             parameters=parameter_count(architecture, options),
+                             val_loss=final_val_loss(output / name), loss_so_far=at,
+                             standard_error=spread, windows=len(losses),
+                             curve=losses.mean(0).tolist())
+        print(f"{name}: {results[name]['loss_so_far']}", flush=True)
+    return results
+
+
+def markdown_table(results: dict, steps: int) -> str:
+    tokens = steps * TRAINING["batch_size"] * SEQ_LEN
+    head = (f"| model | parameters | val loss @ {SEQ_LEN} | "
+            + " | ".join(f"loss so far @ {m * SEQ_LEN} ({m}×)" for m in EXTRAPOLATION) + " |")
+    lines = [head, "|" + "---|" * (3 + len(EXTRAPOLATION))]
+    for name, r in results.items():
+        cells = [f"{r['loss_so_far'][f'{m}x']:.3f} ± {r['standard_error'][f'{m}x']:.3f}"
+                 for m in EXTRAPOLATION]
+        lines.append(f"| {LABELS[name]} | {r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
+                     + " | ".join(cells) + " |")
+    windows = next(iter(results.values()))["windows"]
+    lines.append(f"\n{tokens / 1e6:.2f}M training tokens each; losses in nats per token; "
+                 f"± is the standard error over the {windows} held-out windows of *Persuasion*.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, r in results.items():
+        curve = np.array(r["curve"])
+        axes.plot(np.arange(1, len(curve) + 1), running_mean(curve), label=LABELS[name])
+    for m in EXTRAPOLATION:
+        axes.axvline(m * SEQ_LEN, color="grey", linestyle=":", linewidth=1)
+    axes.set(xscale="log", xlabel="token position", ylabel="loss so far (nats)",
+             title=f"Held-out Persuasion; trained at {SEQ_LEN} tokens")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    with written_file_atomically(path) as staging:
+        figure.savefig(staging, format="png", dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--books", type=Path, default=Path("books"))
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--only", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--train-only", action="store_true", help="skip the evaluation")
+    args = parser.parse_args()
+    directory = books(args.books)
+    training_files = sorted(p for p in directory.glob("*.txt") if p.name != HELD_OUT)
+    args.output.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(training_files, args.output / "tokenizer.model")
+    models = {name: spec for name, spec in matched_models().items() if name in args.only}
+    for name, (architecture, options) in models.items():
+        train_model(name, architecture, options, training_files, tokenizer, args.output,
+                    args.steps)
+    if args.train_only:
+        return
+    mx.random.seed(0)
+    results = evaluate(models, args.output, directory / HELD_OUT)
+    table = markdown_table(results, args.steps)
+    print(table)
+    (args.output / "results.md").write_text(table + "\n")
+    (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.output / "loss_by_position.png")
+
+
+if __name__ == "__main__":
+    main()
