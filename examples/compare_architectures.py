@@ -1,6 +1,7 @@
 """The paper's comparison at small scale: FM dense, FM sparse, Llama and Mamba-2, trained alike.
 
     python examples/compare_architectures.py OUT_DIR [--books DIR] [--steps 250] [--only NAME ...]
+                                             [--seeds 0 1]
 
 1. The books of examples/fetch_books.py (fetched into --books if missing). Jane Austen's
    *Persuasion* is held out for the long-context evaluation; the models train on the rest.
@@ -10,11 +11,14 @@
    length (SEQ_LEN), batch, steps and learning-rate schedule: the same token budget.
 4. Each model reads *Persuasion* in windows of 16 × SEQ_LEN tokens, each from an empty state;
    the per-position losses, averaged over windows, give the loss so far at 1×, 4× and 16× the
-   training length. The table (results.md, results.json) and the plot (loss_by_position.png)
+   training length, and the mean loss at positions past 4× (where only extrapolation helps).
+   The table (results.md, results.json) and the plot (loss_by_position.png)
    go to OUT_DIR.
 
-A model whose OUT_DIR/NAME/model exists is not trained again, so an interrupted run resumes
-with the next model, and `--only` lets two processes train different models at once.
+A model whose OUT_DIR/RUN/model exists is not trained again, so an interrupted run resumes
+with the next model, and `--only` lets two processes train different models at once. Each
+seed in --seeds (initialization and data order) is a separate run, RUN = NAME for seed 0 and
+NAME-seedN otherwise: their spread is the run-to-run noise.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm import load
+from transformers.utils import logging as transformers_logging
 
 from mlx_fm.perplexity import running_mean, text_tokens, token_losses
 from mlx_fm.training import build_config, build_model, train
@@ -64,7 +69,7 @@ MODELS = {
 }
 LABELS = {"fm_dense": "FM dense (k = m = 32)", "fm_sparse": "FM sparse (k = m/4 = 8)",
           "llama": "Llama (RoPE attention)", "mamba2": "Mamba-2"}
-TRAINING = dict(seq_len=SEQ_LEN, batch_size=16, learning_rate=2e-3, warmup_steps=25,
+TRAINING = dict(seq_len=SEQ_LEN, batch_size=16, learning_rate=2e-3,
                 weight_decay=0.1, val_fraction=0.02, val_batches=16, log_every=10, seed=0)
 
 
@@ -73,23 +78,21 @@ def parameter_count(architecture, options) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-def closest(architecture, options, key, candidates, target):
-    return min(candidates, key=lambda v: abs(parameter_count(architecture, options | {key: v})
-                                             - target))
+def matching_value(architecture, options, key, step, target):
+    """The multiple of `step` for options[key] that brings the parameter count closest to
+    `target` (the count is linear in a width or a depth)."""
+    low, high = (parameter_count(architecture, options | {key: v}) for v in (step, 2 * step))
+    return max(step, step * round((target - low) / (high - low) + 1))
 
 
 def matched_models() -> dict:
     """MODELS with Llama's MLP width and Mamba-2's depth set to match FM's parameter count."""
     target = parameter_count(*MODELS["fm_sparse"])
     models = dict(MODELS)
-    arch, options = models["llama"]
-    width = closest(arch, options | {"intermediate_size": 64}, "intermediate_size",
-                    range(64, 4 * HIDDEN * 4, 32), target)
-    models["llama"] = (arch, options | {"intermediate_size": width})
-    arch, options = models["mamba2"]
-    depth = closest(arch, options | {"num_hidden_layers": 1}, "num_hidden_layers",
-                    range(1, 4 * LAYERS), target)
-    models["mamba2"] = (arch, options | {"num_hidden_layers": depth})
+    for name, key, step in (("llama", "intermediate_size", 32), ("mamba2", "num_hidden_layers", 1)):
+        architecture, options = models[name]
+        value = matching_value(architecture, options, key, step, target)
+        models[name] = (architecture, options | {key: value})
     return models
 
 
@@ -107,15 +110,19 @@ def train_tokenizer(training_files, path: Path) -> Path:
     return path
 
 
-def train_model(name, architecture, options, training_files, tokenizer, output: Path, steps):
-    run = output / name
+def run_name(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def train_model(run: Path, architecture, options, seed, training_files, tokenizer, steps):
     if (run / "model").is_dir():
         return
     config = build_config(None, data=[str(f) for f in training_files], output=str(run),
                           architecture=architecture, model=options, tokenizer=str(tokenizer),
-                          steps=steps, val_every=max(steps // 5, 1), save_every=50,
-                          resume=(run / "checkpoints").is_dir(), **TRAINING)
-    print(f"== {name}: {architecture} {options}", flush=True)
+                          steps=steps, warmup_steps=steps // 10, val_every=max(steps // 5, 1),
+                          save_every=50,
+                          resume=(run / "checkpoints").is_dir(), **(TRAINING | {"seed": seed}))
+    print(f"== {run.name}: {architecture} {options}", flush=True)
     train(config)
 
 
@@ -133,33 +140,53 @@ def final_val_loss(run: Path) -> float:
     return [r["val_loss"] for r in records if "val_loss" in r][-1]
 
 
-def evaluate(models: dict, output: Path, text: Path) -> dict:
+def trained_runs(output: Path) -> dict:
+    """{run: (name, architecture, options)} of every finished run in `output`, whatever --only
+    and --seeds say, by model then seed."""
+    runs = {}
+    for name, (architecture, options) in matched_models().items():
+        found = [p.parent.name for p in output.glob(f"{name}*/model")
+                 if p.parent.name == name or p.parent.name.startswith(f"{name}-seed")]
+        for run in sorted(found, key=lambda r: (r != name, r)):
+            runs[run] = (name, architecture, options)
+    return runs
+
+
+def evaluate(runs: dict, output: Path, text: Path) -> dict:
+    """{run: figures} of the runs ({run: (name, architecture, options)})."""
     results = {}
-    for name, (architecture, options) in models.items():
-        losses = position_losses(output / name / "model", text)
+    for run, (name, architecture, options) in runs.items():
+        losses = position_losses(output / run / "model", text)
         per_window = np.cumsum(losses, axis=1) / np.arange(1, losses.shape[1] + 1)
         at = {f"{m}x": float(running_mean(losses.mean(0))[m * SEQ_LEN - 1]) for m in EXTRAPOLATION}
         spread = {f"{m}x": float(per_window[:, m * SEQ_LEN - 1].std(ddof=1)
                                  / math.sqrt(len(losses))) for m in EXTRAPOLATION}
-        results[name] = dict(architecture=architecture, options=options,
-                             parameters=parameter_count(architecture, options),
-                             val_loss=final_val_loss(output / name), loss_so_far=at,
-                             standard_error=spread, windows=len(losses),
-                             curve=losses.mean(0).tolist())
-        print(f"{name}: {results[name]['loss_so_far']}", flush=True)
+        label = LABELS[name] + ("" if run == name else f", seed {run.split('seed')[-1]}")
+        far = losses[:, EXTRAPOLATION[-2] * SEQ_LEN:].mean(1)  # positions past 4×, up to 16×
+        results[run] = dict(label=label, architecture=architecture, options=options,
+                            parameters=parameter_count(architecture, options),
+                            val_loss=final_val_loss(output / run), loss_so_far=at,
+                            standard_error=spread, windows=len(losses),
+                            far_loss=float(far.mean()),
+                            far_standard_error=float(far.std(ddof=1) / math.sqrt(len(far))),
+                            curve=losses.mean(0).tolist())
+        print(f"{run}: {results[run]['loss_so_far']}", flush=True)
     return results
 
 
 def markdown_table(results: dict, steps: int) -> str:
     tokens = steps * TRAINING["batch_size"] * SEQ_LEN
+    far = f"{EXTRAPOLATION[-2] * SEQ_LEN + 1}–{EXTRAPOLATION[-1] * SEQ_LEN}"
     head = (f"| model | parameters | val loss @ {SEQ_LEN} | "
-            + " | ".join(f"loss so far @ {m * SEQ_LEN} ({m}×)" for m in EXTRAPOLATION) + " |")
-    lines = [head, "|" + "---|" * (3 + len(EXTRAPOLATION))]
-    for name, r in results.items():
+            + " | ".join(f"loss so far @ {m * SEQ_LEN} ({m}×)" for m in EXTRAPOLATION)
+            + f" | mean loss at positions {far} |")
+    lines = [head, "|" + "---|" * (4 + len(EXTRAPOLATION))]
+    for r in results.values():
         cells = [f"{r['loss_so_far'][f'{m}x']:.3f} ± {r['standard_error'][f'{m}x']:.3f}"
                  for m in EXTRAPOLATION]
-        lines.append(f"| {LABELS[name]} | {r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {r['label']} | {r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
+                     + " | ".join(cells)
+                     + f" | {r['far_loss']:.3f} ± {r['far_standard_error']:.3f} |")
     windows = next(iter(results.values()))["windows"]
     lines.append(f"\n{tokens / 1e6:.2f}M training tokens each; losses in nats per token; "
                  f"± is the standard error over the {windows} held-out windows of *Persuasion*.")
@@ -173,9 +200,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for name, r in results.items():
+    for r in results.values():
         curve = np.array(r["curve"])
-        axes.plot(np.arange(1, len(curve) + 1), running_mean(curve), label=LABELS[name])
+        axes.plot(np.arange(1, len(curve) + 1), running_mean(curve), label=r["label"])
     for m in EXTRAPOLATION:
         axes.axvline(m * SEQ_LEN, color="grey", linestyle=":", linewidth=1)
     axes.set(xscale="log", xlabel="token position", ylabel="loss so far (nats)",
@@ -192,20 +219,23 @@ def main():
     parser.add_argument("--books", type=Path, default=Path("books"))
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--only", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-only", action="store_true", help="skip the evaluation")
     args = parser.parse_args()
+    transformers_logging.set_verbosity_error()  # it warns that it does not know model_type
     directory = books(args.books)
     training_files = sorted(p for p in directory.glob("*.txt") if p.name != HELD_OUT)
     args.output.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(training_files, args.output / "tokenizer.model")
-    models = {name: spec for name, spec in matched_models().items() if name in args.only}
-    for name, (architecture, options) in models.items():
-        train_model(name, architecture, options, training_files, tokenizer, args.output,
+    runs = {run_name(name, seed): (name, architecture, options, seed)
+            for name, (architecture, options) in matched_models().items() if name in args.only
+            for seed in args.seeds}
+    for run, (_, architecture, options, seed) in runs.items():
+        train_model(args.output / run, architecture, options, seed, training_files, tokenizer,
                     args.steps)
     if args.train_only:
         return
-    mx.random.seed(0)
-    results = evaluate(models, args.output, directory / HELD_OUT)
+    results = evaluate(trained_runs(args.output), args.output, directory / HELD_OUT)
     table = markdown_table(results, args.steps)
     print(table)
     (args.output / "results.md").write_text(table + "\n")
