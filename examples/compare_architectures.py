@@ -18,7 +18,8 @@
 A model whose OUT_DIR/RUN/model exists is not trained again, so an interrupted run resumes
 with the next model, and `--only` lets two processes train different models at once. Each
 seed in --seeds (initialization and data order) is a separate run, RUN = NAME for seed 0 and
-NAME-seedN otherwise: their spread is the run-to-run noise.
+NAME-seedN otherwise: their spread is the run-to-run noise. A run's evaluation is kept in
+OUT_DIR/RUN/position_losses.npy.
 """
 
 import argparse
@@ -135,6 +136,15 @@ def position_losses(model_dir: Path, text: Path) -> np.ndarray:
     return np.stack([token_losses(model, tokens[s:s + length], segment=length) for s in starts])
 
 
+def cached_position_losses(run: Path, text: Path) -> np.ndarray:
+    """position_losses of the run's model, kept in RUN/position_losses.npy once computed."""
+    cache = run / "position_losses.npy"
+    if not cache.is_file():
+        with written_file_atomically(cache, suffix=".npy") as staging:
+            np.save(staging, position_losses(run / "model", text))
+    return np.load(cache)
+
+
 def final_val_loss(run: Path) -> float:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [r["val_loss"] for r in records if "val_loss" in r][-1]
@@ -156,7 +166,7 @@ def evaluate(runs: dict, output: Path, text: Path) -> dict:
     """{run: figures} of the runs ({run: (name, architecture, options)})."""
     results = {}
     for run, (name, architecture, options) in runs.items():
-        losses = position_losses(output / run / "model", text)
+        losses = cached_position_losses(output / run, text)
         per_window = np.cumsum(losses, axis=1) / np.arange(1, losses.shape[1] + 1)
         at = {f"{m}x": float(running_mean(losses.mean(0))[m * SEQ_LEN - 1]) for m in EXTRAPOLATION}
         spread = {f"{m}x": float(per_window[:, m * SEQ_LEN - 1].std(ddof=1)
