@@ -177,11 +177,22 @@ def evaluate(runs: dict, output: Path, text: Path) -> dict:
                             parameters=parameter_count(architecture, options),
                             val_loss=final_val_loss(output / run), loss_so_far=at,
                             standard_error=spread, windows=len(losses),
-                            far_loss=float(far.mean()),
+                            far_loss=float(far.mean()), far_per_window=far.tolist(),
                             far_standard_error=float(far.std(ddof=1) / math.sqrt(len(far))),
                             curve=losses.mean(0).tolist())
         print(f"{run}: {results[run]['loss_so_far']}", flush=True)
     return results
+
+
+def paired_difference(losses, reference) -> str:
+    """Mean difference over the same windows ± its standard error; '' without a reference."""
+    if reference is None:
+        return ""
+    difference = losses - reference
+    if np.all(difference == 0):
+        return "0"
+    return (f"{difference.mean():+.3f} ± "
+            f"{difference.std(ddof=1) / math.sqrt(len(difference)):.3f}")
 
 
 def markdown_table(results: dict, steps: int) -> str:
@@ -189,17 +200,21 @@ def markdown_table(results: dict, steps: int) -> str:
     far = f"{EXTRAPOLATION[-2] * SEQ_LEN + 1}–{EXTRAPOLATION[-1] * SEQ_LEN}"
     head = (f"| model | parameters | val loss @ {SEQ_LEN} | "
             + " | ".join(f"loss so far @ {m * SEQ_LEN} ({m}×)" for m in EXTRAPOLATION)
-            + f" | mean loss at positions {far} |")
-    lines = [head, "|" + "---|" * (4 + len(EXTRAPOLATION))]
+            + f" | mean loss at positions {far} | same, minus FM sparse's (paired) |")
+    lines = [head, "|" + "---|" * (5 + len(EXTRAPOLATION))]
+    reference = np.array(results["fm_sparse"]["far_per_window"]) if "fm_sparse" in results else None
     for r in results.values():
         cells = [f"{r['loss_so_far'][f'{m}x']:.3f} ± {r['standard_error'][f'{m}x']:.3f}"
                  for m in EXTRAPOLATION]
         lines.append(f"| {r['label']} | {r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
                      + " | ".join(cells)
-                     + f" | {r['far_loss']:.3f} ± {r['far_standard_error']:.3f} |")
+                     + f" | {r['far_loss']:.3f} ± {r['far_standard_error']:.3f} | "
+                     + paired_difference(np.array(r["far_per_window"]), reference) + " |")
     windows = next(iter(results.values()))["windows"]
     lines.append(f"\n{tokens / 1e6:.2f}M training tokens each; losses in nats per token; "
-                 f"± is the standard error over the {windows} held-out windows of *Persuasion*.")
+                 f"± is the standard error over the {windows} held-out windows of *Persuasion*; "
+                 "differences are taken window by window, which cancels the windows' own "
+                 "difficulty.")
     return "\n".join(lines)
 
 
