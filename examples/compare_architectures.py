@@ -150,29 +150,31 @@ def final_val_loss(run: Path) -> float:
 
 
 def trained_runs(output: Path) -> dict:
-    """{run: (name, architecture, options)} of every finished run in `output`, whatever --only
-    and --seeds say, by model then seed."""
-    runs = {}
+    """{run: (name, seed, architecture, options)} of every finished run in `output`, whatever
+    --only and --seeds say, by seed then model."""
+    runs = []
     for name, (architecture, options) in matched_models().items():
-        found = [p.parent.name for p in output.glob(f"{name}*/model")
-                 if p.parent.name == name or p.parent.name.startswith(f"{name}-seed")]
-        for run in sorted(found, key=lambda r: (r != name, r)):
-            runs[run] = (name, architecture, options)
-    return runs
+        for path in output.glob(f"{name}*/model"):
+            run = path.parent.name
+            seed = 0 if run == name else run.removeprefix(f"{name}-seed")
+            if str(seed).isdigit():
+                runs.append((int(seed), run, name, architecture, options))
+    return {run: (name, seed, architecture, options)
+            for seed, run, name, architecture, options in sorted(runs, key=lambda r: r[0])}
 
 
 def evaluate(runs: dict, output: Path, text: Path) -> dict:
-    """{run: figures} of the runs ({run: (name, architecture, options)})."""
+    """{run: figures} of the runs ({run: (name, seed, architecture, options)})."""
     results = {}
-    for run, (name, architecture, options) in runs.items():
+    for run, (name, seed, architecture, options) in runs.items():
         losses = cached_position_losses(output / run, text)
         per_window = np.cumsum(losses, axis=1) / np.arange(1, losses.shape[1] + 1)
         at = {f"{m}x": float(running_mean(losses.mean(0))[m * SEQ_LEN - 1]) for m in EXTRAPOLATION}
         spread = {f"{m}x": float(per_window[:, m * SEQ_LEN - 1].std(ddof=1)
                                  / math.sqrt(len(losses))) for m in EXTRAPOLATION}
-        label = LABELS[name] + ("" if run == name else f", seed {run.split('seed')[-1]}")
+        label = LABELS[name] + ("" if seed == 0 else f", seed {seed}")
         far = losses[:, EXTRAPOLATION[-2] * SEQ_LEN:].mean(1)  # positions past 4×, up to 16×
-        results[run] = dict(label=label, architecture=architecture, options=options,
+        results[run] = dict(label=label, seed=seed, architecture=architecture, options=options,
                             parameters=model_size(architecture, options),
                             val_loss=final_val_loss(output / run), loss_so_far=at,
                             standard_error=spread, windows=len(losses),
@@ -201,8 +203,9 @@ def markdown_table(results: dict, steps: int) -> str:
             + " | ".join(f"loss so far @ {m * SEQ_LEN} ({m}×)" for m in EXTRAPOLATION)
             + f" | mean loss at positions {far} | same, minus FM sparse's (paired) |")
     lines = [head, "|" + "---|" * (5 + len(EXTRAPOLATION))]
-    reference = np.array(results["fm_sparse"]["far_per_window"]) if "fm_sparse" in results else None
     for r in results.values():
+        sparse = results.get(run_name("fm_sparse", r["seed"]))
+        reference = None if sparse is None else np.array(sparse["far_per_window"])
         cells = [f"{r['loss_so_far'][f'{m}x']:.3f} ± {r['standard_error'][f'{m}x']:.3f}"
                  for m in EXTRAPOLATION]
         lines.append(f"| {r['label']} | {r['parameters'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
@@ -212,8 +215,8 @@ def markdown_table(results: dict, steps: int) -> str:
     windows = next(iter(results.values()))["windows"]
     lines.append(f"\n{tokens / 1e6:.2f}M training tokens each; losses in nats per token; "
                  f"± is the standard error over the {windows} held-out windows of *Persuasion*; "
-                 "differences are taken window by window, which cancels the windows' own "
-                 "difficulty.")
+                 "differences are taken window by window against FM sparse of the same seed, "
+                 "which cancels the windows' own difficulty.")
     return "\n".join(lines)
 
 
