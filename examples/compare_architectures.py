@@ -220,6 +220,30 @@ def markdown_table(results: dict, steps: int) -> str:
     return "\n".join(lines)
 
 
+def seed_spread(results: dict) -> str:
+    """Per model run with two seeds or more: the mean and the standard deviation across seeds
+    of the validation loss, of the far loss and of its paired difference from FM sparse."""
+    by_model = {}
+    for r in results.values():
+        sparse = results.get(run_name("fm_sparse", r["seed"]))
+        difference = None if sparse is None else r["far_loss"] - sparse["far_loss"]
+        by_model.setdefault(r["label"].split(", seed")[0], []).append(
+            (r["val_loss"], r["far_loss"], difference))
+    lines = []
+    for label, rows in by_model.items():
+        if len(rows) < 2:
+            continue
+        columns = [np.array([v for v in column if v is not None]) for column in zip(*rows)]
+        cells = [f"{c.mean():{sign}.3f} ± {c.std(ddof=1):.3f}" if len(c) > 1 else "–"
+                 for c, sign in zip(columns, ("", "", "+"))]
+        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return ("\n\n| model | seeds | val loss | mean loss past 4× | minus FM sparse's |\n"
+            "|---|---|---|---|---|\n" + "\n".join(lines)
+            + "\n\nAcross seeds (initialization and data order): mean ± standard deviation.")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -263,7 +287,7 @@ def main():
     if args.train_only:
         return
     results = evaluate(trained_runs(args.output), args.output, directory / HELD_OUT)
-    table = markdown_table(results, args.steps)
+    table = markdown_table(results, args.steps) + seed_spread(results)
     print(table)
     (args.output / "results.md").write_text(table + "\n")
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
