@@ -114,6 +114,13 @@ def run_name(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
+def run_seed(run: str, name: str):
+    """The seed of run directory `run` of model `name` (run_name's inverse); None if it is
+    another model's."""
+    suffix = run.removeprefix(f"{name}-seed")
+    return 0 if run == name else int(suffix) if suffix.isdigit() else None
+
+
 def train_model(run: Path, architecture, options, seed, training_files, tokenizer, steps):
     if (run / "model").is_dir():
         return
@@ -156,9 +163,9 @@ def trained_runs(output: Path) -> dict:
     for name, (architecture, options) in matched_models().items():
         for path in output.glob(f"{name}*/model"):
             run = path.parent.name
-            seed = 0 if run == name else run.removeprefix(f"{name}-seed")
-            if str(seed).isdigit():
-                runs.append((int(seed), run, name, architecture, options))
+            seed = run_seed(run, name)
+            if seed is not None:
+                runs.append((seed, run, name, architecture, options))
     return {run: (name, seed, architecture, options)
             for seed, run, name, architecture, options in sorted(runs, key=lambda r: r[0])}
 
@@ -174,7 +181,8 @@ def evaluate(runs: dict, output: Path, text: Path) -> dict:
                                  / math.sqrt(len(losses))) for m in EXTRAPOLATION}
         label = LABELS[name] + ("" if seed == 0 else f", seed {seed}")
         far = losses[:, EXTRAPOLATION[-2] * SEQ_LEN:].mean(1)  # positions past 4×, up to 16×
-        results[run] = dict(label=label, seed=seed, architecture=architecture, options=options,
+        results[run] = dict(name=name, label=label, seed=seed, architecture=architecture,
+                            options=options,
                             parameters=model_size(architecture, options),
                             val_loss=final_val_loss(output / run), loss_so_far=at,
                             standard_error=spread, windows=len(losses),
@@ -183,6 +191,11 @@ def evaluate(runs: dict, output: Path, text: Path) -> dict:
                             curve=losses.mean(0).tolist())
         print(f"{run}: {results[run]['loss_so_far']}", flush=True)
     return results
+
+
+def fm_sparse_of(results: dict, result: dict):
+    """The result of FM sparse with the same seed as `result`; None if there is none."""
+    return results.get(run_name("fm_sparse", result["seed"]))
 
 
 def paired_difference(losses, reference) -> str:
@@ -204,7 +217,7 @@ def markdown_table(results: dict, steps: int) -> str:
             + f" | mean loss at positions {far} | same, minus FM sparse's (paired) |")
     lines = [head, "|" + "---|" * (5 + len(EXTRAPOLATION))]
     for r in results.values():
-        sparse = results.get(run_name("fm_sparse", r["seed"]))
+        sparse = fm_sparse_of(results, r)
         reference = None if sparse is None else np.array(sparse["far_per_window"])
         cells = [f"{r['loss_so_far'][f'{m}x']:.3f} ± {r['standard_error'][f'{m}x']:.3f}"
                  for m in EXTRAPOLATION]
@@ -225,18 +238,17 @@ def seed_spread(results: dict) -> str:
     of the validation loss, of the far loss and of its paired difference from FM sparse."""
     by_model = {}
     for r in results.values():
-        sparse = results.get(run_name("fm_sparse", r["seed"]))
+        sparse = fm_sparse_of(results, r)
         difference = None if sparse is None else r["far_loss"] - sparse["far_loss"]
-        by_model.setdefault(r["label"].split(", seed")[0], []).append(
-            (r["val_loss"], r["far_loss"], difference))
+        by_model.setdefault(r["name"], []).append((r["val_loss"], r["far_loss"], difference))
     lines = []
-    for label, rows in by_model.items():
+    for name, rows in by_model.items():
         if len(rows) < 2:
             continue
         columns = [np.array([v for v in column if v is not None]) for column in zip(*rows)]
         cells = [f"{c.mean():{sign}.3f} ± {c.std(ddof=1):.3f}" if len(c) > 1 else "–"
                  for c, sign in zip(columns, ("", "", "+"))]
-        lines.append(f"| {label} | {len(rows)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[name]} | {len(rows)} | " + " | ".join(cells) + " |")
     if not lines:
         return ""
     return ("\n\n| model | seeds | val loss | mean loss past 4× | minus FM sparse's |\n"
