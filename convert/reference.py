@@ -1,4 +1,4 @@
-"""PyTorch reference of the Factorization Memory language model (SPEC.md).
+"""PyTorch reference of the Factorization Memory language model (docs/SPEC.md).
 
 The contract that PyTorch-trained FM checkpoints follow: SPEC's parameter names
 and Hugging Face layout (config.json plus safetensors or .bin weights). It runs

@@ -1,4 +1,4 @@
-// FM decode step: route, gate, write the selected slots, read, merge (SPEC.md).
+// FM decode step: route, gate, write the selected slots, read, merge (docs/SPEC.md).
 //
 // One threadgroup per (batch, head), laid out as COLUMNS value columns by
 // ROW_GROUPS slot groups. Template: M slots, K top-k (K == M is dense),

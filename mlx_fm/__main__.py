@@ -3,14 +3,16 @@
 from . import __version__
 from .blas import blas_info, matmul_gflops
 
+SIZE = 1024
 
-def main():
+
+def main() -> None:
     info = blas_info()
     print(f"mlx_fm {__version__}")
     print(f"BLAS used by MLX: {info['library']} ({info['reason']})")
-    speeds = matmul_gflops()
-    print(f"2048x2048 float32 matmul: MLX {speeds['mlx']:.0f} GFLOP/s, "
-          f"numpy {speeds['numpy']:.0f} GFLOP/s")
+    print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
+    speeds = matmul_gflops(SIZE)
+    print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Loading, saving, the BLAS set-up, and the mlx_fm.generate command."""
+"""Loading, saving, and the mlx_fm.generate command."""
 
 import json
 import shutil
@@ -61,23 +61,6 @@ def test_bad_checkpoints_raise_one_clear_error(tiny_model_dir, tmp_path, edit, m
 def test_missing_path_is_an_error_without_network():
     with pytest.raises(ModelLoadError, match="not found"):
         load("./no/such/model")
-
-
-def test_blas_is_loaded_and_agrees_with_numpy():
-    info = mlx_fm.blas_info()
-    if sys.platform == "linux":
-        assert info["optimized"], info
-    a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((200, 100), dtype=np.float32)
-    assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-4)
-
-
-def test_blas_can_be_switched_off():
-    code = "import mlx_fm; print(mlx_fm.blas_info()['reason'])"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300, env={"MLX_FM_BLAS": "off", "PATH": ""})
-    assert result.returncode == 0, result.stderr
-    assert "switched off" in result.stdout
 
 
 def test_generate_cli(tiny_model_dir):

@@ -1,4 +1,4 @@
-"""Factorization Memory language model (SPEC.md), mlx-lm conformant.
+"""Factorization Memory language model (docs/SPEC.md), mlx-lm conformant.
 
 Parameter names follow SPEC's PyTorch / Hugging Face layout, so a checkpoint
 loads after `sanitize` with no renaming. The decode cache of each layer is an

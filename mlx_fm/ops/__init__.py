@@ -1,4 +1,4 @@
-"""The FM mixer's core op: route, write, read, merge (SPEC.md), on MLX ops.
+"""The FM mixer's core op: route, write, read, merge (docs/SPEC.md), on MLX ops.
 
 `fm_mix` is the one place that picks an implementation: the Metal kernels
 (mlx_fm.kernels) where Metal is available and the GPU is the default device

@@ -1,4 +1,4 @@
-"""Routing and gates of the FM mixer (SPEC.md): which slots a token writes and reads."""
+"""Routing and gates of the FM mixer (docs/SPEC.md): which slots a token writes and reads."""
 
 import mlx.core as mx
 

@@ -1,0 +1,96 @@
+"""The fast BLAS that `import mlx_fm` loads on Linux from what pip installs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_fm
+from mlx_fm import blas
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS set-up is Linux's")
+
+
+def bundled_gfortran() -> Path:
+    libs = blas._installed_file("mlx-cpu", "mlx_cpu.libs")
+    return sorted(libs.glob("libgfortran*.so.5*"))[0]
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env={"PATH": os.environ.get("PATH", "")} | env)
+
+
+def test_blas_agrees_with_numpy():
+    if sys.platform == "linux":
+        assert mlx_fm.blas_info()["optimized"], mlx_fm.blas_info()
+    a = np.random.default_rng(0).standard_normal((300, 200), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((200, 100), dtype=np.float32)
+    assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-4)
+
+
+@linux_only
+def test_a_bare_install_loads_openblas_silently(tmp_path):
+    """With an empty cache the libgfortran copy is written, OpenBLAS loads, nothing is printed."""
+    code = "import mlx_fm; print(mlx_fm.blas_info()['reason'])"
+    result = run_python(code, XDG_CACHE_HOME=str(tmp_path), HOME=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("loaded\n", "")
+    system_gfortran = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True,
+                                     text=True).stdout
+    if "libgfortran.so.5 " not in system_gfortran:
+        (copy,) = tmp_path.glob("mlx_fm/gfortran-*/libgfortran.so.5")
+        assert blas.elf_needed(copy.read_bytes()) == blas.elf_needed(
+            bundled_gfortran().read_bytes())
+
+
+def test_blas_can_be_switched_off():
+    result = run_python("import mlx_fm; print(mlx_fm.blas_info()['reason'])", MLX_FM_BLAS="off")
+    assert result.returncode == 0, result.stderr
+    assert "switched off" in result.stdout
+    assert result.stderr == ""
+
+
+def test_a_library_that_cannot_load_is_reported_not_raised(tmp_path):
+    broken = tmp_path / "libopenblas.so.0"
+    broken.write_bytes(b"not a library")
+    code = "import mlx_fm; print(mlx_fm.blas_info())"
+    result = run_python(code, MLX_FM_BLAS=str(broken))
+    assert result.returncode == 0, result.stderr
+    assert f"cannot load {broken}" in result.stdout and "'optimized': False" in result.stdout
+
+
+@linux_only
+def test_soname_is_rewritten_in_place_and_nothing_else_changes():
+    original = bundled_gfortran().read_bytes()
+    renamed = blas.with_soname(original, b"libgfortran.so.5")
+    entries, strings = blas._dynamic_section(renamed)
+    assert blas._string_at(renamed, strings + entries[14][0]) == b"libgfortran.so.5"
+    changed = [i for i, (x, y) in enumerate(zip(original, renamed)) if x != y]
+    assert len(renamed) == len(original)
+    assert changed[-1] - changed[0] < len(b"libgfortran.so.5") + 1
+
+
+@linux_only
+def test_soname_that_does_not_fit_is_refused():
+    original = bundled_gfortran().read_bytes()
+    with pytest.raises(blas.BlasLoadError, match="shorter"):
+        blas.with_soname(original, b"x" * 200)
+
+
+def test_a_file_that_is_not_elf_is_refused():
+    with pytest.raises(blas.BlasLoadError, match="ELF"):
+        blas.elf_needed(b"MZ this is not ELF")
+
+
+def test_python_m_mlx_fm_says_what_it_measures():
+    result = subprocess.run([sys.executable, "-m", "mlx_fm"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("BLAS used by MLX:") and lines[2].startswith("measuring")
+    assert "GFLOP/s" in lines[3]
