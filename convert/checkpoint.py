@@ -17,7 +17,8 @@ from mlx_lm.utils import (
 
 from mlx_fm import Model, ModelArgs, load_model
 from mlx_fm.utils import (
-    DEFAULT_MAX_SHARD_BYTES, resolve_model_path, write_safetensors, written_atomically,
+    DEFAULT_MAX_SHARD_BYTES, check_destination, resolve_model_path, write_safetensors,
+    written_atomically,
 )
 
 from .layout import (
@@ -73,11 +74,12 @@ def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
     """Convert `hf_path` (directory or Hugging Face repo id) and write it to `mlx_path`."""
     _check_options(quantize, dequantize, to_hf, dtype, upload_repo)
     destination = Path(mlx_path).expanduser()
-    if destination.exists() and not force:
-        raise CheckpointError(f"{destination} already exists (pass --force to replace it)")
-    model, config, source = load_source(hf_path, revision)
-    if source.resolve().is_relative_to(destination.resolve()):
-        raise CheckpointError(f"the destination {destination} holds the source")
+    source = resolve_model_path(hf_path, revision, SOURCE_PATTERNS)
+    try:
+        check_destination(destination, [source], force)
+    except ValueError as error:  # convert's bad input is a CheckpointError
+        raise CheckpointError(str(error)) from None
+    model, config, source = load_source(str(source))
     dtype = dtype or _config_dtype(config)
     if dtype is not None:
         print(f"[INFO] Using dtype: {dtype}")

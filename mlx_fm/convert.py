@@ -57,7 +57,8 @@ def build_parser():
                         help="Write SPEC's PyTorch / Hugging Face layout instead of MLX's")
     parser.add_argument("--upload-repo", default=None,
                         help="Hugging Face repo to upload the result to")
-    parser.add_argument("--force", action="store_true", help="Replace an existing --mlx-path")
+    parser.add_argument("--force", action="store_true",
+                        help="Replace a non-empty --mlx-path (never one that holds the source)")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                         help="Largest weight file, e.g. 5GB or 500MB (default 5 GiB, as mlx-lm)")
     return parser

@@ -5,11 +5,13 @@ turns a quantized base into a float one.
 """
 
 import argparse
+from pathlib import Path
 
 from mlx.utils import tree_unflatten
 
 from . import load, save_model
 from .cli import fail_cleanly
+from .utils import check_destination, resolve_model_path
 
 
 def build_parser():
@@ -18,6 +20,9 @@ def build_parser():
     parser.add_argument("--adapter-path", default="adapters",
                         help="Directory with adapters.safetensors and adapter_config.json")
     parser.add_argument("--save-path", default="fused_model")
+    parser.add_argument("--force", action="store_true",
+                        help="Replace a non-empty --save-path (never one that holds the model "
+                             "or the adapters)")
     parser.add_argument("--dequantize", action="store_true")
     return parser
 
@@ -36,8 +41,10 @@ def fuse(model, dequantize: bool = False):
 @fail_cleanly
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    model_path = resolve_model_path(args.model)
+    check_destination(Path(args.save_path), [model_path, args.adapter_path], args.force)
     try:
-        model, tokenizer, config = load(args.model, adapter_path=args.adapter_path,
+        model, tokenizer, config = load(model_path, adapter_path=args.adapter_path,
                                         return_config=True)
     except (KeyError, ValueError) as error:
         raise ValueError(f"adapters in {args.adapter_path} do not fit {args.model}: "

@@ -53,6 +53,9 @@ def build_parser():
     parser.add_argument("--config", "-c", help="YAML file of options")
     parser.add_argument("--data", nargs="+", help="text (.txt) or jsonl files, or directories")
     parser.add_argument("--output", "-o", help="run directory (checkpoints, final model)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the model/ and metrics.jsonl in --output of a run that "
+                             "is not resumed")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, kind, text in TRAIN_OPTIONS:
         _add(parser, name, kind, f"{text} (default: {defaults[name]})")
@@ -85,9 +88,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 @fail_cleanly
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    force = args.force
+    del args.force  # an instruction for this command, not part of the run's config
     from .training import train
 
-    train(config_from_args(args))
+    train(config_from_args(args), force=force)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -153,41 +155,147 @@ def model_config(args) -> dict:
 
 @contextlib.contextmanager
 def written_atomically(destination: Path):
-    """A staging directory next to `destination`, renamed to it when the block succeeds."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists() or destination.is_symlink():
-            _replace(staging, destination)
-        else:
-            os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """A staging directory next to `destination`, renamed to it when the block succeeds.
+
+    Directories this makes (the parents too) follow the umask; parents it had to make are
+    removed again if the block fails and they are still empty.
+    """
+    made = make_directories(destination.parent)
+    with removed_on_failure(made):
+        remove_stale_staging(destination.parent)
+        staging = _own_entry(destination, "staging", os.mkdir)
+        try:
+            yield staging
+            if destination.exists() or destination.is_symlink():
+                _replace(staging, destination)
+            else:
+                os.replace(staging, destination)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def written_file_atomically(destination, suffix: str = ""):
-    """A temporary file (mode 0644) next to `destination`, renamed to it when the block succeeds."""
+    """A temporary file next to `destination` (mode per the umask), renamed to it when the
+    block succeeds."""
     destination = Path(destination)
-    handle, staging = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.",
-                                       suffix=suffix)
-    os.close(handle)
-    os.chmod(staging, 0o644)  # mkstemp's 0600 is for secrets
+    remove_stale_staging(destination.parent)
+    staging = _own_entry(destination, "staging", _create_file, suffix)
     try:
-        yield Path(staging)
+        yield staging
         os.replace(staging, destination)
     finally:
-        Path(staging).unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
 
 
 def _replace(staging: Path, destination: Path) -> None:
     """Move the old destination aside, put the new one in place, then delete the old."""
-    retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
+    retired = _own_entry(destination, "old", os.mkdir)
     aside = retired / destination.name
     os.replace(destination, aside)
     os.replace(staging, destination)
     shutil.rmtree(retired)
+
+
+# Staging entries are named `.NAME.mlx_fm-KIND.HOST.PID.TOKEN[SUFFIX]`, so that a later run can
+# tell which ones a dead process of this host left behind, and touch nothing else.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_OWN_ENTRY = re.compile(r"\..+\.mlx_fm-(?:staging|old)\.(?P<host>[A-Za-z0-9-]+)"
+                        r"\.(?P<pid>\d+)\.[0-9a-f]{16}(?:\.\w+)?")
+
+
+def _own_entry(destination: Path, kind: str, create: Callable[[Path], object],
+               suffix: str = "") -> Path:
+    """A new entry next to `destination`, made by `create(path)`, named as ours."""
+    name = f".{destination.name}.mlx_fm-{kind}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}"
+    path = destination.parent / (name + suffix)
+    create(path)
+    return path
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def remove_stale_staging(directory: Path) -> None:
+    """Remove the staging entries in `directory` of our naming whose process has died."""
+    for entry in directory.iterdir():
+        match = _OWN_ENTRY.fullmatch(entry.name)
+        if match is None or not _process_gone(match["host"], int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)  # another run may be removing it too
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """Whether no process `pid` runs on `host`; False when that cannot be known."""
+    if host != _HOST:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # e.g. another user's process: alive
+        pass
+    return False
+
+
+def make_directories(path: Path) -> list[Path]:
+    """`mkdir -p path`; the directories it made, deepest first."""
+    missing = [directory for directory in (path, *path.parents) if not directory.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        remove_empty_directories(missing)
+        raise
+    return missing
+
+
+@contextlib.contextmanager
+def removed_on_failure(directories: list[Path]):
+    """Remove `directories` (deepest first) that are still empty if the block fails."""
+    try:
+        yield
+    except BaseException:
+        remove_empty_directories(directories)
+        raise
+
+
+def remove_empty_directories(directories: list[Path]) -> None:
+    """Remove each of `directories`, deepest first, stopping at one that is not empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+
+
+def check_destination(destination: Path, sources: Iterable[Union[str, Path]],
+                      force: bool) -> None:
+    """Refuse to write `destination` over what the command did not make.
+
+    The destination must not hold (be, or contain) any of `sources`, even with `force`;
+    without `force` it must be absent or empty.
+    """
+    target = destination.resolve()
+    for source in sources:
+        if Path(source).resolve().is_relative_to(target):
+            raise ValueError(f"the destination {destination} holds the source {source}; "
+                             "choose another destination")
+    if not force and not _is_empty(destination):
+        raise ValueError(f"{destination} already exists (pass --force to replace it)")
+
+
+def _is_empty(path: Path) -> bool:
+    """Absent, an empty directory or an empty file: nothing that replacing it would lose."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        return next(path.iterdir(), None) is None
+    return not path.exists() or path.stat().st_size == 0
 
 
 def write_safetensors(directory: Path, weights: dict, format_tag: str,

@@ -4,7 +4,8 @@ OUTPUT/checkpoints/step_NNNNNNN/ holds config.json, model.safetensors and the
 tokenizer (what `mlx_fm.load` reads), optimizer.safetensors (the optimizer's
 state, float32) and trainer_state.json (step, data position, RNG key, config).
 A checkpoint is written under a hidden name and renamed into place, so one
-either exists whole or not at all, even if the process is killed while writing.
+either exists whole or not at all, even if the process is killed while writing; what a
+killed run left half-written is removed when the next checkpoint is written.
 """
 
 import json
@@ -51,14 +52,6 @@ def checkpoints(output: Path):
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.startswith(_PREFIX) and p.is_dir())
-
-
-def remove_partial_checkpoints(output: Path) -> None:
-    """Drop what a killed run left half-written."""
-    folder = output / CHECKPOINTS
-    if folder.is_dir():
-        for leftover in folder.glob(".*"):
-            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def latest_checkpoint(output: Path) -> Optional[Path]:

@@ -5,6 +5,7 @@ process reads and packs the same data, takes its slice of each global batch,
 and the gradients are averaged; rank 0 writes checkpoints and logs.
 """
 
+import contextlib
 import json
 import tempfile
 from dataclasses import dataclass
@@ -20,14 +21,16 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from ..models.factorization_memory import MODEL_TYPE
 
-from ..utils import load_model, save_model
+from ..utils import (
+    check_destination, load_model, make_directories, removed_on_failure, save_model,
+)
 from . import checkpoint as ckpt
 from .config import RESUME_MUST_MATCH, TrainConfig
 from .data import WindowOrder, pack, read_documents, token_stream
 from .initialization import build_model
 from .optimizer import build_optimizer
 from .progress import ProgressBar
-from .tokenization import load_saved_tokenizer, resolve_tokenizer
+from .tokenization import BYTES, load_saved_tokenizer, resolve_tokenizer
 
 FINAL_MODEL = "model"
 METRICS_FILE = "metrics.jsonl"
@@ -41,13 +44,23 @@ class TrainResult:
     val_loss: Optional[float]  # at the end; None without validation data
 
 
-def train(config: TrainConfig, progress_stream=None) -> TrainResult:
-    """Train (or resume) the run described by `config`; see TrainConfig for every option."""
+def train(config: TrainConfig, progress_stream=None, force: bool = False) -> TrainResult:
+    """Train (or resume) the run described by `config`; see TrainConfig for every option.
+
+    A run that does not resume refuses to replace what OUTPUT's model/ or metrics.jsonl
+    holds, unless `force`.
+    """
+    output = Path(config.output)
+    with prepared_output(output):
+        resume_from = resume_point(output, config)
+        check_run_outputs(output, config, force or resume_from is not None)
+        return _train(config, output, resume_from, progress_stream)
+
+
+def _train(config: TrainConfig, output: Path, resume_from: Optional[Path],
+           progress_stream) -> TrainResult:
     group = mx.distributed.init()
     is_main = group.rank() == 0
-    output = Path(config.output)
-    prepare_output(output)
-    resume_from = resume_point(output, config)
     tokenizer, data = tokenizer_and_data(config, resume_from, group)
     model, optimizer, state = model_and_optimizer(config, len(tokenizer), resume_from)
     local_batch = _local_batch_size(config, group.size())
@@ -124,16 +137,29 @@ def load_trained_model(path: Path, architecture: str):
     return mlx_lm_load_model(path)[0]
 
 
-def prepare_output(output: Path) -> None:
-    """Create the run directory and make sure it can be written to."""
+@contextlib.contextmanager
+def prepared_output(output: Path):
+    """The run directory, made and checked writable; the directories made for it are
+    removed again if the run fails before writing anything into them."""
     try:
-        output.mkdir(parents=True, exist_ok=True)
+        made = make_directories(output)
         with tempfile.TemporaryFile(dir=output):
             pass
     except OSError as error:
         raise ValueError(f"cannot write to the output directory {output}: "
                          f"{error.strerror or error}") from error
-    ckpt.remove_partial_checkpoints(output)
+    with removed_on_failure(made):
+        yield
+
+
+def check_run_outputs(output: Path, config: TrainConfig, replace: bool) -> None:
+    """Refuse to replace OUTPUT's model/ or metrics.jsonl unless `replace` (a resumed run
+    wrote them itself), and to replace the data or the tokenizer in any case."""
+    sources = [*config.data]
+    if config.tokenizer not in (None, BYTES):
+        sources.append(config.tokenizer)
+    for written in (output / FINAL_MODEL, output / METRICS_FILE):
+        check_destination(written, sources, replace)
 
 
 def resume_point(output: Path, config: TrainConfig) -> Optional[Path]:
