@@ -2,7 +2,8 @@
 
 safetensors go through mx.load (no torch needed). .bin / .pt files go through
 torch.load(weights_only=True) when torch is installed, else through the
-restricted unpickler of torch_pickle.
+restricted unpickler of torch_pickle. A file either reads or fails with one line
+of CheckpointError.
 """
 
 import pickle
@@ -13,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import torch_pickle
+from .torch_pickle import printable
 from .layout import CheckpointError
 
 # Wrappers that training scripts put around the state dict in a .pt file.
@@ -39,13 +41,13 @@ def _read_file(file: Path, use_torch: bool) -> dict:
         mx.eval(weights)  # reading is lazy: a truncated file must fail here
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:
+    except (RuntimeError, ValueError, OverflowError, OSError, EOFError, KeyError,
+            pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"cannot read {file.name}: {error}") from error
     return weights
 
 
-def _read_pickled(file: Path, use_torch: bool) -> dict:
+def _read_pickled(file: Path, use_torch: bool) -> object:
     if use_torch:
         try:
             import torch
@@ -53,7 +55,16 @@ def _read_pickled(file: Path, use_torch: bool) -> dict:
             use_torch = False
     if not use_torch:
         return torch_pickle.load_state_dict(file)
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # a crafted file makes torch raise nearly anything, in many lines
+        torch_pickle.load_state_dict(file)  # names what is wrong in one line, where it sees it
+        raise CheckpointError(f"cannot read {file.name}: {_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _tensors_by_name(state: object, file: Path) -> dict:
@@ -64,8 +75,8 @@ def _tensors_by_name(state: object, file: Path) -> dict:
     weights = {}
     for name, value in state.items():
         if not isinstance(name, str):
-            raise CheckpointError(f"{file.name} has a non-text tensor name {name!r}")
-        weights[name] = _to_mlx(value, name, file)
+            raise CheckpointError(f"{file.name} has a {type(name).__name__} for a tensor name")
+        weights[name] = _to_mlx(value, printable(name), file)
     return weights
 
 
@@ -75,13 +86,16 @@ def _to_mlx(value, name: str, file: Path) -> mx.array:
     if isinstance(value, np.ndarray):
         return mx.array(value)
     if type(value).__module__.startswith("torch") and hasattr(value, "numpy"):
-        return _torch_to_mlx(value)
+        return _torch_to_mlx(value, name, file)
     raise CheckpointError(f"{file.name}: {name} is a {type(value).__name__}, not a tensor")
 
 
-def _torch_to_mlx(tensor) -> mx.array:
+def _torch_to_mlx(tensor, name: str, file: Path) -> mx.array:
     import torch
 
+    if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+        # Only repeated elements (stride 0) get there; copying them would multiply the file's size.
+        raise CheckpointError(f"{file.name}: tensor {name} has more elements than its storage")
     tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype == torch.bfloat16:
         return mx.array(tensor.view(torch.int16).numpy()).view(mx.bfloat16)

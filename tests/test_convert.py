@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -136,6 +137,33 @@ def test_pickled_code_is_refused_not_run(tmp_path, monkeypatch, use_torch):
     with pytest.raises(CheckpointError, match="cannot read pytorch_model.bin"):
         read_weights([tmp_path / "pytorch_model.bin"], use_torch=use_torch)
     assert not (tmp_path / "pwned").exists()
+
+
+def as_bin_that_runs_code(path):
+    """The checkpoint's weights as pytorch_model.bin, one of them an object that runs a command."""
+    torch = pytest.importorskip("torch")
+    weights = mx.load(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    state = {name: torch.from_numpy(np.array(w)) for name, w in weights.items()}
+    torch.save(state | {"backbone.norm_f.weight": RunsCode()}, path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("use_torch", [True, False])
+def test_the_command_line_refuses_a_checkpoint_that_runs_code_in_one_line(
+        tmp_path, source_dir, capsys, monkeypatch, use_torch):
+    source = tmp_path / "src" / "fm"
+    shutil.copytree(source_dir, source)
+    as_bin_that_runs_code(source)
+    monkeypatch.chdir(tmp_path)  # where RunsCode's `touch pwned` would land
+    if not use_torch:
+        monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails: no torch
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    assert capsys.readouterr().err == (
+        "mlx_fm: error: cannot read pytorch_model.bin: not a plain tensor checkpoint (it "
+        f"references {os.system.__module__}.system); refusing to run code from it\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("config", ["sparse", "no-mlp-tied"])
