@@ -6,8 +6,10 @@ pytorch_model.bin, sharded .bin or a .pt file), or an MLX FM model.
 """
 
 import argparse
+from pathlib import Path
 
-from .cli import fail_cleanly
+from .cli import fail_cleanly, one_line, warn
+from .utils import missing_tokenizer
 
 Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
 
@@ -70,7 +72,28 @@ def main(argv=None):
     from mlx_fm_convert.checkpoint import convert
 
     args["max_shard_bytes"] = args.pop("max_shard_size")
-    convert(**args)
+    # The upload is done here, after convert(), so that its failure is told apart from one
+    # of the conversion: the model is written by then, and stays.
+    upload_repo = args.pop("upload_repo")
+    if upload_repo is not None and args["to_hf"]:
+        raise ValueError("--upload-repo uploads MLX models; upload a --to-hf export with "
+                         "`huggingface-cli upload`")
+    destination = convert(**args)
+    if problem := missing_tokenizer(destination):
+        warn(f"{problem} (generating text needs them)")
+    if upload_repo is not None:
+        upload(destination, upload_repo)
+
+
+def upload(destination: Path, repo: str) -> None:
+    """Upload the written model to the Hugging Face Hub; a failure leaves it where it is."""
+    from mlx_lm.utils import upload_to_hub
+
+    try:
+        upload_to_hub(str(destination), repo)
+    except Exception as error:  # the hub and its HTTP client raise many kinds
+        raise OSError(f"{destination} was written, but uploading it to {repo} failed: "
+                      f"{one_line(error)}") from error
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from . import load
-from .cli import fail_cleanly
+from .cli import add_sampling_arguments, escape_undecodable_stdin, fail_cleanly, valid_utf8
 
 
 def build_parser():
@@ -15,15 +15,9 @@ def build_parser():
     parser.add_argument("--model", default=None,
                         help="Model directory or Hugging Face repo id (default: the bundled model)")
     parser.add_argument("--prompt", "-p", default="", help="Prompt text, or - to read stdin")
-    parser.add_argument("--max-tokens", "-m", type=int, default=100)
-    parser.add_argument("--temp", type=float, default=0.0, help="Sampling temperature")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=None)
+    add_sampling_arguments(parser, max_tokens=100)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument("--prefill-step-size", type=int, default=2048)
     parser.add_argument("--verbose", action="store_true",
                         help="Print prompt and generation speed and peak memory")
     return parser
@@ -39,6 +33,14 @@ def format_prompt(tokenizer, prompt, system_prompt=None, ignore_chat_template=Fa
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def read_prompt(prompt: str) -> str:
+    """The prompt text, from stdin when it is "-"."""
+    if prompt == "-":
+        escape_undecodable_stdin()
+        return valid_utf8(sys.stdin.read(), "the prompt on stdin")
+    return valid_utf8(prompt, "the prompt")
+
+
 @fail_cleanly
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -46,15 +48,14 @@ def main(argv=None):
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    if args.max_tokens < 1:
-        raise ValueError("--max-tokens must be at least 1")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     if not prompt:
         raise ValueError("the prompt is empty")
+    system_prompt = args.system_prompt and valid_utf8(args.system_prompt, "--system-prompt")
     if args.seed is not None:
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
-    tokens = format_prompt(tokenizer, prompt, args.system_prompt, args.ignore_chat_template)
+    tokens = format_prompt(tokenizer, prompt, system_prompt, args.ignore_chat_template)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     response = None
     for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,

@@ -34,3 +34,23 @@ def byte_tokenizer():
 
 def save_byte_tokenizer(path):
     byte_tokenizer().save_pretrained(str(Path(path)))
+
+
+# The chat format of tokenizers without a chat template, in mlx_fm.chat and mlx_fm.lora.
+PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}" + PLAIN_USER
+    + "{% elif message['role'] == 'assistant' %}" + PLAIN_ASSISTANT + "{% endif %}"
+    "{{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}" + PLAIN_ASSISTANT + "{% endif %}"
+)
+
+
+def with_plain_chat_template(tokenizer):
+    """`tokenizer` (mlx-lm's wrapper), given PLAIN_CHAT_TEMPLATE if it has no chat template."""
+    if not tokenizer.has_chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+        tokenizer.has_chat_template = True
+    return tokenizer

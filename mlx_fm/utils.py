@@ -98,6 +98,18 @@ def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=
     return model, config, path
 
 
+# A tokenizer that transformers' AutoTokenizer can open has at least one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def missing_tokenizer(path: Union[str, Path]) -> Optional[str]:
+    """What is wrong when `path` holds no tokenizer, and how to add one; None if it has one."""
+    if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return (f"no tokenizer files in {path}: copy the tokenizer's files "
+            f"({', '.join(TOKENIZER_FILES)}) into it")
+
+
 def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
          model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
          lazy: bool = False, return_config: bool = False, revision=None):
@@ -109,6 +121,8 @@ def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
 
         model = load_adapters(model, adapter_path)
         model.eval()
+    if problem := missing_tokenizer(path):
+        raise ModelLoadError(problem)
     from transformers.utils import logging as transformers_logging
 
     verbosity = transformers_logging.get_verbosity()

@@ -118,6 +118,26 @@ def test_tuner_formats_types_and_quantized_models(tiny_model_dir, tmp_path, data
     assert len(losses) >= 2 and losses[-1] < 0.7 * losses[0], plain[-1500:]
 
 
+@pytest.mark.parametrize("data_format", ["completions", "chat"])
+def test_readme_example_runs_on_a_small_model_without_chat_template(tiny_model_dir, tmp_path,
+                                                                   monkeypatch, data_format):
+    """No --num-layers (mlx-lm's 16 > the model's 2), no chat template: both taken care of."""
+    from mlx_fm.lora import main as lora_main
+
+    monkeypatch.chdir(tmp_path)
+    assert not mlx_fm.load(tiny_model_dir)[1].has_chat_template
+    (tmp_path / "data").mkdir()
+    rows = [DATA_FORMATS[data_format](i) for i in range(4)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "data" / "valid.jsonl", rows[:2])
+    lora_main(["--model", str(tiny_model_dir), "--train", "--data", "data", "--iters", "2",
+               "--batch-size", "2", "--val-batches", "1", "--mask-prompt"])
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["num_layers"] == 2
+    names = mx.load(str(tmp_path / "adapters" / "adapters.safetensors"))
+    assert {name.split(".")[2] for name in names} == {"0", "1"}  # backbone.layers.N....
+
+
 def chat_session(model_dir, **kwargs):
     model, tokenizer = mlx_fm.load(model_dir)
     return ChatSession(model, tokenizer, max_tokens=6, sampler=make_sampler(0.0), **kwargs)
@@ -161,11 +181,12 @@ def test_chat_rejects_a_state_from_another_model(tiny_model_dir, tmp_path):
 
 
 def test_chat_cli_commands(tiny_model_dir, tmp_path):
-    state = tmp_path / "conv.safetensors"
+    state = tmp_path / "conv"  # /save and /load add the suffix .safetensors
     script = f"Hello\n/tokens\nAgain\n/save {state}\n/reset\n/load {state}\n/quit\n"
     result = run_cli("mlx_fm.chat", "--model", str(tiny_model_dir), "--max-tokens", "4",
                      stdin=script)
     assert result.returncode == 0, result.stderr
     assert re.search(r"\[\d+ prompt tokens this turn, state \d+ bytes\]", result.stdout)
     assert "[saved" in result.stdout and "[loaded" in result.stdout
-    assert "[conversation reset]" in result.stdout and state.exists()
+    assert "[conversation reset]" in result.stdout
+    assert [path.name for path in tmp_path.iterdir()] == ["conv.safetensors"]

@@ -148,17 +148,32 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def read_yaml(path) -> dict:
-    """The options in a YAML file (mlx-lm style: keys are option names, plus `model:`)."""
+def read_yaml_mapping(path, loader=_YamlLoader) -> dict:
+    """The mapping in a YAML file, {} if it is empty; an error names the file and the line."""
     path = Path(path)
     try:
-        options = yaml.load(path.read_text(), Loader=_YamlLoader)
+        options = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from error
+        raise ValueError(_yaml_error(path, error)) from None
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise ValueError(f"{path} must hold a mapping of options")
+    return options
+
+
+def _yaml_error(path: Path, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is None:
+        return f"{path} is not valid YAML: {' '.join(str(error).split())}"
+    return f"{path}, line {mark.line + 1}: not valid YAML: {error.problem or error.context}"
+
+
+def read_yaml(path) -> dict:
+    """The options in a YAML file (mlx-lm style: keys are option names, plus `model:`)."""
+    options = read_yaml_mapping(path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(options) - known
     if unknown:
