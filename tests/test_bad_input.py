@@ -37,6 +37,7 @@ def case(name, command, args, message, files=None, **kwargs):
 
 
 BAD_YAML = {"bad.yaml": "steps: 10\nmodel: [1, 2\nseq_len: 3\n"}
+CORPUS = {"corpus.txt": "the cat sat on the mat. " * 200}
 LORA_DATA = {"data/train.jsonl": TEXT_LINES, "data/valid.jsonl": TEXT_LINES}
 LORA = "--model {model} --train --iters 2 --adapter-path adapters"
 
@@ -86,6 +87,17 @@ CASES = [
     case("no output", "train", "--data corpus.txt", "no output directory"),
     case("missing data", "train", "--data {tmp}/nowhere.txt --output run --steps 2 "
          "--warmup-steps 0", "not found"),
+    case("malformed JSON line", "train", "--data bad.jsonl --output run --seq-len 32",
+         "bad.jsonl:3: malformed JSON",
+         {"bad.jsonl": '{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n'}),
+    case("empty data", "train", "--data empty.txt blank.jsonl --output run --seq-len 32",
+         "training data is empty", {"empty.txt": "", "blank.jsonl": "\n\n"}),
+    case("too little data", "train", "--data short.txt --output run --seq-len 32",
+         "too few for one sequence of seq_len 32", {"short.txt": "too short for a sequence"}),
+    case("output under a file", "train", "--data corpus.txt --output a_file/run",
+         "cannot write to the output directory", {"a_file": "in the way", **CORPUS}),
+    case("someone else's model/", "train", "--data corpus.txt --output run",
+         "already exists (pass --force", {"run/model/notes.txt": "mine", **CORPUS}),
     case("missing model", "lora", "--model {tmp}/nowhere --train --data data",
          "model path not found", LORA_DATA),
     case("missing data", "lora", f"{LORA} --data nowhere", "data directory not found"),
@@ -117,6 +129,8 @@ CASES = [
          "invalid choice", LORA_DATA),
     case("missing model", "fuse", "--model {tmp}/nowhere --adapter-path adapters",
          "model path not found"),
+    case("non-empty destination", "fuse", "--model {model} --adapter-path adapters "
+         "--save-path out", "already exists (pass --force", {"out/notes.txt": "mine"}),
     case("missing adapters", "fuse", "--model {model} --adapter-path {tmp}/nowhere",
          "adapter path does not exist"),
     case("missing data", "perplexity", "--model {model} --data {tmp}/nowhere.txt",

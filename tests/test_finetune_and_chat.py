@@ -172,7 +172,6 @@ def test_saved_chat_state_continues_like_the_uninterrupted_chat(tiny_model_dir, 
 def test_chat_rejects_a_state_from_another_model(tiny_model_dir, tmp_path):
     other = mlx_fm.Model(mlx_fm.ModelArgs(vocab_size=257, hidden_size=16, num_hidden_layers=2,
                                           num_heads=2, num_slots=4))
-    from mlx_fm.tokenizer import byte_tokenizer
     other_session = ChatSession(other, mlx_fm.load(tiny_model_dir)[1], max_tokens=2)
     other_session.reply("hi")
     other_session.save(tmp_path / "other.safetensors")

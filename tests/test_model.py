@@ -1,13 +1,12 @@
 """The FM language model as an mlx-lm model: config, weights, cache, generation."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx_lm.generate import batch_generate, generate, stream_generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_fm import Model, ModelArgs, load
+from mlx_fm import ModelArgs, load
 from mlx_fm.ops import fm_recurrent
 
 from conftest import TINY, tiny_model

@@ -281,39 +281,3 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
         (tmp_path / "two/model/tokenizer.json").read_text()
     _, tokenizer = mlx_fm.load(tmp_path / "two/model")
     assert tokenizer.decode(tokenizer.encode("hag=hag.\nfed")) == "hag=hag.\nfed"
-
-
-def write_malformed_jsonl(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
-    return [str(path)], f"{path}:3: malformed JSON"
-
-
-def write_empty_data(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blank.jsonl").write_text("\n\n")
-    return [str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl")], "training data is empty"
-
-
-def write_short_data(tmp_path):
-    (tmp_path / "short.txt").write_text("too short for a sequence")
-    return [str(tmp_path / "short.txt")], "too few for one sequence of seq_len 32"
-
-
-@pytest.mark.parametrize("make_data", [write_malformed_jsonl, write_empty_data, write_short_data])
-def test_bad_data_is_one_clear_error(tmp_path, make_data):
-    data, message = make_data(tmp_path)
-    result = run_cli("--data", *data, "--output", str(tmp_path / "run"), "--seq-len", "32")
-    assert result.returncode == 1
-    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
-    assert result.stderr.startswith("mlx_fm: error:") and message in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_unwritable_output_directory_is_one_clear_error(tmp_path, copy_data):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("in the way")
-    result = run_cli("--data", str(copy_data), "--output", str(blocker / "run"))
-    assert result.returncode == 1
-    assert result.stderr.startswith("mlx_fm: error: cannot write to the output directory")
-    assert len(result.stderr.strip().splitlines()) == 1
