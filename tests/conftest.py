@@ -1,5 +1,8 @@
 import mlx_fm  # noqa: F401  (loads the fast BLAS before mlx.core)
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import pytest
 
@@ -27,3 +30,15 @@ def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
     save_model(path, tiny_model(), byte_tokenizer())
     return path
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual − expected| / max |expected|, in float32 (mx or numpy arrays)."""
+    actual, expected = mx.array(actual).astype(mx.float32), mx.array(expected).astype(mx.float32)
+    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+
+
+def run_cli(module: str, *args, stdin=None, env=None, timeout: float = 600):
+    """`python -m module args` in a new process (for what only a real process shows)."""
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, env=env,
+                          capture_output=True, text=True, timeout=timeout)
