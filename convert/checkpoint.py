@@ -16,15 +16,15 @@ from mlx_lm.utils import (
 )
 
 from mlx_fm import Model, ModelArgs, load_model
+from mlx_fm.layout import (
+    CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
+    tensor_shapes, weight_files, with_conv_layout,
+)
 from mlx_fm.utils import (
     DEFAULT_MAX_SHARD_BYTES, check_destination, resolve_model_path, write_safetensors,
     written_atomically,
 )
 
-from .layout import (
-    CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
-    tensor_shapes, weight_files,
-)
 from .weights import read_weights
 
 CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
@@ -41,7 +41,10 @@ SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "tokenizer.model"
 # Layers that decide routing or are most sensitive to error: the mixers' in_proj
 # (router logits ρ and gates e, g, with z and x), the embedding and lm_head.
 ROUTING_CRITICAL = ("mixer.in_proj", "embeddings", "lm_head")
-MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+# Each quantization mode's (group size, bits) when not given, as mlx-lm's.
+QUANTIZATION_MODE_DEFAULTS = {
+    "affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8),
+}
 
 
 def routing_safe_predicate(bits: int, group_size: int, mode: str):
@@ -120,7 +123,8 @@ def load_source(path_or_repo: str, revision: Optional[str] = None):
     config = read_config(source)
     if "quantization" in config:
         # Only an MLX checkpoint is quantized; mlx-lm's loader rebuilds its layers.
-        return load_model(source), config, source
+        model, _ = load_model(source)
+        return model, config, source
     settings = model_settings(config)
     weights = _in_spec_layout(read_weights(weight_files(source)), settings)
     check_tensor_names_and_shapes({name: w.shape for name, w in weights.items()},
@@ -133,11 +137,7 @@ def load_source(path_or_repo: str, revision: Optional[str] = None):
 
 def _in_spec_layout(weights: dict, settings: dict) -> dict:
     """Accept an MLX checkpoint's conv1d (E×K×1) too, and a tied lm_head copy."""
-    kernel = settings["conv_kernel"]
-    for name, value in weights.items():
-        if name.endswith("conv1d.weight") and value.ndim == 3 and kernel > 1 \
-                and value.shape[1:] == (kernel, 1):
-            weights[name] = value.swapaxes(1, 2)
+    weights = with_conv_layout(weights, "pytorch")
     if settings["tie_word_embeddings"]:
         weights.pop("lm_head.weight", None)
     return weights
@@ -158,7 +158,7 @@ def _cast_floats(model: nn.Module, dtype) -> None:
 def _quantized(model, config, group_size, bits, mode, quantize_all):
     if "quantization" in config:
         raise CheckpointError("the source is already quantized; use --dequantize first")
-    default_group_size, default_bits = MODE_DEFAULTS[mode]
+    default_group_size, default_bits = QUANTIZATION_MODE_DEFAULTS[mode]
     group_size, bits = group_size or default_group_size, bits or default_bits
     predicate = None if quantize_all else routing_safe_predicate(bits, group_size, mode)
     try:
@@ -183,8 +183,7 @@ def _write_mlx(directory: Path, model, config: dict, max_shard_bytes: int) -> No
 
 def _write_hf(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
     """SPEC's PyTorch layout: conv1d weights E×1×K, no quantization."""
-    weights = {name: value.swapaxes(1, 2) if name.endswith("conv1d.weight") else value
-               for name, value in tree_flatten(model.parameters())}
+    weights = with_conv_layout(dict(tree_flatten(model.parameters())), "pytorch")
     write_safetensors(directory, weights, "pt", max_shard_bytes)
     save_config(dict(config), directory / "config.json")
 

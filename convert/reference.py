@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layout import (
+from mlx_fm.layout import (
     MODEL_TYPE, model_settings, read_config, shard_file_names, shard_index, split_into_shards,
     weight_files,
 )

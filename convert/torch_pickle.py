@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .layout import CheckpointError
+from mlx_fm.layout import CheckpointError
 
 STORAGE_DTYPES = {
     "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,

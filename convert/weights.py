@@ -13,9 +13,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from mlx_fm.layout import CheckpointError
+
 from . import torch_pickle
 from .torch_pickle import printable
-from .layout import CheckpointError
 
 # Wrappers that training scripts put around the state dict in a .pt file.
 STATE_DICT_KEYS = ("state_dict", "model")

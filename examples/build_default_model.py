@@ -61,7 +61,7 @@ def validation_windows(float_model: Path, config):
 
 
 def validation_perplexity(model_dir: Path, windows, config) -> float:
-    model = mlx_fm.load_model(model_dir)
+    model, _ = mlx_fm.load_model(model_dir)
     return math.exp(validation_loss(model, windows, config, mx.distributed.init()))
 
 
@@ -78,7 +78,7 @@ def variants(float_model: Path, run: Path) -> list:
 
 def card(run: Path, config, chosen: str, measured: dict) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    float_model = mlx_fm.load_model(measured["float32"]["path"])
+    float_model, _ = mlx_fm.load_model(measured["float32"]["path"])
     return dict(
         variant=chosen,
         parameters=parameter_count(float_model),

@@ -11,8 +11,6 @@ from pathlib import Path
 from .cli import fail_cleanly, one_line, warn
 from .utils import missing_tokenizer
 
-Q_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
-
 
 def parse_size(text: str) -> int:
     """Bytes in "5GB", "500MB", "20KB" or "1000"."""
@@ -34,7 +32,9 @@ def parse_size(text: str) -> int:
 
 
 def build_parser():
-    from mlx_fm_convert.checkpoint import CONVERSION_DTYPES, DEFAULT_MAX_SHARD_BYTES
+    from mlx_fm_convert.checkpoint import (
+        CONVERSION_DTYPES, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_MODE_DEFAULTS,
+    )
 
     parser = argparse.ArgumentParser(prog="mlx_fm.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--hf-path", "--model", required=True,
@@ -46,7 +46,7 @@ def build_parser():
                         help="Quantization group size (default: the mode's, 64 for affine)")
     parser.add_argument("--q-bits", type=int, default=None,
                         help="Bits per weight (default: the mode's, 4 for affine)")
-    parser.add_argument("--q-mode", choices=Q_MODES, default="affine")
+    parser.add_argument("--q-mode", choices=tuple(QUANTIZATION_MODE_DEFAULTS), default="affine")
     parser.add_argument("--quantize-all", action="store_true",
                         help="Quantize in_proj (the router), embeddings and lm_head at --q-bits "
                              "too: smaller, but tokens go to other slots more often")

@@ -16,10 +16,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
-from mlx_fm_convert.layout import (
+from .layout import (
     CheckpointError, read_config, shard_file_names, shard_index, split_into_shards,
 )
-
 from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
 
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
@@ -77,10 +76,14 @@ def _checked_config(path: Path) -> None:
         raise ModelLoadError(f"no model*.safetensors weights in {path}")
 
 
-def load_model(path_or_hf_repo=None, lazy: bool = False, strict: bool = True,
-               model_config: Optional[dict] = None, revision=None) -> Model:
-    """The model alone (no tokenizer needed). Never runs code from the checkpoint."""
-    return _load(path_or_hf_repo, lazy, strict, model_config, revision)[0]
+def load_model(model_path: Union[str, Path, None] = None, lazy: bool = False,
+               strict: bool = True, model_config: Optional[dict] = None, *,
+               revision: Optional[str] = None) -> tuple[Model, dict]:
+    """(model, config), as mlx-lm's `load_model`, from a local directory, a Hugging Face repo
+    id or (None) the bundled default model; no tokenizer needed. Never runs code from the
+    checkpoint."""
+    model, config, _ = _load(model_path, lazy, strict, model_config, revision)
+    return model, config
 
 
 def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=None):

@@ -30,7 +30,7 @@ def workspace(tmp_path, tiny_model_dir):
     """tmp_path/models/base (a model) and tmp_path/adapters/run (its LoRA adapters)."""
     base = tmp_path / "models" / "base"
     shutil.copytree(tiny_model_dir, base)
-    model = mlx_fm.load_model(base)
+    model, _ = mlx_fm.load_model(base)
     linear_to_lora_layers(model, ADAPTER_CONFIG["num_layers"], ADAPTER_CONFIG["lora_parameters"])
     adapters = tmp_path / "adapters" / "run"
     adapters.mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_train_refuses_foreign_files_in_model_before_training(tmp_path, corpus, 
 
     train_main(train_args(corpus, output, "--steps", "2", "--force", *resume))
     assert not (output / "model" / "weights.bin").exists()
-    assert mlx_fm.load_model(output / "model") is not None
+    assert mlx_fm.load_model(output / "model")[0] is not None
 
 
 def test_train_refuses_to_replace_its_data_even_with_force(tmp_path, corpus, capsys):

@@ -7,11 +7,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mlx_fm_convert.layout import CheckpointError  # noqa: E402
+from mlx_fm.layout import CheckpointError  # noqa: E402
 from mlx_fm_convert.reference import (  # noqa: E402
     FactorizationMemoryForCausalLM, FMConfig, LayerCache, fm_step, route, scan_chunked,
     scan_recurrent,
 )
+
+from conftest import relative_error  # noqa: E402
 
 SMALL = dict(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_heads=2, num_slots=8,
              top_k=3, intermediate_size=24, tie_word_embeddings=False)
@@ -27,10 +29,6 @@ def reference_model(seed=0, **overrides):
     return model.eval()
 
 
-def max_relative_error(actual, expected):
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @pytest.mark.parametrize("overrides", [
     {}, {"top_k": None}, {"conv_kernel": 0}, {"intermediate_size": 0},
     {"tie_word_embeddings": True, "conv_kernel": 2, "top_k": 1},
@@ -39,7 +37,7 @@ def max_relative_error(actual, expected):
 def test_chunked_form_matches_the_step_recurrence(overrides):
     model = reference_model(**overrides)
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 37))  # not a multiple of the chunk
-    assert max_relative_error(model(tokens), model(tokens, recurrent=True)) < 1e-5
+    assert relative_error(model(tokens), model(tokens, recurrent=True)) < 1e-5
 
 
 @torch.no_grad()
@@ -50,7 +48,7 @@ def test_prefill_then_step_decoding_continues_the_same_sequence():
     cache = model.make_cache()
     parts = [model(tokens[:, :21], cache)]
     parts += [model(tokens[:, t:t + 1], cache, recurrent=True) for t in range(21, 30)]
-    assert max_relative_error(torch.cat(parts, dim=1), whole) < 1e-5
+    assert relative_error(torch.cat(parts, dim=1), whole) < 1e-5
     assert cache[0].state.shape == (2, 2, 8, 16) and cache[0].conv_inputs.shape == (2, 3, 32)
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fm_convert.layout import CheckpointError
+from mlx_fm.layout import CheckpointError
 from mlx_fm_convert.weights import read_weights
 
 PREFIX = "archive"

@@ -12,9 +12,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
-from mlx_fm_convert.layout import MODEL_TYPE, model_settings
 from mlx_lm.models.cache import ArraysCache
 
+from ..layout import MODEL_TYPE, model_settings, with_conv_layout
 from ..ops import fm_mix
 from ..ops.activations import silu
 
@@ -201,11 +201,7 @@ class Model(nn.Module):
 
     def sanitize(self, weights):
         """Accept SPEC's PyTorch layout (conv1d weight E×1×K); idempotent."""
-        weights = dict(weights)
-        for key, value in weights.items():
-            if key.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1 \
-                    and value.shape[2] != 1:
-                weights[key] = value.swapaxes(1, 2)
+        weights = with_conv_layout(weights, "mlx")
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights

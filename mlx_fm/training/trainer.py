@@ -133,7 +133,7 @@ def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optio
 
 def load_trained_model(path: Path, architecture: str):
     if architecture == MODEL_TYPE:
-        return load_model(path)
+        return load_model(path)[0]
     return mlx_lm_load_model(path)[0]
 
 

@@ -1,11 +1,14 @@
-"""SPEC's checkpoint contract in plain Python: config keys, tensor names and shapes, weight files.
+"""SPEC's checkpoint contract in plain Python: config keys, tensor names and shapes, the
+conv1d weight layout, weight files.
 
-Shared by the PyTorch reference and the converter; imports neither torch nor mlx.
+Shared by the model, the loader, the converter and the PyTorch reference; imports neither
+torch nor mlx.
 """
 
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 MODEL_TYPE = "factorization_memory"
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_slots")
@@ -96,6 +99,25 @@ def tensor_shapes(settings: dict) -> dict:
     if not settings["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, dim)
     return shapes
+
+
+# conv1d weights are E×1×K in SPEC's PyTorch layout and E×K×1 in MLX's.
+ConvLayout = Literal["pytorch", "mlx"]
+_KERNEL_AXIS = {"pytorch": 2, "mlx": 1}
+
+
+def with_conv_layout(weights: dict, layout: ConvLayout) -> dict:
+    """`weights` (torch, mlx or numpy arrays) with every conv1d weight in `layout`; one
+    already in it, or not E×1×K nor E×K×1, is left as it is."""
+    kernel_axis = _KERNEL_AXIS[layout]
+    unit_axis = 3 - kernel_axis
+
+    def in_layout(name: str, value):
+        swapped = (name.endswith("conv1d.weight") and value.ndim == 3
+                   and value.shape[kernel_axis] == 1 and value.shape[unit_axis] != 1)
+        return value.swapaxes(1, 2) if swapped else value
+
+    return {name: in_layout(name, value) for name, value in weights.items()}
 
 
 def read_config(directory: Path) -> dict:
