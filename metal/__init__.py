@@ -1,1 +1,1 @@
-"""Metal kernel sources (*.metal), read by mlx_fm.kernels."""
+"""Metal kernel sources (*.metal), read by mlx_fm.ops.metal."""

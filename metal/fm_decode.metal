@@ -74,11 +74,11 @@ for (uint first_column = 0; first_column < width; first_column += COLUMNS) {
     value = float(x[head_row * width + column]);
     for (uint i = row_group; i < M; i += ROW_GROUPS) {
       float slot_value = head_state[i * width + column];
-      const float weight = slot_weights[i];
-      if (weight != 0.0f) {
-        const float theta = eta * weight;
+      const float slot_weight = slot_weights[i];
+      if (slot_weight != 0.0f) {
+        const float theta = eta * slot_weight;
         slot_value = (1.0f - theta) * slot_value + theta * value;
-        read += weight * slot_value;
+        read += slot_weight * slot_value;
       }
       head_new_state[i * width + column] = slot_value;
     }

@@ -11,9 +11,9 @@
 // Sums over p are done per threadgroup (its COLUMNS columns); the partial sums
 // of the B = ceil(P / COLUMNS) threadgroups are added by the caller.
 // Template: M slots, CHUNK (as in the forward), COLUMNS.
-// Inputs: x, weights, eta as in the forward; checkpoints (B, H, N, P, M);
+// Inputs: x, slot_weights, eta as in the forward; checkpoints (B, H, N, P, M);
 // d_reads (B, T, H, P) float32; d_final_state (B, H, M, P) float32.
-// Outputs: d_x (B, T, H, P); d_weights_partial (B, T, H, B, M);
+// Outputs: d_x (B, T, H, P); d_slot_weights_partial (B, T, H, B, M);
 // d_eta_partial (B, T, H, B); d_state (B, H, M, P), all float32.
 
 constexpr int SLOTS_PER_LANE = (M + 31) / 32;
@@ -60,7 +60,7 @@ for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
     const float value = float(x[token * width + column]);
     for (int j = 0; j < SLOTS_PER_LANE; ++j) {
       const uint i = lane + 32 * j;
-      const float theta = i < M ? eta_t * weights[token * M + i] : 0.0f;
+      const float theta = i < M ? eta_t * slot_weights[token * M + i] : 0.0f;
       history[t - start + 1][j] = (1.0f - theta) * history[t - start][j] + theta * value;
     }
   }
@@ -76,12 +76,12 @@ for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
     for (int j = 0; j < SLOTS_PER_LANE; ++j) {
       const uint i = lane + 32 * j;
       if (i < M) {
-        const float weight = weights[token * M + i];
-        const float theta = eta_t * weight;
-        adjoint[j] += weight * d_read;
+        const float slot_weight = slot_weights[token * M + i];
+        const float theta = eta_t * slot_weight;
+        adjoint[j] += slot_weight * d_read;
         const float d_theta = adjoint[j] * (value - history[q][j]);
         slot_partials[parity][simd_group * M + i] = d_read * history[q + 1][j] + eta_t * d_theta;
-        d_eta += weight * d_theta;
+        d_eta += slot_weight * d_theta;
         d_value += theta * adjoint[j];
         adjoint[j] *= 1.0f - theta;
       }
@@ -98,7 +98,7 @@ for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
       for (uint g = 0; g < simd_groups; ++g) {
         total += slot_partials[parity][g * M + i];
       }
-      d_weights_partial[(token * blocks + block) * M + i] = total;
+      d_slot_weights_partial[(token * blocks + block) * M + i] = total;
     }
     if (thread_rank == 0) {
       float total = 0.0f;

@@ -3,7 +3,7 @@
 // One SIMD group per (batch, head, value column p); lane l holds the slots
 // l, l + 32, ... of column p in registers, so the read Σ_i α̃_i M[i, p] is one
 // simd_sum. Template: M slots, CHUNK tokens between saved states.
-// Inputs: x (B, T, H, P) any float type; weights α̃ (B, T, H, M) float32;
+// Inputs: x (B, T, H, P) any float type; slot_weights α̃ (B, T, H, M) float32;
 // eta (B, T, H) float32, zero for padding; state (B, H, M, P) float32.
 // Outputs: reads (B, T, H, P); final_state (B, H, M, P); checkpoints
 // (B, H, N, P, M) with N = ceil(T / CHUNK): the state entering each chunk,
@@ -43,10 +43,10 @@ for (uint t = 0; t < length; ++t) {
   for (int j = 0; j < SLOTS_PER_LANE; ++j) {
     const uint i = lane + 32 * j;
     if (i < M) {
-      const float weight = weights[token * M + i];
-      const float theta = eta_t * weight;
+      const float slot_weight = slot_weights[token * M + i];
+      const float theta = eta_t * slot_weight;
       slot_state[j] = (1.0f - theta) * slot_state[j] + theta * value;
-      read += weight * slot_state[j];
+      read += slot_weight * slot_state[j];
     }
   }
   read = simd_sum(read);

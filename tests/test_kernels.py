@@ -1,12 +1,17 @@
-"""The FM Metal kernels (mlx_fm.kernels), run through the CPU emulator of
+"""The FM Metal kernels (mlx_fm.ops.metal), run through the CPU emulator of
 mx.fast.metal_kernel, against the ops path (mlx_fm.ops)."""
+
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fm import kernels, ops
+from mlx_fm import ops
+from mlx_fm.ops import metal
 from mlx_fm.testing.metal_kernel import metal_kernel
+
+from conftest import relative_error
 
 FLOAT32_TOLERANCE = 1e-5
 # The kernels read 16-bit inputs and compute in float32 as the ops do after
@@ -17,18 +22,13 @@ SCAN_CHUNK = 4  # small, so that short sequences span several chunks
 
 @pytest.fixture(scope="module")
 def emulated():
-    return kernels.FMKernels(metal_kernel=metal_kernel, scan_chunk=SCAN_CHUNK)
+    return metal.FMKernels(metal_kernel=metal_kernel, scan_chunk=SCAN_CHUNK)
 
 
 @pytest.fixture(autouse=True)
 def ops_reference(monkeypatch):
     """ops.fm_mix stays the reference, even on a Mac with Metal."""
     monkeypatch.setenv("MLX_FM_OPS_ONLY", "1")
-
-
-def relative_error(actual, expected):
-    actual, expected = actual.astype(mx.float32), expected.astype(mx.float32)
-    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
 
 
 def mix_inputs(batch, length, heads, width, slots, dtype=mx.float32, seed=0):
@@ -45,18 +45,19 @@ def mix_inputs(batch, length, heads, width, slots, dtype=mx.float32, seed=0):
 
 
 def scan_inputs(batch, length, heads, width, slots, top_k, seed=0):
-    """x, weights α̃, eta and a state, as fm_chunked takes them."""
+    """x, slot weights α̃, eta and a state, as fm_chunked takes them."""
     x, router_logits, update_logits, _, eta_bias, _, state = mix_inputs(
         batch, length, heads, width, slots, seed=seed
     )
-    weights = ops.route(router_logits, 0.7, top_k)
+    slot_weights = ops.route(router_logits, 0.7, top_k)
     eta = mx.sigmoid(update_logits + eta_bias)
-    return x, weights, eta, state
+    return x, slot_weights, eta, state
 
 
 def both_mixes(emulated, inputs, **options):
+    """fm_mix on the emulated kernels, and on the ops."""
     *arguments, state = inputs
-    actual = emulated.mix(*arguments, state=state, **options)
+    actual = ops.fm_mix(*arguments, state=state, kernels=emulated, **options)
     expected = ops.fm_mix(*arguments, state=state, **options)
     return actual, expected
 
@@ -126,10 +127,10 @@ SCAN_CASES = [  # (length, slots, top_k): T = 1, T not a multiple of the chunk, 
 @pytest.mark.parametrize("length,slots,top_k", SCAN_CASES)
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
 def test_scan_matches_chunked(emulated, length, slots, top_k, with_state):
-    x, weights, eta, state = scan_inputs(2, length, 2, 20, slots, top_k)
+    x, slot_weights, eta, state = scan_inputs(2, length, 2, 20, slots, top_k)
     state = state if with_state else None
-    reads, final_state = emulated.scan(x, weights, eta, state)
-    expected_reads, expected_state = ops.fm_chunked(x, weights, eta, state)
+    reads, final_state = emulated.scan(x, slot_weights, eta, state)
+    expected_reads, expected_state = ops.fm_chunked(x, slot_weights, eta, state)
     assert reads.shape == expected_reads.shape and final_state.shape == expected_state.shape
     assert relative_error(reads, expected_reads) < FLOAT32_TOLERANCE
     assert relative_error(final_state, expected_state) < FLOAT32_TOLERANCE
@@ -152,8 +153,8 @@ def scan_loss(scan):
     """A scalar loss of the reads and the final state, with cotangents that
     vary from token to token and column to column."""
 
-    def loss(x, weights, eta, state):
-        reads, final_state = scan(x, weights, eta, state)
+    def loss(x, slot_weights, eta, state):
+        reads, final_state = scan(x, slot_weights, eta, state)
         return (reads * mx.cos(reads)).sum() + 0.3 * (final_state * final_state).sum()
 
     return loss
@@ -165,7 +166,7 @@ def test_scan_gradients_match_chunked(emulated, length, slots, top_k):
     arguments = (0, 1, 2, 3)
     grads = mx.grad(scan_loss(emulated.scan), argnums=arguments)(*inputs)
     expected = mx.grad(scan_loss(ops.fm_chunked), argnums=arguments)(*inputs)
-    for name, grad, expected_grad in zip(("x", "weights", "eta", "state"), grads, expected):
+    for name, grad, expected_grad in zip(("x", "slot_weights", "eta", "state"), grads, expected):
         assert grad.shape == expected_grad.shape, name
         assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
 
@@ -190,7 +191,7 @@ def test_mix_gradients_with_padding_match_ops(emulated, dtype):
 
     arguments = (*arguments, state)
     argnums = tuple(range(len(arguments)))
-    grads = mx.grad(loss(emulated.mix), argnums=argnums)(*arguments)
+    grads = mx.grad(loss(partial(ops.fm_mix, kernels=emulated)), argnums=argnums)(*arguments)
     expected = mx.grad(loss(ops.fm_mix), argnums=argnums)(*arguments)
     for index, (grad, expected_grad) in enumerate(zip(grads, expected)):
         assert grad.dtype == expected_grad.dtype, index
@@ -200,36 +201,45 @@ def test_mix_gradients_with_padding_match_ops(emulated, dtype):
 # --- dispatch -------------------------------------------------------------------
 
 
-def test_fm_mix_dispatches_to_the_kernels(emulated, monkeypatch):
+@pytest.mark.parametrize("length,with_state,kernel", [
+    (1, True, "decode"), (1, False, "scan"), (5, True, "scan"),
+])
+def test_fm_mix_runs_on_the_default_kernels_where_they_run(emulated, monkeypatch, length, with_state, kernel):
+    *arguments, state = mix_inputs(1, length, 2, 8, 12)
+    state = state if with_state else None
+    expected_out, expected_state = ops.fm_mix(*arguments, top_k=3, temperature=0.7, state=state)
+
     calls = []
 
-    def recorded_mix(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernels.FMKernels.mix(emulated, *args, **kwargs)
+    def recorded(name):
+        original = getattr(emulated, name)
 
-    monkeypatch.setattr(kernels, "use_kernels", lambda: True)
-    monkeypatch.setattr(kernels, "default_kernels", lambda: emulated)
-    monkeypatch.setattr(emulated, "mix", recorded_mix)
-    *arguments, state = mix_inputs(1, 5, 2, 8, 12)
+        def record(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(metal, "use_kernels", lambda: True)
+    monkeypatch.setattr(metal, "default_kernels", lambda: emulated)
+    for name in ("decode", "scan"):
+        monkeypatch.setattr(emulated, name, recorded(name))
     out, new_state = ops.fm_mix(*arguments, top_k=3, temperature=0.7, state=state)
-    expected_out, expected_state = kernels.FMKernels.mix(
-        emulated, *arguments, top_k=3, temperature=0.7, state=state
-    )
-    assert calls == [(1, 5, 2, 8)]
-    assert np.array_equal(np.array(out), np.array(expected_out))
-    assert np.array_equal(np.array(new_state), np.array(expected_state))
+    assert calls == [kernel]
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+    assert relative_error(new_state, expected_state) < FLOAT32_TOLERANCE
 
 
 def test_use_kernels_needs_metal_the_gpu_and_no_opt_out(monkeypatch):
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     monkeypatch.delenv("MLX_FM_OPS_ONLY")
-    assert kernels.use_kernels()
+    assert metal.use_kernels()
     monkeypatch.setenv("MLX_FM_OPS_ONLY", "1")
-    assert not kernels.use_kernels()
+    assert not metal.use_kernels()
     monkeypatch.delenv("MLX_FM_OPS_ONLY")
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
-    assert not kernels.use_kernels()
+    assert not metal.use_kernels()
     monkeypatch.setattr(mx.metal, "is_available", lambda: False)
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert not kernels.use_kernels()
+    assert not metal.use_kernels()

@@ -6,8 +6,6 @@ fail on an emulator that runs threads one after another, ignores barriers or
 computes SIMD-group functions per thread.
 """
 
-import time
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -375,7 +373,7 @@ def test_vector_types_and_math():
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_hundred_thousand_threads_with_barriers_run_in_well_under_a_second():
+def test_a_hundred_thousand_threads_with_barriers_reuse_the_compiled_kernel(monkeypatch):
     source = """
         threadgroup float partial[8];
         float v = inp[thread_position_in_grid.x];
@@ -390,14 +388,13 @@ def test_a_hundred_thousand_threads_with_barriers_run_in_well_under_a_second():
     inputs = mx.ones((100_000,))
     run(kernel, [inputs], (100_000, 1, 1), (256, 1, 1), [((100_000,), mx.float32)])  # compiles
 
-    start = time.perf_counter()
+    # A second launch runs the loaded library: no compiling, not even a look at the disk cache.
+    monkeypatch.setattr(emulator, "_shared_library", lambda *args: pytest.fail("recompiled"))
     (out,) = run(kernel, [inputs], (100_000, 1, 1), (256, 1, 1), [((100_000,), mx.float32)])
-    elapsed = time.perf_counter() - start
 
     expected = np.full(100_000, 256.0)
     expected[-(100_000 % 256):] = 100_000 % 256
     np.testing.assert_array_equal(np.array(out), expected)
-    assert elapsed < 0.5, f"{elapsed:.3f} s"
 
 
 # --- rejections ------------------------------------------------------------------

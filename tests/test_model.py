@@ -2,18 +2,14 @@
 
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import batch_generate, generate, stream_generate
+from mlx_lm.generate import batch_generate, generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_fm import ModelArgs, load
 from mlx_fm.ops import fm_recurrent
 
-from conftest import TINY, tiny_model
-
-
-def relative_error(actual, expected):
-    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+from conftest import TINY, relative_error, tiny_model
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -131,14 +127,6 @@ def test_prompt_cache_save_and_load(tmp_path):
     restored = load_prompt_cache(str(tmp_path / "cache.safetensors"))
     next_token = mx.array([[6]])
     assert mx.allclose(model(next_token, cache=restored), model(next_token, cache=cache)).item()
-
-
-def test_mlx_lm_generate_and_stream_generate(tiny_model_dir):
-    model, tokenizer = load(tiny_model_dir)
-    text = generate(model, tokenizer, "Hello", max_tokens=8)
-    streamed = "".join(r.text for r in stream_generate(model, tokenizer, "Hello", max_tokens=8))
-    assert text == streamed
-    assert len(tokenizer.encode(text)) >= 1
 
 
 def test_batch_generate_matches_single_prompt_generation(tiny_model_dir):

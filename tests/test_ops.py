@@ -6,20 +6,18 @@ import pytest
 
 from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, route
 
-
-def relative_error(actual, expected):
-    return (mx.abs(actual - expected).max() / mx.abs(expected).max()).item()
+from conftest import relative_error
 
 
 def random_scan_inputs(batch, length, heads, width, slots, top_k, seed=0, logit_scale=3.0,
                        temperature=0.5, eta_scale=3.0):
     mx.random.seed(seed)
     x = mx.random.normal((batch, length, heads, width))
-    weights = route(mx.random.normal((batch, length, heads, slots)) * logit_scale,
-                    temperature, top_k)
+    slot_weights = route(mx.random.normal((batch, length, heads, slots)) * logit_scale,
+                         temperature, top_k)
     eta = mx.sigmoid(mx.random.normal((batch, length, heads)) * eta_scale)
     state = mx.random.normal((batch, heads, slots, width))
-    return x, weights, eta, state
+    return x, slot_weights, eta, state
 
 
 CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the chunk, long T
@@ -31,19 +29,19 @@ CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the c
 @pytest.mark.parametrize("length,slots,top_k", CASES)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunked_equals_step(length, slots, top_k, with_state):
-    x, weights, eta, state = random_scan_inputs(2, length, 2, 8, slots, top_k)
+    x, slot_weights, eta, state = random_scan_inputs(2, length, 2, 8, slots, top_k)
     state = state if with_state else None
-    expected, expected_state = fm_recurrent(x, weights, eta, state)
-    actual, actual_state = fm_chunked(x, weights, eta, state)
+    expected, expected_state = fm_recurrent(x, slot_weights, eta, state)
+    actual, actual_state = fm_chunked(x, slot_weights, eta, state)
     assert relative_error(actual, expected) < 1e-4
     assert relative_error(actual_state, expected_state) < 1e-4
 
 
 def test_chunk_sizes_do_not_change_the_result():
-    x, weights, eta, state = random_scan_inputs(1, 90, 2, 4, 8, 8)
-    expected, _ = fm_recurrent(x, weights, eta, state)
+    x, slot_weights, eta, state = random_scan_inputs(1, 90, 2, 4, 8, 8)
+    expected, _ = fm_recurrent(x, slot_weights, eta, state)
     for chunk_size, segment in [(1, 8), (8, 8), (16, 32), (32, 64), (64, 64), (128, 256)]:
-        actual, _ = fm_chunked(x, weights, eta, state, chunk_size, segment)
+        actual, _ = fm_chunked(x, slot_weights, eta, state, chunk_size, segment)
         assert relative_error(actual, expected) < 1e-4, chunk_size
 
 
@@ -54,10 +52,10 @@ def test_extreme_inputs_stay_finite():
     x = mx.random.normal((batch, length, heads, width)) * 10
     logits = mx.where(mx.random.uniform(shape=(batch, length, heads, slots)) > 0.5, 50.0, -50.0)
     for top_k in (1, 4, slots):
-        weights = route(logits, 0.05, top_k)
+        slot_weights = route(logits, 0.05, top_k)
         eta = mx.sigmoid(mx.full((batch, length, heads), 40.0))
-        expected, expected_state = fm_recurrent(x, weights, eta)
-        actual, state = fm_chunked(x, weights, eta)
+        expected, expected_state = fm_recurrent(x, slot_weights, eta)
+        actual, state = fm_chunked(x, slot_weights, eta)
         for array in (actual, state):
             assert mx.isfinite(array).all().item()
         assert relative_error(actual, expected) < 1e-4
@@ -77,23 +75,23 @@ def test_route_sparse_keeps_exactly_top_k_and_renormalizes():
 
 
 def test_unselected_slots_are_bit_for_bit_unchanged():
-    x, weights, eta, state = random_scan_inputs(2, 24, 3, 8, 16, 2)
+    x, slot_weights, eta, state = random_scan_inputs(2, 24, 3, 8, 16, 2)
     # One step: slots outside this token's top-k.
-    _, after_step = fm_step(x[:, 0], weights[:, 0], eta[:, 0], state)
-    untouched = np.array(weights[:, 0] == 0)
+    _, after_step = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
+    untouched = np.array(slot_weights[:, 0] == 0)
     assert untouched.sum() > 0
     assert np.array_equal(np.array(after_step)[untouched], np.array(state)[untouched])
     # One chunk: slots that no token of the chunk selected.
-    _, after_chunk = fm_chunked(x, weights, eta, state, chunk_size=32)
-    untouched = np.array((weights == 0).all(axis=1))
+    _, after_chunk = fm_chunked(x, slot_weights, eta, state, chunk_size=32)
+    untouched = np.array((slot_weights == 0).all(axis=1))
     assert untouched.sum() > 0
     assert np.array_equal(np.array(after_chunk)[untouched], np.array(state)[untouched])
     assert not np.array_equal(np.array(after_chunk)[~untouched], np.array(state)[~untouched])
 
 
 def test_gradients_of_chunked_and_step_agree():
-    x, weights, eta, state = random_scan_inputs(1, 70, 2, 4, 8, 3, logit_scale=1.0)
-    logits = mx.random.normal(weights.shape)
+    x, slot_weights, eta, state = random_scan_inputs(1, 70, 2, 4, 8, 3, logit_scale=1.0)
+    logits = mx.random.normal(slot_weights.shape)
     probe = mx.random.normal(x.shape)
 
     def loss(scan, x, logits, eta, state):
@@ -117,10 +115,15 @@ def test_mix_keeps_a_float32_state_for_low_precision_inputs():
     bias = mx.zeros((heads,), mx.bfloat16)
     out, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=4, temperature=1.0)
     assert state.dtype == mx.float32 and out.dtype == mx.float32
+    # One token with a (zero) state takes the step recurrence: the first token of the scan.
     out_step, state_step = fm_mix(x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1],
                                   bias, bias, top_k=4, temperature=1.0,
                                   state=mx.zeros_like(state))
-    assert state_step.dtype == mx.float32
+    _, state_first = fm_mix(x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1],
+                            bias, bias, top_k=4, temperature=1.0)
+    assert state_step.dtype == mx.float32 and out_step.dtype == mx.float32
+    assert relative_error(out_step, out[:, :1]) < 1e-6
+    assert relative_error(state_step, state_first) < 1e-6
 
 
 def test_mix_masked_tokens_leave_the_state_untouched():

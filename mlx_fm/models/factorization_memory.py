@@ -35,7 +35,7 @@ class ModelArgs(BaseModelArgs):
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # SPEC's config contract, shared with the converter and the PyTorch reference:
         # raises a ValueError that names the offending key.
         self.top_k = model_settings(dataclasses.asdict(self))["top_k"]
@@ -52,7 +52,7 @@ class ModelArgs(BaseModelArgs):
 class FactorizationMemory(nn.Module):
     """The FM mixer: projections, causal conv, routed slot memory, gated output."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.num_heads, self.num_slots = args.num_heads, args.num_slots
         self.head_dim, self.inner_size = args.head_dim, args.inner_size
@@ -69,7 +69,7 @@ class FactorizationMemory(nn.Module):
         self.norm = nn.RMSNorm(inner, eps=args.rms_norm_eps)
         self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
-    def _conv(self, x, cache, mask):
+    def _conv(self, x: mx.array, cache: Optional[ArraysCache], mask: Optional[mx.array]) -> mx.array:
         """SiLU(causal depthwise conv) over time, carrying the last K−1 inputs in the cache."""
         if self.conv_kernel == 0:
             return silu(x)
@@ -86,7 +86,9 @@ class FactorizationMemory(nn.Module):
             cache[1] = _last_inputs(window, keep, cache.lengths)
         return _causal_conv_silu(window, self.conv1d.weight, self.conv1d.bias)
 
-    def __call__(self, u, mask=None, cache=None):
+    def __call__(
+        self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[ArraysCache] = None
+    ) -> mx.array:
         batch, length, _ = u.shape
         z, x, router_logits, update_logits, merge_logits = mx.split(
             self.in_proj(u), self.splits, axis=-1
@@ -108,7 +110,7 @@ class FactorizationMemory(nn.Module):
 
 
 @mx.compile
-def _causal_conv_silu(window, weight, bias):
+def _causal_conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """SiLU(depthwise conv) of a (B, K−1+T, E) window with MLX conv weights (E, K, 1)."""
     taps = weight.shape[1]
     length = window.shape[1] - taps + 1
@@ -119,11 +121,11 @@ def _causal_conv_silu(window, weight, bias):
 
 
 @mx.compile
-def _gate(out, z):
+def _gate(out: mx.array, z: mx.array) -> mx.array:
     return out * silu(z)
 
 
-def _last_inputs(window, keep, lengths):
+def _last_inputs(window: mx.array, keep: int, lengths: Optional[mx.array]) -> mx.array:
     """The last `keep` real inputs of each row (rows may be right-padded to `lengths`)."""
     if lengths is None:
         return window[:, window.shape[1] - keep :]
@@ -133,18 +135,18 @@ def _last_inputs(window, keep, lengths):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
-    def __call__(self, x):
+    def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.mixer = FactorizationMemory(args)
@@ -152,7 +154,9 @@ class Block(nn.Module):
             self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             self.mlp = MLP(args)
 
-    def __call__(self, h, mask=None, cache=None):
+    def __call__(
+        self, h: mx.array, mask: Optional[mx.array] = None, cache: Optional[ArraysCache] = None
+    ) -> mx.array:
         h = h + self.mixer(self.norm(h), mask, cache)
         if "mlp" in self:
             h = h + self.mlp(self.mlp_norm(h))
@@ -160,13 +164,16 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [Block(args) for _ in range(args.num_hidden_layers)]
         self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs, cache=None, input_embeddings=None):
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list[ArraysCache]] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
         h = self.embeddings(inputs) if input_embeddings is None else input_embeddings
         if cache is None:
             cache = [None] * len(self.layers)
@@ -177,7 +184,7 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
         self.model_type = args.model_type
@@ -185,17 +192,20 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs, cache=None, input_embeddings=None):
+    def __call__(
+        self, inputs: mx.array, cache: Optional[list[ArraysCache]] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
         h = self.backbone(inputs, cache, input_embeddings)
         if self.args.tie_word_embeddings:
             return self.backbone.embeddings.as_linear(h)
         return self.lm_head(h)
 
     @property
-    def layers(self):
+    def layers(self) -> list[Block]:
         return self.backbone.layers
 
-    def make_cache(self):
+    def make_cache(self) -> list[ArraysCache]:
         size = 2 if self.args.conv_kernel > 1 else 1
         return [ArraysCache(size=size) for _ in self.layers]
 

@@ -1,40 +1,63 @@
-"""The FM mixer's core op: route, write, read, merge (docs/SPEC.md), on MLX ops.
+"""The FM mixer's core op (docs/SPEC.md): route, write, read, merge.
 
-`fm_mix` is the one place that picks an implementation: the Metal kernels
-(mlx_fm.kernels) where Metal is available and the GPU is the default device
-(MLX_FM_OPS_ONLY=1 forces the ops); otherwise the step recurrence for a single
-token and the chunked parallel form for longer inputs.
+The op family, side by side (as flash-linear-attention's fla/ops/<op>/):
+
+- router.py: the slot weights α̃ (softmax, top-k), the gates η and μ, the merge;
+- recurrent.py: the step recurrence, one token at a time (decode, and the reference);
+- chunk.py: the chunked parallel form (prompts and training);
+- metal.py: the fused Metal kernels (sources in metal/): a decode step and a
+  differentiable scan.
+
+`fm_mix` is the one place that picks among them.
 """
 
-from .. import kernels
+import mlx.core as mx
+
+from . import metal
 from .chunk import fm_chunked
+from .metal import FMKernels
 from .recurrent import fm_recurrent, fm_step
 from .router import gates, merge, prepare, route
 
-__all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates"]
+__all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates", "FMKernels"]
 
 
 def fm_mix(
-    x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-    *, top_k, temperature, state=None, mask=None,
-):
+    x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
+    eta_bias: mx.array, mu_bias: mx.array,
+    *, top_k: int, temperature: float, state: mx.array | None = None, mask: mx.array | None = None,
+    kernels: FMKernels | None = None,
+) -> tuple[mx.array, mx.array]:
     """One FM mixer over T tokens.
 
     x: (B, T, H, P) the projected input x̄; router_logits: (B, T, H, m);
     update_logits, merge_logits: (B, T, H); state: (B, H, m, P) float32 or None;
     mask: (B, T) bool, False for padding (such tokens leave the state untouched).
     Returns the merged output o (B, T, H, P) float32 and the new state.
+
+    Runs on `kernels` if given, else on the default Metal kernels where they run
+    (`metal.use_kernels()`, MLX_FM_OPS_ONLY=1 opts out), else on MLX ops. A single
+    token with a state takes the decode step, anything else the scan.
     """
-    if kernels.use_kernels():
-        return kernels.fm_mix(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-                              top_k=top_k, temperature=temperature, state=state, mask=mask)
-    x, weights, eta, mu = prepare(
+    if kernels is None and metal.use_kernels():
+        kernels = metal.default_kernels()
+    decoding = x.shape[1] == 1 and state is not None
+    if kernels is not None and decoding:
+        out, state = kernels.decode(
+            x[:, 0], router_logits[:, 0], update_logits[:, 0], merge_logits[:, 0],
+            eta_bias, mu_bias, state, top_k=top_k, temperature=temperature,
+            mask=None if mask is None else mask[:, 0],
+        )
+        return out[:, None], state
+    x, slot_weights, eta, mu = prepare(
         x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
         top_k=top_k, temperature=temperature, mask=mask,
     )
-    if x.shape[1] == 1 and state is not None:
-        read, state = fm_step(x[:, 0], weights[:, 0], eta[:, 0], state)
+    if kernels is not None:
+        read, state = kernels.scan(x, slot_weights, eta, state)
+    elif decoding:
+        read, state = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
         read = read[:, None]
     else:
-        read, state = fm_chunked(x, weights, eta, state)
+        read, state = fm_chunked(x, slot_weights, eta, state)
     return merge(read, x, mu), state

@@ -13,7 +13,7 @@ _LN2_HIGH, _LN2_LOW = 0.693145751953125, 1.428606765330187e-06  # Cody–Waite s
 _EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # e^r for |r| ≤ ln(2)/2
 
 
-def _exp(x):
+def _exp(x: mx.array) -> mx.array:
     """e^x for float32 x, as 2^n · e^r with n = round(x / ln 2); 0 and inf outside ±87."""
     clipped = mx.clip(x, -87.0, 87.0)
     n = mx.stop_gradient(mx.round(clipped * _LOG2_E))  # piecewise constant: no gradient
@@ -27,7 +27,7 @@ def _exp(x):
 
 
 @mx.compile
-def silu(x):
+def silu(x: mx.array) -> mx.array:
     """x · sigmoid(x), computed in float32, returned in x's dtype."""
     wide = x.astype(mx.float32)
     return (wide / (1 + _exp(-wide))).astype(x.dtype)

@@ -21,53 +21,58 @@ import mlx.core as mx
 _BROADCAST_BELOW = 1
 
 
-def fm_chunked(x, weights, eta, state=None, chunk_size=16, segment=256):
-    """The scan over T tokens: x (B, T, H, P), weights (B, T, H, m), eta (B, T, H).
+def fm_chunked(
+    x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None,
+    chunk_size: int = 16, segment: int = 256,
+) -> tuple[mx.array, mx.array]:
+    """The scan over T tokens: x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H).
 
     Returns the reads r (B, T, H, P) and the final state (B, H, m, P), float32.
     `chunk_size` must be a power of two.
     """
     batch, length, heads, width = x.shape
-    num_slots = weights.shape[-1]
+    num_slots = slot_weights.shape[-1]
     if state is None:
         state = mx.zeros((batch, heads, num_slots, width), mx.float32)
     chunk_size = min(chunk_size, 1 << max(length - 1, 0).bit_length())
     segment = max(segment // chunk_size, 1) * chunk_size
     padded = -(-length // chunk_size) * chunk_size
 
-    theta = eta[..., None] * weights
+    theta = eta[..., None] * slot_weights
 
-    def head_major(a):
+    def head_major(a: mx.array) -> mx.array:
         a = mx.pad(a, [(0, 0), (0, padded - length), (0, 0), (0, 0)])
         return a.transpose(0, 2, 1, 3)
 
-    x, weights, theta = map(head_major, (x, weights, theta))
-    reads = []
+    x, slot_weights, theta = map(head_major, (x, slot_weights, theta))
+    segment_reads = []
     for start in range(0, padded, segment):
         part = slice(start, start + segment)
         read, state = _compiled_segment(
-            x[:, :, part], weights[:, :, part], theta[:, :, part], state, chunk_size
+            x[:, :, part], slot_weights[:, :, part], theta[:, :, part], state, chunk_size
         )
-        reads.append(read)
-    reads = mx.concatenate(reads, axis=2) if len(reads) > 1 else reads[0]
+        segment_reads.append(read)
+    reads = mx.concatenate(segment_reads, axis=2) if len(segment_reads) > 1 else segment_reads[0]
     return reads[:, :, :length].transpose(0, 2, 1, 3), state
 
 
-def _segment(x, weights, theta, state, chunk_size):
-    """One segment, head-major: x (B, H, S, P), weights/theta (B, H, S, m)."""
+def _segment(
+    x: mx.array, slot_weights: mx.array, theta: mx.array, state: mx.array, chunk_size: int
+) -> tuple[mx.array, mx.array]:
+    """One segment, head-major: x (B, H, S, P), slot_weights/theta (B, H, S, m)."""
     batch, heads, length, width = x.shape
     chunks = length // chunk_size
 
-    def by_chunk(a):
+    def by_chunk(a: mx.array) -> mx.array:
         return a.reshape(batch, heads, chunks, chunk_size, a.shape[-1])
 
-    x, weights, theta = by_chunk(x), by_chunk(weights), by_chunk(theta)
+    x, slot_weights, theta = by_chunk(x), by_chunk(slot_weights), by_chunk(theta)
     decay = 1 - theta
-    read = _chunk_scores(weights, theta, decay) @ x
+    read = _chunk_scores(slot_weights, theta, decay) @ x
 
     from_start = mx.cumprod(decay, axis=-2)  # D(chunk start, t)
     to_end = mx.cumprod(decay, axis=-2, reverse=True, inclusive=False)  # D(t, chunk end)
-    query = weights * from_start
+    query = slot_weights * from_start
     written = (theta * to_end).swapaxes(-1, -2) @ x  # (B, H, N, m, P)
     chunk_decay = from_start[..., -1, :, None]  # (B, H, N, m, 1)
     entering = []
@@ -81,24 +86,24 @@ def _segment(x, weights, theta, state, chunk_size):
 _compiled_segment = mx.compile(_segment)
 
 
-def _chunk_scores(weights, theta, decay):
+def _chunk_scores(slot_weights: mx.array, theta: mx.array, decay: mx.array) -> mx.array:
     """Each chunk's score matrix (…, Q, Q): A[t, s] = Σ_i α̃_{t,i} θ_{s,i} D(s, t)_i, s ≤ t.
 
     Built bottom-up from blocks of one token: two neighbouring blocks of h tokens
     merge into [[left, 0], [cross, right]], where cross pairs the right block's
     tokens with the left block's through their shared boundary.
     """
-    chunk_size = weights.shape[-2]
-    scores = (weights * theta).sum(-1)[..., None, None]  # (…, Q, 1, 1)
+    chunk_size = slot_weights.shape[-2]
+    scores = (slot_weights * theta).sum(-1)[..., None, None]  # (…, Q, 1, 1)
     half = 1
     while half < chunk_size:
         blocks = chunk_size // (2 * half)
 
-        def halves(a):
+        def halves(a: mx.array) -> mx.array:
             return a.reshape(*a.shape[:-2], blocks, 2, half, a.shape[-1])
 
-        weights2, theta2, decay2 = halves(weights), halves(theta), halves(decay)
-        query = weights2[..., 1, :, :] * mx.cumprod(decay2[..., 1, :, :], axis=-2)
+        slot_weights2, theta2, decay2 = halves(slot_weights), halves(theta), halves(decay)
+        query = slot_weights2[..., 1, :, :] * mx.cumprod(decay2[..., 1, :, :], axis=-2)
         key = theta2[..., 0, :, :] * mx.cumprod(
             decay2[..., 0, :, :], axis=-2, reverse=True, inclusive=False
         )

@@ -11,38 +11,43 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     top_k entries and renormalized; every other slot gets exactly 0.
     """
     logits = router_logits.astype(mx.float32) / temperature
-    weights = mx.softmax(logits, axis=-1, precise=True)
-    num_slots = weights.shape[-1]
+    slot_weights = mx.softmax(logits, axis=-1, precise=True)
+    num_slots = slot_weights.shape[-1]
     if top_k >= num_slots:
-        return weights
+        return slot_weights
     top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
     keep = mx.put_along_axis(
-        mx.zeros_like(weights), mx.stop_gradient(top), mx.array(1.0, mx.float32), axis=-1
+        mx.zeros_like(slot_weights), mx.stop_gradient(top), mx.array(1.0, mx.float32), axis=-1
     )
-    kept = weights * keep
+    kept = slot_weights * keep
     return kept / kept.sum(axis=-1, keepdims=True)
 
 
 @mx.compile
-def gates(update_logits, merge_logits, eta_bias, mu_bias):
+def gates(
+    update_logits: mx.array, merge_logits: mx.array, eta_bias: mx.array, mu_bias: mx.array
+) -> tuple[mx.array, mx.array]:
     """Update rate η and merge rate μ, per head, in float32."""
     eta = mx.sigmoid(update_logits.astype(mx.float32) + eta_bias.astype(mx.float32))
     mu = mx.sigmoid(merge_logits.astype(mx.float32) + mu_bias.astype(mx.float32))
     return eta, mu
 
 
-def prepare(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-            *, top_k, temperature, mask=None):
+def prepare(
+    x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
+    eta_bias: mx.array, mu_bias: mx.array,
+    *, top_k: int, temperature: float, mask: mx.array | None = None,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """What every scan takes: x̄ in float32, slot weights α̃, η (0 where masked), μ."""
-    weights = route(router_logits, temperature, top_k)
+    slot_weights = route(router_logits, temperature, top_k)
     eta, mu = gates(update_logits, merge_logits, eta_bias, mu_bias)
     if mask is not None:
         eta = mx.where(mask[..., None], eta, 0.0)
-    return x.astype(mx.float32), weights, eta, mu
+    return x.astype(mx.float32), slot_weights, eta, mu
 
 
 @mx.compile
-def merge(read, x, mu):
+def merge(read: mx.array, x: mx.array, mu: mx.array) -> mx.array:
     """o = μ·r + (1 − μ)·x̄."""
     mu = mu[..., None]
     return mu * read + (1 - mu) * x

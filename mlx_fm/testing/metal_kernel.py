@@ -30,6 +30,7 @@ import re
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,17 +126,23 @@ _THREADGROUP_QUALIFIER = re.compile(r"\bthreadgroup\b")
 _DECLARATOR_END = re.compile(r"[;,=){]")
 _ARRAY_EXTENT = re.compile(r"\[[^\]]*\]")
 
+# What a kernel input may be: an array, or a Python scalar MLX turns into one.
+ArrayLike = mx.array | bool | int | float
+TemplateArgument = bool | int | mx.Dtype
+# A template argument as emitted: (name, parameter kind, C++ text of the value).
+TemplateParameter = tuple[str, str, str]
+
 
 def metal_kernel(
-    name,
-    input_names,
-    output_names,
-    source,
-    header="",
-    ensure_row_contiguous=True,
-    atomic_outputs=False,
-    compile_options=None,
-):
+    name: str,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    source: str,
+    header: str = "",
+    ensure_row_contiguous: bool = True,
+    atomic_outputs: bool = False,
+    compile_options: dict[str, str] | None = None,
+) -> "MetalKernelEmulator":
     """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU.
 
     ``compile_options`` is accepted for compatibility; the CPU math is always
@@ -163,7 +170,16 @@ class MetalKernelEmulator:
     """The callable `metal_kernel` returns; calls take the keyword arguments
     of MLX's kernels (`stream` is accepted and ignored: it runs on the CPU)."""
 
-    def __init__(self, name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs):
+    def __init__(
+        self,
+        name: str,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
+        source: str,
+        header: str,
+        ensure_row_contiguous: bool,
+        atomic_outputs: bool,
+    ) -> None:
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
         _reject_unsupported_features(header + source)
@@ -180,16 +196,16 @@ class MetalKernelEmulator:
     def __call__(
         self,
         *,
-        inputs,
-        output_shapes,
-        output_dtypes,
-        grid,
-        threadgroup,
-        template=None,
-        init_value=None,
-        verbose=False,
-        stream=None,
-    ):
+        inputs: Sequence[ArrayLike],
+        output_shapes: Sequence[Sequence[int]],
+        output_dtypes: Sequence[mx.Dtype],
+        grid: Sequence[int],
+        threadgroup: Sequence[int],
+        template: Sequence[tuple[str, TemplateArgument]] | None = None,
+        init_value: float | None = None,
+        verbose: bool = False,
+        stream: object = None,
+    ) -> list[mx.array]:
         self._check_counts(inputs, output_shapes, output_dtypes)
         grid, threadgroup = _checked_launch_shape(grid, threadgroup)
         arrays = [_as_mlx_array(x) for x in inputs]
@@ -208,7 +224,9 @@ class MetalKernelEmulator:
         launch(_pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization)
         return [_to_mlx(buffer, dtype) for buffer, dtype in zip(outputs, output_dtypes)]
 
-    def _check_counts(self, inputs, output_shapes, output_dtypes):
+    def _check_counts(
+        self, inputs: Sequence[ArrayLike], output_shapes: Sequence[Sequence[int]], output_dtypes: Sequence[mx.Dtype]
+    ) -> None:
         for what, given, expected in (
             ("inputs", inputs, self.input_names),
             ("output_shapes", output_shapes, self.output_names),
@@ -219,7 +237,7 @@ class MetalKernelEmulator:
                     f"[metal_kernel] Expected `{what}` to have size {len(expected)} but got size {len(given)}."
                 )
 
-    def _input_slot(self, name, array):
+    def _input_slot(self, name: str, array: mx.array) -> _InputSlot:
         return _InputSlot(
             name=name,
             metal_type=_dtype_info(array.dtype).metal_type,
@@ -230,12 +248,12 @@ class MetalKernelEmulator:
             passes_ndim=array.ndim > 0 and f"{name}_ndim" in self.source,
         )
 
-    def _input_buffer(self, array):
+    def _input_buffer(self, array: mx.array) -> np.ndarray:
         buffer_view = array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
         buffer = np.asarray(buffer_view)
         return np.ascontiguousarray(buffer) if self.ensure_row_contiguous else buffer
 
-    def _buffer_parameters(self, slots, output_types):
+    def _buffer_parameters(self, slots: list[_InputSlot], output_types: list[str]) -> list["_BufferParameter"]:
         """The kernel's buffer parameters in MLX's order."""
         parameters = []
         for slot in slots:
@@ -252,7 +270,9 @@ class MetalKernelEmulator:
             parameters.append(_BufferParameter(name, "device ", value_type, False))
         return parameters
 
-    def _metal_source(self, kernel_name, parameters, template_args):
+    def _metal_source(
+        self, kernel_name: str, parameters: list["_BufferParameter"], template_args: list[TemplateParameter]
+    ) -> str:
         """The kernel source exactly as MLX generates it for Metal."""
         declarations = [parameter.declaration(index) for index, parameter in enumerate(parameters)]
         declarations += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
@@ -266,7 +286,13 @@ class MetalKernelEmulator:
             text += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
         return text
 
-    def _cpp_source(self, kernel_name, kernel_source, parameters, template_args):
+    def _cpp_source(
+        self,
+        kernel_name: str,
+        kernel_source: str,
+        parameters: list["_BufferParameter"],
+        template_args: list[TemplateParameter],
+    ) -> str:
         """A C++ translation unit: the kernel plus an entry point that runs it.
 
         The header defines `device`, `constant`, `thread` and `threadgroup`
@@ -304,22 +330,24 @@ class _BufferParameter:
     value_type: str
     by_reference: bool
 
-    def declaration(self, index):
+    def declaration(self, index: int) -> str:
         return f"  {self.qualifiers}{self.value_type}{'&' if self.by_reference else '*'} {self.name} [[buffer({index})]]"
 
-    def argument(self, index):
+    def argument(self, index: int) -> str:
         const = "const " if self.qualifiers.startswith("const") else ""
         pointer = f"static_cast<{const}{self.value_type}*>(buffers[{index}])"
         return "*" + pointer if self.by_reference else pointer
 
 
-def _reject_unsupported_features(code):
+def _reject_unsupported_features(code: str) -> None:
     for pattern, feature in _UNSUPPORTED_FEATURES:
         if pattern.search(code):
             raise UnsupportedMetalFeature(f"[metal_kernel emulator] {feature} not supported")
 
 
-def _checked_launch_shape(grid, threadgroup):
+def _checked_launch_shape(
+    grid: Sequence[int], threadgroup: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for what, dims in (("grid", grid), ("threadgroup", threadgroup)):
         if len(dims) != 3 or any(int(d) < 1 for d in dims):
             raise UnsupportedMetalFeature(
@@ -336,18 +364,18 @@ def _checked_launch_shape(grid, threadgroup):
     return tuple(int(g) for g in grid), clamped
 
 
-def _as_mlx_array(value):
+def _as_mlx_array(value: ArrayLike) -> mx.array:
     return value if isinstance(value, mx.array) else mx.array(value)
 
 
-def _dtype_info(dtype):
+def _dtype_info(dtype: mx.Dtype) -> _DtypeInfo:
     try:
         return _DTYPES[dtype]
     except KeyError:
         raise UnsupportedMetalFeature(f"[metal_kernel emulator] unsupported dtype {dtype}") from None
 
 
-def _template_value(name, value):
+def _template_value(name: str, value: TemplateArgument) -> TemplateParameter:
     """(name, parameter kind, C++ text of the argument) for one template arg."""
     if isinstance(value, bool):
         return name, "bool", str(int(value))
@@ -360,11 +388,13 @@ def _template_value(name, value):
     )
 
 
-def _template_list(template_args):
+def _template_list(template_args: list[TemplateParameter]) -> str:
     return "<" + ", ".join(text for _, _, text in template_args) + ">"
 
 
-def _kernel_name(name, template_args, slots, output_types):
+def _kernel_name(
+    name: str, template_args: list[TemplateParameter], slots: list[_InputSlot], output_types: list[str]
+) -> str:
     kernel_name = "custom_kernel_" + name
     if template_args:
         kernel_name += "_" + re.sub(r"<|>|, ", "_", _template_list(template_args))[:-1]
@@ -376,7 +406,7 @@ def _kernel_name(name, template_args, slots, output_types):
     return kernel_name
 
 
-def _prepare_for_cpp(code):
+def _prepare_for_cpp(code: str) -> str:
     """Turns Metal-only constructs into their emulated C++ form.
 
     Threadgroup variable declarations become function-static storage, which
@@ -384,7 +414,7 @@ def _prepare_for_cpp(code):
     pointer or reference is dropped by the header's empty macro.
     """
 
-    def storage_or_pointer(match):
+    def storage_or_pointer(match: re.Match[str]) -> str:
         rest = code[match.end() :]
         end = _DECLARATOR_END.search(rest)
         declarator = _ARRAY_EXTENT.sub("", rest[: end.start() if end else len(rest)])
@@ -394,7 +424,7 @@ def _prepare_for_cpp(code):
     return _THREADGROUP_QUALIFIER.sub(storage_or_pointer, code)
 
 
-def _output_buffer(shape, dtype, init_value):
+def _output_buffer(shape: Sequence[int], dtype: mx.Dtype, init_value: float | None) -> np.ndarray:
     info = _dtype_info(dtype)
     if init_value is not None:
         initial = mx.full(shape, init_value, dtype)
@@ -407,7 +437,9 @@ def _output_buffer(shape, dtype, init_value):
     return buffer
 
 
-def _pointer_table(slots, buffers, outputs):
+def _pointer_table(
+    slots: list[_InputSlot], buffers: list[np.ndarray], outputs: list[np.ndarray]
+) -> ctypes.Array[ctypes.c_void_p]:
     """The kernel's buffer arguments in signature order, as void pointers.
 
     The numpy arrays created here are kept alive by the returned table.
@@ -431,17 +463,17 @@ def _pointer_table(slots, buffers, outputs):
     return table
 
 
-def _to_mlx(buffer, dtype):
+def _to_mlx(buffer: np.ndarray, dtype: mx.Dtype) -> mx.array:
     array = mx.array(buffer)
     return array.view(mx.bfloat16) if dtype == mx.bfloat16 else array
 
 
 # --- compilation ---------------------------------------------------------------
 
-_launchers = {}
+_launchers: dict[str, "_Launcher"] = {}
 
 
-def _compiled_launcher(cpp_source):
+def _compiled_launcher(cpp_source: str) -> "_Launcher":
     key = hashlib.sha256(
         "\0".join((cpp_source, _COMPAT_HEADER.read_text(), " ".join(_COMPILE_FLAGS))).encode()
     ).hexdigest()[:40]
@@ -464,11 +496,17 @@ def _compiled_launcher(cpp_source):
 @dataclass
 class _Launcher:
     library: ctypes.CDLL
-    entry: object
+    entry: Callable[..., int]
     # ctypes releases the GIL, and a library's scheduler state is global.
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, buffer_table, grid, threadgroup, uses_synchronization):
+    def __call__(
+        self,
+        buffer_table: ctypes.Array[ctypes.c_void_p],
+        grid: tuple[int, ...],
+        threadgroup: tuple[int, ...],
+        uses_synchronization: bool,
+    ) -> None:
         error = ctypes.create_string_buffer(512)
         with self.lock:
             status = self.entry(
@@ -483,7 +521,7 @@ class _Launcher:
             raise RuntimeError(f"[metal_kernel emulator] {error.value.decode()}")
 
 
-def _cache_directory():
+def _cache_directory() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     directory = Path(base) / "mlx_fm" / "metal_emulator"
     try:
@@ -495,7 +533,7 @@ def _cache_directory():
         return directory
 
 
-def _shared_library(key, cpp_source):
+def _shared_library(key: str, cpp_source: str) -> Path:
     """Path of the compiled kernel, building it unless already cached.
 
     Builds go to unique temporary names and are renamed into place, so

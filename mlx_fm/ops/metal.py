@@ -1,0 +1,199 @@
+"""The FM mixer's fused Metal kernels (sources and cost model in metal/).
+
+Building blocks of `mlx_fm.ops.fm_mix`, with the contracts of the ops they
+stand in for, against which they are tested:
+
+- `FMKernels.decode`: one token, fused: routing (softmax with temperature,
+  top-k, renormalization), gates, the write to the k selected slots, the read
+  and the merge (fm_decode.metal).
+- `FMKernels.scan`: the scan over T tokens at the level of `fm_chunked` (x,
+  slot weights α̃, η with padding already zeroed, initial state),
+  differentiable through `mx.custom_function`. The forward kernel
+  (fm_scan_forward.metal) runs the step recurrence with each head's state in
+  registers and saves the state entering every chunk of `scan_chunk` tokens;
+  the backward kernel (fm_scan_backward.metal) walks the chunks in reverse,
+  recomputing each from its saved state. Routing and gates stay MLX ops, so
+  their gradients are MLX's.
+
+`use_kernels()` says whether `fm_mix` runs on them; `default_kernels()` are the
+ones it runs on.
+"""
+
+import os
+from collections.abc import Callable
+from functools import cache, cached_property
+from importlib import resources
+
+import mlx.core as mx
+
+__all__ = ["FMKernels", "default_kernels", "use_kernels"]
+
+# A built kernel, called as MLX's custom kernels are (inputs, grid, threadgroup, ...).
+KernelLauncher = Callable[..., list[mx.array]]
+# `mx.fast.metal_kernel` or a stand-in (name, input_names, output_names, source).
+KernelBuilder = Callable[..., KernelLauncher]
+
+SCAN_CHUNK = 32  # tokens between the states the forward saves for the backward
+SIMD_WIDTH = 32
+DECODE_THREADS = 256
+FORWARD_COLUMNS = 8  # SIMD groups, one per value column, per threadgroup
+BACKWARD_COLUMNS = 16
+# The backward's threadgroup scratch is 2 · columns · m floats: at most 16 KB.
+BACKWARD_SCRATCH_FLOATS = 4096
+
+
+def use_kernels() -> bool:
+    """True where the Metal kernels run: Metal present, the GPU the default
+    device, and MLX_FM_OPS_ONLY not set to 1."""
+    return (
+        os.environ.get("MLX_FM_OPS_ONLY") != "1"
+        and mx.metal.is_available()
+        and mx.default_device() == mx.gpu
+    )
+
+
+def _source(name: str) -> str:
+    return (resources.files("mlx_fm.metal") / f"{name}.metal").read_text()
+
+
+class FMKernels:
+    """The FM kernels, each built on first use by `metal_kernel`
+    (`mx.fast.metal_kernel` unless given, e.g. the CPU emulator in tests)."""
+
+    def __init__(self, metal_kernel: KernelBuilder | None = None, scan_chunk: int = SCAN_CHUNK) -> None:
+        self._metal_kernel = metal_kernel or mx.fast.metal_kernel
+        self.scan_chunk = scan_chunk
+        self._scan_with_checkpoints = self._differentiable_scan()
+
+    def _build(self, name: str, input_names: list[str], output_names: list[str]) -> KernelLauncher:
+        return self._metal_kernel(
+            name=name, input_names=input_names, output_names=output_names, source=_source(name)
+        )
+
+    @cached_property
+    def _decode_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_decode",
+            ["x", "router_logits", "update_logits", "merge_logits", "eta_bias", "mu_bias",
+             "temperature", "state", "mask"],
+            ["out", "new_state"],
+        )
+
+    @cached_property
+    def _forward_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_scan_forward", ["x", "slot_weights", "eta", "state"], ["reads", "final_state", "checkpoints"]
+        )
+
+    @cached_property
+    def _backward_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_scan_backward",
+            ["x", "slot_weights", "eta", "checkpoints", "d_reads", "d_final_state"],
+            ["d_x", "d_slot_weights_partial", "d_eta_partial", "d_state"],
+        )
+
+    def decode(
+        self, x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
+        eta_bias: mx.array, mu_bias: mx.array, state: mx.array,
+        *, top_k: int, temperature: float, mask: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array]:
+        """One token: x (B, H, P), router_logits (B, H, m), update_logits and
+        merge_logits (B, H), state (B, H, m, P), mask (B,) or None.
+
+        Returns o = μ·r + (1 − μ)·x̄ (B, H, P) float32 and the new state.
+        """
+        batch, heads, width = x.shape
+        slots = router_logits.shape[-1]
+        if mask is None:
+            mask = mx.ones((batch,), mx.bool_)
+        columns = min(width, DECODE_THREADS)
+        row_groups = max(1, min(slots, DECODE_THREADS // columns))
+        out, new_state = self._decode_kernel(
+            inputs=[x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
+                    mx.array(temperature, mx.float32), state.astype(mx.float32), mask],
+            template=[("M", slots), ("K", min(top_k, slots)), ("COLUMNS", columns),
+                      ("ROW_GROUPS", row_groups)],
+            grid=(columns, row_groups, batch * heads),
+            threadgroup=(columns, row_groups, 1),
+            output_shapes=[x.shape, state.shape],
+            output_dtypes=[mx.float32, mx.float32],
+        )
+        return out, new_state
+
+    def scan(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """The scan over T tokens, as `fm_chunked`: x (B, T, H, P),
+        slot_weights (B, T, H, m), eta (B, T, H), state (B, H, m, P) or None.
+
+        Returns the reads r (B, T, H, P) and the final state, float32.
+        """
+        batch, _, heads, width = x.shape
+        if state is None:
+            state = mx.zeros((batch, heads, slot_weights.shape[-1], width), mx.float32)
+        reads, final_state, _ = self._scan_with_checkpoints(
+            x, slot_weights.astype(mx.float32), eta.astype(mx.float32), state.astype(mx.float32)
+        )
+        return reads, final_state
+
+    def _differentiable_scan(self) -> Callable[..., list[mx.array]]:
+        """The forward kernel, with the backward kernel as its vector-Jacobian product."""
+
+        @mx.custom_function
+        def scan(x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array) -> list[mx.array]:
+            return self._scan_forward(x, slot_weights, eta, state)
+
+        @scan.vjp
+        def scan_vjp(
+            primals: tuple[mx.array, ...], cotangents: tuple[mx.array, ...], outputs: tuple[mx.array, ...]
+        ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+            x, slot_weights, eta, _ = primals
+            d_reads, d_final_state, _ = cotangents
+            checkpoints = outputs[2]
+            d_x, d_slot_weights, d_eta, d_state = self._scan_backward(
+                x, slot_weights, eta, checkpoints, d_reads, d_final_state
+            )
+            return d_x.astype(x.dtype), d_slot_weights, d_eta, d_state
+
+        return scan
+
+    def _scan_forward(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+    ) -> list[mx.array]:
+        batch, length, heads, width = x.shape
+        slots = slot_weights.shape[-1]
+        chunks = -(-length // self.scan_chunk)
+        return self._forward_kernel(
+            inputs=[x, slot_weights, eta, state],
+            template=[("M", slots), ("CHUNK", self.scan_chunk)],
+            grid=(SIMD_WIDTH, width, batch * heads),
+            threadgroup=(SIMD_WIDTH, min(width, FORWARD_COLUMNS), 1),
+            output_shapes=[x.shape, state.shape, (batch, heads, chunks, width, slots)],
+            output_dtypes=[mx.float32] * 3,
+        )
+
+    def _scan_backward(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, checkpoints: mx.array,
+        d_reads: mx.array, d_final_state: mx.array,
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        batch, length, heads, width = x.shape
+        slots = slot_weights.shape[-1]
+        columns = max(1, min(width, BACKWARD_COLUMNS, BACKWARD_SCRATCH_FLOATS // (2 * slots)))
+        blocks = -(-width // columns)
+        d_x, d_slot_weights_partial, d_eta_partial, d_state = self._backward_kernel(
+            inputs=[x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+            template=[("M", slots), ("CHUNK", self.scan_chunk), ("COLUMNS", columns)],
+            grid=(SIMD_WIDTH, width, batch * heads),
+            threadgroup=(SIMD_WIDTH, columns, 1),
+            output_shapes=[x.shape, (batch, length, heads, blocks, slots),
+                           (batch, length, heads, blocks), d_final_state.shape],
+            output_dtypes=[mx.float32] * 4,
+        )
+        return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
+
+
+@cache
+def default_kernels() -> FMKernels:
+    """The kernels on `mx.fast.metal_kernel`, built once."""
+    return FMKernels()
