@@ -25,10 +25,9 @@ import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 import mlx.core as mx
 from mlx_lm import generate
 
-from mlx_fm.benchmark import parameter_count
 from mlx_fm.training import build_config
 from mlx_fm.training.trainer import tokenizer_and_data, validation_loss
-from mlx_fm.utils import DEFAULT_MODEL_PATH, written_atomically
+from mlx_fm.utils import DEFAULT_MODEL_PATH, parameter_count, written_atomically
 from mlx_fm_convert.checkpoint import convert
 
 HERE = Path(__file__).parent

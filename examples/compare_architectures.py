@@ -36,12 +36,11 @@ import numpy as np
 from mlx_lm import load
 from transformers.utils import logging as transformers_logging
 
-from mlx_fm.benchmark import parameter_count
-from mlx_fm.perplexity import running_mean, text_tokens, token_losses
+from mlx_fm.perplexity import plot_loss_by_position, running_mean, text_tokens, token_losses
 from mlx_fm.training import build_config, build_model, train
 from mlx_fm.training.data import read_documents
 from mlx_fm.training.tokenization import train_sentencepiece
-from mlx_fm.utils import written_file_atomically
+from mlx_fm.utils import parameter_count, written_file_atomically
 
 HERE = Path(__file__).parent
 HELD_OUT = "austen_persuasion.txt"
@@ -256,26 +255,6 @@ def seed_spread(results: dict) -> str:
             + "\n\nAcross seeds (initialization and data order): mean ± standard deviation.")
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    for r in results.values():
-        curve = np.array(r["curve"])
-        axes.plot(np.arange(1, len(curve) + 1), running_mean(curve), label=r["label"])
-    for m in EXTRAPOLATION:
-        axes.axvline(m * SEQ_LEN, color="grey", linestyle=":", linewidth=1)
-    axes.set(xscale="log", xlabel="token position", ylabel="loss so far (nats)",
-             title=f"Held-out Persuasion; trained at {SEQ_LEN} tokens")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend()
-    with written_file_atomically(path) as staging:
-        figure.savefig(staging, format="png", dpi=100)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("output", type=Path)
@@ -303,7 +282,10 @@ def main():
     print(table)
     (args.output / "results.md").write_text(table + "\n")
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.output / "loss_by_position.png")
+    plot_loss_by_position({r["label"]: np.array(r["curve"]) for r in results.values()},
+                          args.output / "loss_by_position.png",
+                          title=f"Loss so far on held-out Persuasion; trained at {SEQ_LEN} tokens",
+                          marks=[m * SEQ_LEN for m in EXTRAPOLATION])
 
 
 if __name__ == "__main__":

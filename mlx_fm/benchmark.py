@@ -15,11 +15,11 @@ import time
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.models import llama, mamba2
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import fail_cleanly
+from .utils import parameter_count
 
 PREFILL_STEP = 2048
 
@@ -54,10 +54,6 @@ def mamba2_model(args, layers):
 
 BUILDERS = {"fm": fm_model, "llama": llama_model, "mamba2": mamba2_model}
 NAMES = {"fm": "FM", "llama": "Llama", "mamba2": "Mamba-2"}
-
-
-def parameter_count(model) -> int:
-    return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
 def layers_to_match(build, args, target: int) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import load
-from .cli import (add_sampling_arguments, escape_undecodable_stdin, fail_cleanly, one_line,
-                  valid_utf8)
+from .cli import (add_model_argument, add_sampling_arguments, escape_undecodable_stdin,
+                  fail_cleanly, one_line, valid_utf8)
 from .tokenizer import PLAIN_CHAT_TEMPLATE, PLAIN_USER
 from .utils import written_file_atomically
 
@@ -135,8 +135,7 @@ class ChatSession:
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.chat", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="Model directory or Hugging Face repo id (default: the bundled model)")
+    add_model_argument(parser)
     parser.add_argument("--system-prompt", default=None)
     add_sampling_arguments(parser, max_tokens=256)
     parser.add_argument("--load-state", default=None, help="Continue a saved conversation")

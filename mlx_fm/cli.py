@@ -75,6 +75,14 @@ def escape_undecodable_stdin() -> None:
         sys.stdin.reconfigure(errors="surrogateescape")
 
 
+def add_model_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--model: a model directory or Hugging Face repo id (if not `required`, the bundled
+    model by default)."""
+    text = "Model directory or Hugging Face repo id"
+    parser.add_argument("--model", required=required, default=None,
+                        help=text if required else f"{text} (default: the bundled model)")
+
+
 # Argparse types of the sampling and generation options of mlx_fm.generate and mlx_fm.chat.
 
 def _checked(kind: type, test: Callable, what: str) -> Callable:

@@ -10,13 +10,13 @@ from pathlib import Path
 from mlx.utils import tree_unflatten
 
 from . import load, save_model
-from .cli import fail_cleanly
+from .cli import add_model_argument, fail_cleanly
 from .utils import check_destination, resolve_model_path
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.fuse", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="The base model")
+    add_model_argument(parser, required=True)
     parser.add_argument("--adapter-path", default="adapters",
                         help="Directory with adapters.safetensors and adapter_config.json")
     parser.add_argument("--save-path", default="fused_model")

@@ -7,13 +7,13 @@ import argparse
 import sys
 
 from . import load
-from .cli import add_sampling_arguments, escape_undecodable_stdin, fail_cleanly, valid_utf8
+from .cli import (add_model_argument, add_sampling_arguments, escape_undecodable_stdin,
+                  fail_cleanly, valid_utf8)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="Model directory or Hugging Face repo id (default: the bundled model)")
+    add_model_argument(parser)
     parser.add_argument("--prompt", "-p", default="", help="Prompt text, or - to read stdin")
     add_sampling_arguments(parser, max_tokens=100)
     parser.add_argument("--system-prompt", default=None)

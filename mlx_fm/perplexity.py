@@ -14,7 +14,7 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Mapping, Optional, Sequence
 
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
@@ -23,24 +23,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from .cli import fail_cleanly
-from .training.data import file_text, jsonl_texts, token_stream
+from .cli import add_model_argument, fail_cleanly
+from .training.data import read_documents, token_stream
 from .utils import written_file_atomically
 
 FIRST_TABLE_POSITION = 1024
 PLOT_POINTS = 2000
-
-
-def read_documents(path) -> List[str]:
-    """The non-empty documents of a text file (one) or a jsonl file (each line's "text")."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
-    reader = jsonl_texts if path.suffix == ".jsonl" else file_text
-    documents = [text for text in reader(path) if text]
-    if not documents:
-        raise ValueError(f"no text in {path}")
-    return documents
 
 
 def text_tokens(documents, tokenizer, max_tokens=None) -> np.ndarray:
@@ -130,18 +118,26 @@ def format_table(rows: List[PositionRow]) -> str:
     return "\n".join(lines)
 
 
-def plot_loss_by_position(losses, path, title: str = ""):
-    """A PNG of the loss so far and the bucket means against position (log x), written atomically."""
+def plot_loss_by_position(curves: Mapping[str, np.ndarray], path, title: str = "",
+                          marks: Sequence[int] = (),
+                          bucket_losses: Optional[np.ndarray] = None) -> None:
+    """A PNG, written atomically, of loss against token position (log x): the loss so far of
+    each of `curves` ({legend label: the losses at positions 1, 2, ...}), a dotted line at each
+    position in `marks`, and the bucket means of `bucket_losses` (likewise) as steps."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    positions = np.unique(np.geomspace(1, len(losses), PLOT_POINTS).astype(np.int64))
     figure, axes = plt.subplots(figsize=(8, 5))
-    axes.plot(positions, running_mean(losses)[positions - 1], label="loss so far")
-    starts, means = zip(*bucket_means(losses))
-    axes.step(starts, means, where="post", marker="o", label="bucket mean [2^i, 2^(i+1))")
+    for label, losses in curves.items():
+        positions = np.unique(np.geomspace(1, len(losses), PLOT_POINTS).astype(np.int64))
+        axes.plot(positions, running_mean(losses)[positions - 1], label=label)
+    if bucket_losses is not None:
+        starts, means = zip(*bucket_means(bucket_losses))
+        axes.step(starts, means, where="post", marker="o", label="bucket mean [2^i, 2^(i+1))")
+    for position in marks:
+        axes.axvline(position, color="grey", linestyle=":", linewidth=1)
     axes.set(xscale="log", xlabel="token position", ylabel="loss (nats)", title=title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
@@ -152,8 +148,7 @@ def plot_loss_by_position(losses, path, title: str = ""):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.perplexity", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="Model directory or Hugging Face repo id (default: the bundled model)")
+    add_model_argument(parser)
     parser.add_argument("--data", required=True,
                         help='A text file, or jsonl with {"text": ...} per line')
     parser.add_argument("--max-tokens", type=int, default=None,
@@ -170,7 +165,9 @@ def main(argv=None):
         raise ValueError("--max-tokens must be at least 2")
     if args.plot is not None and not Path(args.plot).parent.resolve().is_dir():
         raise ValueError(f"no directory for the plot: {Path(args.plot).parent}")
-    documents = read_documents(args.data)
+    if not Path(args.data).is_file():
+        raise ValueError(f"data file not found: {args.data}")
+    documents = read_documents([args.data])
     model, tokenizer = mlx_fm.load(args.model)
     tokens = text_tokens(documents, tokenizer, args.max_tokens)
     losses = token_losses(model, tokens, args.segment)
@@ -180,7 +177,8 @@ def main(argv=None):
     if rows:
         print(format_table(rows))
     if args.plot is not None:
-        plot_loss_by_position(losses, args.plot, title=Path(args.data).name)
+        plot_loss_by_position({"loss so far": losses}, args.plot, title=Path(args.data).name,
+                              bucket_losses=losses)
         print(f"Plot: {args.plot}")
 
 

@@ -9,71 +9,58 @@ baseline instead, its `model:` section being that type's ModelArgs. For data par
 
 import argparse
 import dataclasses
+from typing import Optional, get_args
 
 from .cli import fail_cleanly
-from .training.config import MODEL_KEYS, TrainConfig
+from .models.factorization_memory import ModelArgs
+from .training.config import TrainConfig
 
-# (option, type, help); defaults are TrainConfig's.
-TRAIN_OPTIONS = [
-    ("architecture", str, "factorization_memory, or an mlx-lm model type (llama, mamba2, ...) "
-                          "to train a baseline; its options go in the YAML model: section"),
-    ("tokenizer", str, "'bytes', a sentencepiece .model, or a Hugging Face tokenizer "
-                       "directory or tokenizer.json"),
-    ("vocab_size", int, "train a sentencepiece tokenizer of this size on the data"),
-    ("seq_len", int, "tokens per training sequence"),
-    ("batch_size", int, "sequences per optimizer step, over all processes"),
-    ("grad_accumulation", int, "micro-batches per optimizer step"),
-    ("steps", int, "optimizer steps in the whole run"),
-    ("learning_rate", float, "peak learning rate"),
-    ("min_learning_rate", float, "learning rate at the end of the cosine decay "
-                                 "(default: learning_rate / 10)"),
-    ("warmup_steps", int, "steps of linear warmup"),
-    ("weight_decay", float, "AdamW weight decay"),
-    ("beta1", float, "AdamW beta1"),
-    ("beta2", float, "AdamW beta2"),
-    ("grad_clip", float, "maximum global gradient norm (0: no clipping)"),
-    ("grad_checkpoint", bool, "recompute activations in the backward pass to save memory"),
-    ("dtype", str, "weights' dtype: float32 or bfloat16"),
-    ("init_std", float, "standard deviation of the initial weights"),
-    ("seed", int, "seed of the initialization, the data split and the data order"),
-    ("val_fraction", float, "fraction of the sequences held out for validation"),
-    ("val_every", int, "steps between validations"),
-    ("val_batches", int, "validation batches per validation (0: all)"),
-    ("save_every", int, "steps between checkpoints"),
-    ("keep_checkpoints", int, "checkpoints kept"),
-    ("log_every", int, "steps between progress lines when not on a terminal"),
-    ("compile", bool, "compile the training step with mx.compile"),
-    ("resume", bool, "continue from the latest checkpoint in --output"),
-]
-MODEL_TYPES = {"router_temperature": float, "rms_norm_eps": float, "tie_word_embeddings": bool}
+SHORT_FLAGS = {"output": ["-o"]}
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
+    """An option for every TrainConfig field, with the field's help, and one per FM model key."""
     parser = argparse.ArgumentParser(prog="mlx_fm.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", "-c", help="YAML file of options")
-    parser.add_argument("--data", nargs="+", help="text (.txt) or jsonl files, or directories")
-    parser.add_argument("--output", "-o", help="run directory (checkpoints, final model)")
+    for option in dataclasses.fields(TrainConfig):
+        if option.name != "model":  # set key by key, in the model group
+            _add_option(parser, option)
     parser.add_argument("--force", action="store_true",
                         help="replace the model/ and metrics.jsonl in --output of a run that "
                              "is not resumed")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name, kind, text in TRAIN_OPTIONS:
-        _add(parser, name, kind, f"{text} (default: {defaults[name]})")
     model = parser.add_argument_group("model (SPEC hyper-parameters; vocab_size: YAML only)")
-    for name in MODEL_KEYS:
-        if name != "vocab_size":
-            _add(model, name, MODEL_TYPES.get(name, int), None, dest=f"model.{name}")
+    for option in dataclasses.fields(ModelArgs):
+        if option.name not in ("model_type", "vocab_size"):
+            _add_option(model, option, dest=f"model.{option.name}")
     return parser
 
 
-def _add(parser, name, kind, text, dest=None):
-    flag = "--" + name.replace("_", "-")
+def _add_option(parser, option: dataclasses.Field, dest: Optional[str] = None) -> None:
+    # default None: config_from_args takes only the options given, so YAML values survive.
+    name = option.name
+    kind = _argument_type(option.type)
     if kind is bool:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                            help=text, dest=dest or name)
+        parsing = dict(action=argparse.BooleanOptionalAction)
+    elif kind is list:  # of paths
+        parsing = dict(nargs="+", metavar=name.upper())
     else:
-        parser.add_argument(flag, type=kind, default=None, help=text, dest=dest or name,
-                            metavar=name.upper())
+        parsing = dict(type=kind, metavar=name.upper())
+    parser.add_argument("--" + name.replace("_", "-"), *SHORT_FLAGS.get(name, []), default=None,
+                        help=_help(option), dest=dest or name, **parsing)
+
+
+def _argument_type(annotation) -> type:
+    """What an option's text is read as: int for int and for Optional[int]."""
+    given = [kind for kind in get_args(annotation) if kind is not type(None)]
+    return given[0] if given else annotation
+
+
+def _help(option: dataclasses.Field) -> Optional[str]:
+    """The field's help (ModelArgs' fields have none), with its default if there is one."""
+    text = option.metadata.get("help")
+    if text is None or option.default in (None, "", dataclasses.MISSING):
+        return text
+    return f"{text} (default: {option.default})"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

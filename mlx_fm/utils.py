@@ -324,3 +324,8 @@ def write_safetensors(directory: Path, weights: dict, format_tag: str,
         mx.save_safetensors(str(directory / name), shard, metadata={"format": format_tag})
     index = shard_index(shards, names)
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
+def parameter_count(model) -> int:
+    """The number of parameters of `model`, an mlx.nn.Module."""
+    return sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,14 +1,14 @@
 """The bundled default model: found without --model, trained, and writing English."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 import mlx_fm
 from mlx_fm import utils
 from mlx_fm.perplexity import perplexity, text_tokens, token_losses
+
+from conftest import run_cli
 
 # Not in the training data (a 19th-century English text outside the books the model saw).
 PASSAGE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it "
@@ -44,10 +44,10 @@ def test_it_predicts_unseen_english_far_better_than_chance(default_model):
     assert perplexity(losses) < 150  # 90 measured; an untrained model is ~4000
 
 
+@pytest.mark.slow
 def test_generate_without_model_writes_english():
-    result = subprocess.run(
-        [sys.executable, "-m", "mlx_fm.generate", "--prompt", "It is a truth universally",
-         "--max-tokens", "40"], capture_output=True, text=True, timeout=300)
+    result = run_cli("mlx_fm.generate", "--prompt", "It is a truth universally",
+                     "--max-tokens", "40", timeout=300)
     assert result.returncode == 0, result.stderr
     words = result.stdout.lower().replace(",", " ").replace(".", " ").replace(";", " ").split()
     assert len(words) >= 15

@@ -3,8 +3,6 @@
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
@@ -13,10 +11,7 @@ from mlx_lm.sample_utils import make_sampler
 import mlx_fm
 from mlx_fm.chat import ChatSession
 
-
-def run_cli(module, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", module, *args], input=stdin,
-                          capture_output=True, text=True, timeout=600)
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +31,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     return result.stdout, adapters, root
 
 
+@pytest.mark.slow
 def test_lora_lowers_the_loss(lora_run):
     output, adapters, _ = lora_run
     plain = re.sub(r"\x1b\[[0-9;]*m", "", output)
@@ -44,6 +40,7 @@ def test_lora_lowers_the_loss(lora_run):
     assert (adapters / "adapters.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fused_model_equals_model_with_adapters(lora_run, tiny_model_dir):
     _, adapters, root = lora_run
     fused_dir = root / "fused"
@@ -58,6 +55,7 @@ def test_fused_model_equals_model_with_adapters(lora_run, tiny_model_dir):
     assert not mx.allclose(base(tokens), adapted(tokens), atol=1e-3).item()
 
 
+@pytest.mark.slow
 def test_fuse_with_adapters_of_another_model_fails_cleanly(lora_run, tmp_path):
     _, adapters, _ = lora_run
     other = tmp_path / "other"
@@ -85,6 +83,7 @@ DATA_FORMATS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format,fine_tune_type,quantized", [
     ("completions", "dora", False), ("chat", "full", False), ("completions", "lora", True),
 ])
@@ -179,6 +178,7 @@ def test_chat_rejects_a_state_from_another_model(tiny_model_dir, tmp_path):
         chat_session(tiny_model_dir).load(tmp_path / "other.safetensors")
 
 
+@pytest.mark.slow
 def test_chat_cli_commands(tiny_model_dir, tmp_path):
     state = tmp_path / "conv"  # /save and /load add the suffix .safetensors
     script = f"Hello\n/tokens\nAgain\n/save {state}\n/reset\n/load {state}\n/quit\n"

@@ -17,6 +17,7 @@ import pytest
 
 import mlx_fm
 from mlx_fm import perplexity as ppl
+from mlx_fm.training.data import read_documents
 
 from conftest import tiny_model
 
@@ -56,7 +57,7 @@ def test_jsonl_documents_are_joined_with_eos_and_truncated(tiny_model_dir, tmp_p
     data.write_text(json.dumps({"text": "ab"}) + "\n\n" + json.dumps({"text": "cd"}) + "\n")
     _, tokenizer = mlx_fm.load(tiny_model_dir)
     eos = tokenizer.eos_token_id
-    documents = ppl.read_documents(data)
+    documents = read_documents([data])
     assert ppl.text_tokens(documents, tokenizer).tolist() == [97, 98, eos, 99, 100]
     assert ppl.text_tokens(documents, tokenizer, max_tokens=3).tolist() == [97, 98, eos]
 
@@ -73,16 +74,27 @@ def test_position_table_on_hand_made_losses():
     assert "[2K, 4K)" in table
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_writes_a_png(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
     from matplotlib.image import imread
 
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: (
+        figures.append(figure), savefig(figure, *args, **kwargs)))
     path = tmp_path / "loss.png"
-    ppl.plot_loss_by_position(np.linspace(5, 2, 5000), path, title="test")
+    losses = np.linspace(5, 2, 5000)
+    ppl.plot_loss_by_position({"a": losses, "b": losses + 1}, path, title="test", marks=[256],
+                              bucket_losses=losses)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # no temporary left behind
     assert path.stat().st_mode & 0o777 == 0o644
+    axes = figures[0].axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert legend == ["a", "b", "bucket mean [2^i, 2^(i+1))"]
+    assert list(axes.get_lines()[-1].get_xdata()) == [256, 256]  # the mark
+    assert axes.get_xscale() == "log"
 
 
 def test_cli_plot_and_table(tiny_model_dir, tmp_path, capsys):
@@ -94,6 +106,7 @@ def test_cli_plot_and_table(tiny_model_dir, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_matplotlib_is_imported_only_for_a_plot():
     code = "import sys, mlx_fm.perplexity; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

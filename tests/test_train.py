@@ -19,6 +19,8 @@ from mlx_fm.training import TrainConfig, build_config, train
 from mlx_fm.training.config import DEFAULT_MODEL
 from mlx_fm.training.data import WindowOrder
 
+from conftest import run_cli
+
 TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, num_slots=8, top_k=4,
                   intermediate_size=64)
 ALPHABET = "abcdefgh"
@@ -46,11 +48,6 @@ def tiny_config(data, output, **options):
     return TrainConfig(**(defaults | options))
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "mlx_fm.train", *args], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def cli_options(config: dict):
     args = []
     for key, value in config.items():
@@ -72,6 +69,7 @@ def weights(model_dir):
     return mx.load(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_learns_to_copy_and_the_checkpoint_generates_the_copy(tmp_path):
     data = tmp_path / "copy.txt"
     data.write_text("\n".join(copy_lines(3000)))
@@ -218,13 +216,14 @@ def free_port_pair():
             continue
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, copy_data):
     # Few windows, so the run crosses epochs; bfloat16 and accumulation, so the
     # master weights and the micro-batches must come back exactly too.
     options = dict(data=[str(copy_data)], seq_len=64, batch_size=4, grad_accumulation=2,
                    steps=30, save_every=4, val_every=10, learning_rate=3e-3, warmup_steps=2,
                    dtype="bfloat16", model=TINY_MODEL)
-    whole = run_cli(*cli_options(options), "--output", str(tmp_path / "whole"))
+    whole = run_cli("mlx_fm.train", *cli_options(options), "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
 
     interrupted = tmp_path / "interrupted"
@@ -239,7 +238,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, copy_d
     assert process.wait() == -9
     assert not (interrupted / "model").exists()
 
-    resumed = run_cli(*args, "--resume")
+    resumed = run_cli("mlx_fm.train", *args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     resumed_from = int(resumed.stdout.split("(step ")[1].split(")")[0])
     assert 4 <= resumed_from < 30
@@ -255,6 +254,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, copy_d
         train(TrainConfig(**options, output=str(interrupted)))
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"text": line}) + "\n" for line in copy_lines(300)))

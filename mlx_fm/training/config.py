@@ -13,9 +13,6 @@ from ..models.factorization_memory import MODEL_TYPE, ModelArgs
 
 DTYPES = ("float32", "bfloat16")
 
-# The SPEC hyper-parameters a `model:` section may set (vocab_size defaults to the tokenizer's).
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelArgs) if f.name != "model_type")
-
 DEFAULT_MODEL = dict(hidden_size=256, num_hidden_layers=4, expand=2, num_heads=4,
                      num_slots=64, top_k=16, router_temperature=1.0, conv_kernel=4,
                      intermediate_size=768, tie_word_embeddings=True)
@@ -27,38 +24,59 @@ RESUME_MUST_MATCH = ("data", "seq_len", "seed", "val_fraction", "batch_size", "d
 
 @dataclass
 class TrainConfig:
-    """Every option of `mlx_fm.train`; YAML keys and command-line options use these names."""
+    """Every option of `mlx_fm.train`; YAML keys and command-line options use these names,
+    and each field's metadata["help"] is its command-line help."""
 
-    data: list = field(default_factory=list)  # text/jsonl files or directories
-    output: str = ""  # run directory: checkpoints/, model/, metrics.jsonl
-    # An mlx-lm model type (a module of mlx_lm.models), to train baselines with the same trainer.
-    architecture: str = MODEL_TYPE
-    model: dict = field(default_factory=dict)  # its ModelArgs; for FM over DEFAULT_MODEL
-    tokenizer: Optional[str] = None  # "bytes", a sentencepiece .model, an HF dir or tokenizer.json
-    vocab_size: Optional[int] = None  # train a sentencepiece tokenizer of this size on the data
-    seq_len: int = 512
-    batch_size: int = 8  # sequences per optimizer step, over all processes
-    grad_accumulation: int = 1  # micro-batches per optimizer step (per process)
-    steps: int = 1000
-    learning_rate: float = 3e-4
-    min_learning_rate: Optional[float] = None  # end of the cosine decay; default learning_rate/10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # maximum global gradient norm; 0 turns clipping off
-    grad_checkpoint: bool = False
-    dtype: str = "float32"  # of the weights; optimizer and FM state are always float32
-    init_std: float = 0.02
-    seed: int = 0
-    val_fraction: float = 0.05
-    val_every: int = 100
-    val_batches: int = 16  # validation batches of batch_size sequences; 0 = all
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    compile: bool = True
-    resume: bool = False
+    data: list = field(default_factory=list, metadata={
+        "help": "text (.txt) or jsonl files, or directories"})
+    output: str = field(default="", metadata={
+        "help": "run directory: checkpoints/, model/ (the final model), metrics.jsonl"})
+    architecture: str = field(default=MODEL_TYPE, metadata={
+        "help": "factorization_memory, or an mlx-lm model type (llama, mamba2, ...) to train "
+                "a baseline with the same trainer; its options go in the YAML model: section"})
+    model: dict = field(default_factory=dict, metadata={
+        "help": "the architecture's ModelArgs; for factorization_memory over DEFAULT_MODEL"})
+    tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "'bytes', a sentencepiece .model, or a Hugging Face tokenizer directory or "
+                "tokenizer.json"})
+    vocab_size: Optional[int] = field(default=None, metadata={
+        "help": "train a sentencepiece tokenizer of this size on the data"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per training sequence"})
+    batch_size: int = field(default=8, metadata={
+        "help": "sequences per optimizer step, over all processes"})
+    grad_accumulation: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step, in each process"})
+    steps: int = field(default=1000, metadata={"help": "optimizer steps in the whole run"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate"})
+    min_learning_rate: Optional[float] = field(default=None, metadata={
+        "help": "learning rate at the end of the cosine decay (default: learning_rate / 10)"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "maximum global gradient norm (0: no clipping)"})
+    grad_checkpoint: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass to save memory"})
+    dtype: str = field(default="float32", metadata={
+        "help": "weights' dtype: float32 or bfloat16; the optimizer and FM state stay float32"})
+    init_std: float = field(default=0.02, metadata={
+        "help": "standard deviation of the initial weights"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the initialization, the data split and the data order"})
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of the sequences held out for validation"})
+    val_every: int = field(default=100, metadata={"help": "steps between validations"})
+    val_batches: int = field(default=16, metadata={
+        "help": "batches of batch_size sequences per validation (0: all)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
+    log_every: int = field(default=10, metadata={
+        "help": "steps between progress lines when not on a terminal"})
+    compile: bool = field(default=True, metadata={
+        "help": "compile the training step with mx.compile"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the latest checkpoint in --output"})
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):

@@ -37,18 +37,19 @@ def data_files(paths) -> List[Path]:
     return files
 
 
-def read_documents(paths) -> List[str]:
-    """Every non-empty document: a whole text file, or the "text" of each jsonl line."""
+def read_documents(paths, what: str = "the data") -> List[str]:
+    """Every non-empty document of the data_files of `paths`: a whole text file, or the "text"
+    of each jsonl line. `what` names the data in the error raised when there is none."""
     documents = []
     for file in data_files(paths):
-        reader = jsonl_texts if file.suffix == ".jsonl" else file_text
+        reader = _jsonl_texts if file.suffix == ".jsonl" else _file_text
         documents.extend(text for text in reader(file) if text)
     if not documents:
-        raise ValueError(f"the training data is empty: no text in {', '.join(map(str, paths))}")
+        raise ValueError(f"{what} is empty: no text in {', '.join(map(str, paths))}")
     return documents
 
 
-def file_text(path: Path) -> Iterator[str]:
+def _file_text(path: Path) -> Iterator[str]:
     try:
         yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -56,7 +57,7 @@ def file_text(path: Path) -> Iterator[str]:
             from None
 
 
-def jsonl_texts(path: Path) -> Iterator[str]:
+def _jsonl_texts(path: Path) -> Iterator[str]:
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:

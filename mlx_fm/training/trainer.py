@@ -104,7 +104,7 @@ def _train(config: TrainConfig, output: Path, resume_from: Optional[Path],
 
 def tokenizer_and_data(config: TrainConfig, resume_from: Optional[Path], group):
     """The run's tokenizer (a resumed run's own) and its packed data."""
-    documents = read_documents(config.data)
+    documents = read_documents(config.data, "the training data")
     if resume_from is None:
         tokenizer = resolve_tokenizer(config, documents, group)
     else:
