@@ -5,6 +5,7 @@ Each command runs in this process (`main(argv)`), with tmp_path as working direc
 """
 
 import importlib
+import importlib.metadata
 import io
 import shlex
 import shutil
@@ -166,9 +167,11 @@ def offline_hub(*_args, **_kwargs):
 
 
 def run_main(command: str, argv, stdin: bytes, monkeypatch, capsys):
-    """(exit status, stdout, stderr) of `mlx_fm.<command>.main(argv)`."""
+    """(exit status, stdout, stderr) of the installed command `mlx_fm.<command> argv`."""
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
-    main = importlib.import_module(f"mlx_fm.{command}").main
+    (entry_point,) = importlib.metadata.entry_points(group="console_scripts",
+                                                     name=f"mlx_fm.{command}")
+    main = entry_point.load()
     try:
         main(argv)
         status = 0

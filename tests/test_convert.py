@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_fm import load, load_model
-from mlx_fm.convert import main as convert_main
+from mlx_fm_convert.cli import main as convert_main
 from mlx_fm.layout import CheckpointError, with_conv_layout
 from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
 from mlx_fm.utils import write_safetensors
@@ -454,7 +454,7 @@ def test_the_command_line_reports_errors_in_one_line(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_fm.convert", "--hf-path", str(tmp_path / "nothing"),
+        [sys.executable, "-m", "mlx_fm_convert.cli", "--hf-path", str(tmp_path / "nothing"),
          "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr == f"mlx_fm: error: model path not found: {tmp_path / 'nothing'}\n"

@@ -2,20 +2,13 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
 
 from mlx_fm import ModelLoadError, load, load_model, save_model
 
-from conftest import tiny_model
-
-
-def run_cli(module, *args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", module, *args], input=stdin,
-                          capture_output=True, text=True, timeout=300, env=env)
+from conftest import run_cli, tiny_model
 
 
 def test_save_then_load_gives_the_same_logits(tmp_path, tiny_model_dir):

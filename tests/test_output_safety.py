@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_fm
-from mlx_fm.convert import main as convert_main
+from mlx_fm_convert.cli import main as convert_main
 from mlx_fm.fuse import main as fuse_main
 from mlx_fm.tokenizer import byte_tokenizer
 from mlx_fm.train import main as train_main

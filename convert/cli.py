@@ -8,8 +8,8 @@ pytorch_model.bin, sharded .bin or a .pt file), or an MLX FM model.
 import argparse
 from pathlib import Path
 
-from .cli import fail_cleanly, one_line, warn
-from .utils import missing_tokenizer
+from mlx_fm.cli import fail_cleanly, one_line, warn
+from mlx_fm.utils import missing_tokenizer
 
 
 def parse_size(text: str) -> int:
@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser():
-    from mlx_fm_convert.checkpoint import (
+    from .checkpoint import (
         CONVERSION_DTYPES, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_MODE_DEFAULTS,
     )
 
@@ -69,7 +69,7 @@ def build_parser():
 @fail_cleanly
 def main(argv=None):
     args = vars(build_parser().parse_args(argv))
-    from mlx_fm_convert.checkpoint import convert
+    from .checkpoint import convert
 
     args["max_shard_bytes"] = args.pop("max_shard_size")
     # The upload is done here, after convert(), so that its failure is told apart from one
