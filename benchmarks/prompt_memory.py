@@ -9,6 +9,7 @@ length in the first and stay flat in the second.
 """
 
 import argparse
+import functools
 
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
@@ -20,10 +21,17 @@ STEP = 2048
 
 def small_model():
     mx.random.seed(0)
-    model = mlx_fm.Model(mlx_fm.ModelArgs(
-        vocab_size=8192, hidden_size=256, num_hidden_layers=4, num_heads=8,
-        num_slots=64, top_k=16, intermediate_size=512,
-    ))
+    model = mlx_fm.Model(
+        mlx_fm.ModelArgs(
+            vocab_size=8192,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_heads=8,
+            num_slots=64,
+            top_k=16,
+            intermediate_size=512,
+        )
+    )
     mx.eval(model.parameters())
     return model
 
@@ -57,8 +65,8 @@ def main():
     print(f"{'tokens':>8} {'one call GB':>12} {'GB / 1K tok':>12} {'in steps GB':>12}")
     for length in args.lengths:
         tokens = mx.random.randint(0, 8192, (1, length))
-        whole = peak_gb(lambda: one_call(model, tokens))
-        stepped = peak_gb(lambda: in_steps(model, tokens))
+        whole = peak_gb(functools.partial(one_call, model, tokens))
+        stepped = peak_gb(functools.partial(in_steps, model, tokens))
         print(f"{length:8d} {whole:12.3f} {whole / length * 1024:12.4f} {stepped:12.3f}")
 
 

@@ -8,21 +8,33 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from mlx_fm import Model, ModelArgs, load_model
+from mlx_fm.layout import (
+    CheckpointError,
+    check_tensor_names_and_shapes,
+    model_settings,
+    read_config,
+    tensor_shapes,
+    weight_files,
+    with_conv_layout,
+)
+from mlx_fm.utils import (
+    DEFAULT_MAX_SHARD_BYTES,
+    check_destination,
+    resolve_model_path,
+    write_safetensors,
+    written_atomically,
+)
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import (
-    create_model_card, dequantize_model, quantize_model, save_config, upload_to_hub,
-)
-
-from mlx_fm import Model, ModelArgs, load_model
-from mlx_fm.layout import (
-    CheckpointError, check_tensor_names_and_shapes, model_settings, read_config,
-    tensor_shapes, weight_files, with_conv_layout,
-)
-from mlx_fm.utils import (
-    DEFAULT_MAX_SHARD_BYTES, check_destination, resolve_model_path, write_safetensors,
-    written_atomically,
+    create_model_card,
+    dequantize_model,
+    quantize_model,
+    save_config,
+    upload_to_hub,
 )
 
 from .weights import read_weights
@@ -30,12 +42,27 @@ from .weights import read_weights
 CONVERSION_DTYPES = ("float16", "bfloat16", "float32")
 QUANTIZATION_KEYS = ("quantization", "quantization_config")
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
-SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "tokenizer.model", "*.txt",
-                   "*.jinja"]
+SOURCE_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "tokenizer.model",
+    "*.txt",
+    "*.jinja",
+]
 
 
 # Layers that decide routing or are most sensitive to error: the mixers' in_proj
@@ -43,7 +70,10 @@ SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.pt", "tokenizer.model"
 ROUTING_CRITICAL = ("mixer.in_proj", "embeddings", "lm_head")
 # Each quantization mode's (group size, bits) when not given, as mlx-lm's.
 QUANTIZATION_MODE_DEFAULTS = {
-    "affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8),
+    "affine": (64, 4),
+    "mxfp4": (32, 4),
+    "nvfp4": (16, 4),
+    "mxfp8": (32, 8),
 }
 
 
@@ -53,6 +83,7 @@ def routing_safe_predicate(bits: int, group_size: int, mode: str):
     The routing-critical layers get 8 bits when the rest get fewer, and stay in
     float when the rest get 8 or more; every other Linear gets `bits`.
     """
+
     def predicate(path: str, module: nn.Module):
         if not path.endswith(ROUTING_CRITICAL):
             return True
@@ -67,13 +98,22 @@ def routing_safe_predicate(bits: int, group_size: int, mode: str):
     return predicate
 
 
-def convert(hf_path: str, mlx_path: str = "mlx_model", quantize: bool = False,
-            q_group_size: Optional[int] = None, q_bits: Optional[int] = None,
-            q_mode: str = "affine", dtype: Optional[str] = None,
-            upload_repo: Optional[str] = None, revision: Optional[str] = None,
-            dequantize: bool = False, to_hf: bool = False, force: bool = False,
-            quantize_all: bool = False,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def convert(
+    hf_path: str,
+    mlx_path: str = "mlx_model",
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    q_mode: str = "affine",
+    dtype: Optional[str] = None,
+    upload_repo: Optional[str] = None,
+    revision: Optional[str] = None,
+    dequantize: bool = False,
+    to_hf: bool = False,
+    force: bool = False,
+    quantize_all: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
     """Convert `hf_path` (directory or Hugging Face repo id) and write it to `mlx_path`."""
     _check_options(quantize, dequantize, to_hf, dtype, upload_repo)
     destination = Path(mlx_path).expanduser()
@@ -111,8 +151,10 @@ def _check_options(quantize, dequantize, to_hf, dtype, upload_repo):
     if quantize and to_hf:
         raise CheckpointError("--to-hf writes float weights; it cannot be combined with --quantize")
     if to_hf and upload_repo is not None:
-        raise CheckpointError("--upload-repo uploads MLX models; upload a --to-hf export with "
-                              "`huggingface-cli upload`")
+        raise CheckpointError(
+            "--upload-repo uploads MLX models; upload a --to-hf export with "
+            "`huggingface-cli upload`"
+        )
     if dtype is not None and dtype not in CONVERSION_DTYPES:
         raise CheckpointError(f"--dtype must be one of {', '.join(CONVERSION_DTYPES)}")
 
@@ -127,8 +169,9 @@ def load_source(path_or_repo: str, revision: Optional[str] = None):
         return model, config, source
     settings = model_settings(config)
     weights = _in_spec_layout(read_weights(weight_files(source)), settings)
-    check_tensor_names_and_shapes({name: w.shape for name, w in weights.items()},
-                                  tensor_shapes(settings))
+    check_tensor_names_and_shapes(
+        {name: w.shape for name, w in weights.items()}, tensor_shapes(settings)
+    )
     model = Model(ModelArgs.from_dict(config | settings))
     model.load_weights(list(model.sanitize(weights).items()), strict=True)
     mx.eval(model.parameters())
@@ -149,10 +192,12 @@ def _config_dtype(config: dict) -> Optional[str]:
 
 
 def _cast_floats(model: nn.Module, dtype) -> None:
-    model.update(tree_map(
-        lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
-        model.parameters(),
-    ))
+    model.update(
+        tree_map(
+            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
 
 
 def _quantized(model, config, group_size, bits, mode, quantize_all):
@@ -162,8 +207,9 @@ def _quantized(model, config, group_size, bits, mode, quantize_all):
     group_size, bits = group_size or default_group_size, bits or default_bits
     predicate = None if quantize_all else routing_safe_predicate(bits, group_size, mode)
     try:
-        model, config = quantize_model(model, config, group_size, bits, mode=mode,
-                                       quant_predicate=predicate)
+        model, config = quantize_model(
+            model, config, group_size, bits, mode=mode, quant_predicate=predicate
+        )
     except (RuntimeError, KeyError) as error:
         raise CheckpointError(f"cannot quantize with mode {mode}: {error}") from error
     quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
@@ -176,8 +222,7 @@ def _quantized(model, config, group_size, bits, mode, quantize_all):
 
 
 def _write_mlx(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
-    write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx",
-                      max_shard_bytes)
+    write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
     save_config(dict(config), directory / "config.json")
 
 
@@ -192,5 +237,3 @@ def _copy_tokenizer_files(source: Path, destination: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, destination / name)
-
-

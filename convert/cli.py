@@ -33,36 +33,65 @@ def parse_size(text: str) -> int:
 
 def build_parser():
     from .checkpoint import (
-        CONVERSION_DTYPES, DEFAULT_MAX_SHARD_BYTES, QUANTIZATION_MODE_DEFAULTS,
+        CONVERSION_DTYPES,
+        DEFAULT_MAX_SHARD_BYTES,
+        QUANTIZATION_MODE_DEFAULTS,
     )
 
     parser = argparse.ArgumentParser(prog="mlx_fm.convert", description=__doc__.split("\n")[0])
-    parser.add_argument("--hf-path", "--model", required=True,
-                        help="Source directory or Hugging Face repo id")
+    parser.add_argument(
+        "--hf-path", "--model", required=True, help="Source directory or Hugging Face repo id"
+    )
     parser.add_argument("--mlx-path", default="mlx_model", help="Where to write the result")
     parser.add_argument("--revision", default=None, help="Revision of a Hugging Face repo")
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the model")
-    parser.add_argument("--q-group-size", type=int, default=None,
-                        help="Quantization group size (default: the mode's, 64 for affine)")
-    parser.add_argument("--q-bits", type=int, default=None,
-                        help="Bits per weight (default: the mode's, 4 for affine)")
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        default=None,
+        help="Quantization group size (default: the mode's, 64 for affine)",
+    )
+    parser.add_argument(
+        "--q-bits",
+        type=int,
+        default=None,
+        help="Bits per weight (default: the mode's, 4 for affine)",
+    )
     parser.add_argument("--q-mode", choices=tuple(QUANTIZATION_MODE_DEFAULTS), default="affine")
-    parser.add_argument("--quantize-all", action="store_true",
-                        help="Quantize in_proj (the router), embeddings and lm_head at --q-bits "
-                             "too: smaller, but tokens go to other slots more often")
-    parser.add_argument("--dtype", choices=CONVERSION_DTYPES, default=None,
-                        help="Type of the float weights (default: config's torch_dtype, "
-                             "else unchanged)")
-    parser.add_argument("-d", "--dequantize", action="store_true",
-                        help="Dequantize a quantized MLX model")
-    parser.add_argument("--to-hf", action="store_true",
-                        help="Write SPEC's PyTorch / Hugging Face layout instead of MLX's")
-    parser.add_argument("--upload-repo", default=None,
-                        help="Hugging Face repo to upload the result to")
-    parser.add_argument("--force", action="store_true",
-                        help="Replace a non-empty --mlx-path (never one that holds the source)")
-    parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
-                        help="Largest weight file, e.g. 5GB or 500MB (default 5 GiB, as mlx-lm)")
+    parser.add_argument(
+        "--quantize-all",
+        action="store_true",
+        help="Quantize in_proj (the router), embeddings and lm_head at --q-bits "
+        "too: smaller, but tokens go to other slots more often",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=CONVERSION_DTYPES,
+        default=None,
+        help="Type of the float weights (default: config's torch_dtype, else unchanged)",
+    )
+    parser.add_argument(
+        "-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX model"
+    )
+    parser.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="Write SPEC's PyTorch / Hugging Face layout instead of MLX's",
+    )
+    parser.add_argument(
+        "--upload-repo", default=None, help="Hugging Face repo to upload the result to"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Replace a non-empty --mlx-path (never one that holds the source)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help="Largest weight file, e.g. 5GB or 500MB (default 5 GiB, as mlx-lm)",
+    )
     return parser
 
 
@@ -76,8 +105,10 @@ def main(argv=None):
     # of the conversion: the model is written by then, and stays.
     upload_repo = args.pop("upload_repo")
     if upload_repo is not None and args["to_hf"]:
-        raise ValueError("--upload-repo uploads MLX models; upload a --to-hf export with "
-                         "`huggingface-cli upload`")
+        raise ValueError(
+            "--upload-repo uploads MLX models; upload a --to-hf export with "
+            "`huggingface-cli upload`"
+        )
     destination = convert(**args)
     if problem := missing_tokenizer(destination):
         warn(f"{problem} (generating text needs them)")
@@ -92,8 +123,9 @@ def upload(destination: Path, repo: str) -> None:
     try:
         upload_to_hub(str(destination), repo)
     except Exception as error:  # the hub and its HTTP client raise many kinds
-        raise OSError(f"{destination} was written, but uploading it to {repo} failed: "
-                      f"{one_line(error)}") from error
+        raise OSError(
+            f"{destination} was written, but uploading it to {repo} failed: {one_line(error)}"
+        ) from error
 
 
 if __name__ == "__main__":

@@ -11,14 +11,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from mlx_fm.layout import (
+    MODEL_TYPE,
+    model_settings,
+    read_config,
+    shard_file_names,
+    shard_index,
+    split_into_shards,
+    weight_files,
+)
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from mlx_fm.layout import (
-    MODEL_TYPE, model_settings, read_config, shard_file_names, shard_index, split_into_shards,
-    weight_files,
-)
 
 # 1 − θ is floored here so that log-decays stay finite when θ rounds to 1.
 DECAY_FLOOR = 1e-30
@@ -117,8 +122,9 @@ def scan_chunked(x, weights, eta, state, chunk_size: int = 16):
     reads = []
     for start in range(0, length, chunk_size):
         part = slice(start, min(start + chunk_size, length))
-        read, state = _chunk(x[:, part], weights[:, part], theta[:, part],
-                             log_decay[:, part], state)
+        read, state = _chunk(
+            x[:, part], weights[:, part], theta[:, part], log_decay[:, part], state
+        )
         reads.append(read)
     return torch.cat(reads, dim=1), state
 
@@ -128,8 +134,10 @@ def _chunk(x, weights, theta, log_decay, state):
     size = x.shape[1]
     steps = torch.arange(size)
     # spans[t, s, u] = 1 where s < u ≤ t: the steps whose decay lies between a write and a read.
-    spans = ((steps[None, :, None] < steps[None, None, :])
-             & (steps[None, None, :] <= steps[:, None, None])).to(x.dtype)
+    spans = (
+        (steps[None, :, None] < steps[None, None, :])
+        & (steps[None, None, :] <= steps[:, None, None])
+    ).to(x.dtype)
     between = torch.einsum("tsu,buhi->bhtsi", spans, log_decay)
     causal = (steps[None, :] <= steps[:, None])[None, None, :, :, None]
     decay = torch.exp(torch.where(causal, between, -torch.inf))
@@ -152,8 +160,14 @@ class FactorizationMemoryMixer(nn.Module):
         self.splits = [inner, inner, heads * config.num_slots, heads, heads]
         self.in_proj = nn.Linear(config.hidden_size, sum(self.splits), bias=False)
         if config.conv_kernel > 0:
-            self.conv1d = nn.Conv1d(inner, inner, config.conv_kernel, groups=inner,
-                                    padding=config.conv_kernel - 1, bias=True)
+            self.conv1d = nn.Conv1d(
+                inner,
+                inner,
+                config.conv_kernel,
+                groups=inner,
+                padding=config.conv_kernel - 1,
+                bias=True,
+            )
         self.eta_bias = nn.Parameter(torch.zeros(heads))
         self.mu_bias = nn.Parameter(torch.zeros(heads))
         self.norm = RMSNorm(inner, config.rms_norm_eps)
@@ -171,9 +185,13 @@ class FactorizationMemoryMixer(nn.Module):
             history = cache.conv_inputs
         window = torch.cat([history, x], dim=1)
         if cache is not None:
-            cache.conv_inputs = window[:, window.shape[1] - (kernel - 1):]
-        out = F.conv1d(window.transpose(1, 2), self.conv1d.weight, self.conv1d.bias,
-                       groups=self.config.inner_size)
+            cache.conv_inputs = window[:, window.shape[1] - (kernel - 1) :]
+        out = F.conv1d(
+            window.transpose(1, 2),
+            self.conv1d.weight,
+            self.conv1d.bias,
+            groups=self.config.inner_size,
+        )
         return F.silu(out.transpose(1, 2))
 
     def forward(self, u, cache: Optional[LayerCache] = None, recurrent: bool = False):
@@ -182,12 +200,16 @@ class FactorizationMemoryMixer(nn.Module):
         heads, slots = config.num_heads, config.num_slots
         z, x, rho, e, g = self.in_proj(u).split(self.splits, dim=-1)
         x = self._conv(x, cache).reshape(batch, length, heads, config.head_dim).float()
-        weights = route(rho.reshape(batch, length, heads, slots),
-                        config.router_temperature, config.top_k)
+        weights = route(
+            rho.reshape(batch, length, heads, slots), config.router_temperature, config.top_k
+        )
         eta = torch.sigmoid(e.float() + self.eta_bias.float())
         mu = torch.sigmoid(g.float() + self.mu_bias.float())[..., None]
-        state = cache.state if cache is not None and cache.state is not None else \
-            x.new_zeros(batch, heads, slots, config.head_dim)
+        state = (
+            cache.state
+            if cache is not None and cache.state is not None
+            else x.new_zeros(batch, heads, slots, config.head_dim)
+        )
         if recurrent:
             reads, state = scan_recurrent(x, weights, eta, state)
         else:
@@ -261,8 +283,9 @@ class FactorizationMemoryForCausalLM(nn.Module):
     def make_cache(self) -> list:
         return [LayerCache() for _ in range(self.config.num_hidden_layers)]
 
-    def save_pretrained(self, path, weights_format: str = "safetensors",
-                        max_shard_bytes: Optional[int] = None) -> Path:
+    def save_pretrained(
+        self, path, weights_format: str = "safetensors", max_shard_bytes: Optional[int] = None
+    ) -> Path:
         """config.json and the weights as "safetensors", "bin" (pytorch_model.bin) or "pt"
         (model.pt); sharded with an index when they exceed `max_shard_bytes`."""
         path = Path(path)
@@ -274,8 +297,11 @@ class FactorizationMemoryForCausalLM(nn.Module):
         for shard, name in zip(shards, names):
             _write_weights(path / name, shard, weights_format)
         if len(shards) > 1:
-            index_name = "model.safetensors.index.json" if weights_format == "safetensors" \
+            index_name = (
+                "model.safetensors.index.json"
+                if weights_format == "safetensors"
                 else "pytorch_model.bin.index.json"
+            )
             index = shard_index(shards, names)
             (path / index_name).write_text(json.dumps(index, indent=2) + "\n")
         return path
@@ -299,8 +325,9 @@ def _shard_names(weights_format: str, count: int) -> list:
         if count > 1:
             raise ValueError("a .pt checkpoint is a single file; use 'bin' to shard")
         return ["model.pt"]
-    stem, suffix = {"safetensors": ("model", ".safetensors"),
-                    "bin": ("pytorch_model", ".bin")}[weights_format]
+    stem, suffix = {"safetensors": ("model", ".safetensors"), "bin": ("pytorch_model", ".bin")}[
+        weights_format
+    ]
     return shard_file_names(stem, suffix, count)
 
 

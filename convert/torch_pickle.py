@@ -19,14 +19,20 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from mlx_fm.layout import CheckpointError
 
+import numpy as np
+
 STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
-    "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32,
-    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": np.uint16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
 INT64_END = 2**63  # torch keeps offsets, sizes and strides in int64
@@ -34,8 +40,15 @@ MAX_DIMENSIONS = 64  # NumPy's limit
 # A state dict, or a dict wrapping one ({"state_dict": ...}): tensors lie this deep at most.
 TENSOR_DEPTH = 2
 # What zipfile raises on a damaged archive, besides BadZipFile.
-ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
-              NotImplementedError)
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    EOFError,
+    OSError,
+    ValueError,
+    NotImplementedError,
+)
 
 
 class BFloat16Bits(np.ndarray):
@@ -134,8 +147,10 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" and name.endswith("Storage"):
             raise CheckpointError(f"unsupported tensor type torch.{printable(name)}")
-        raise CheckpointError(f"not a plain tensor checkpoint (it references "
-                              f"{printable(f'{module}.{name}')}); refusing to run code from it")
+        raise CheckpointError(
+            f"not a plain tensor checkpoint (it references "
+            f"{printable(f'{module}.{name}')}); refusing to run code from it"
+        )
 
     def persistent_load(self, saved_id) -> _Storage:
         if not (type(saved_id) is tuple and len(saved_id) == 5 and saved_id[0] == "storage"):
@@ -149,8 +164,10 @@ class _StateDictUnpickler(pickle.Unpickler):
         if key not in self.storages:
             self.storages[key] = self._read_storage(key, storage_type.name, numel)
         storage = self.storages[key]
-        if (storage.dtype_name, len(storage.data)) != (storage_type.name,
-                                                       _nbytes(storage_type.name, numel)):
+        if (storage.dtype_name, len(storage.data)) != (
+            storage_type.name,
+            _nbytes(storage_type.name, numel),
+        ):
             raise CheckpointError(f"storage {printable(key)} is declared twice, differently")
         return storage
 
@@ -175,8 +192,10 @@ def _with_arrays(value: object, name: str, depth: int) -> object:
     if type(value) is _TensorRecord:
         return _array(value, name)
     if isinstance(value, dict) and depth > 0:
-        return {key: _with_arrays(item, printable(key) if type(key) is str else "?", depth - 1)
-                for key, item in value.items()}
+        return {
+            key: _with_arrays(item, printable(key) if type(key) is str else "?", depth - 1)
+            for key, item in value.items()
+        }
     return value
 
 
@@ -197,24 +216,31 @@ def _array(record: _TensorRecord, name: str) -> np.ndarray:
     return array.view(BFloat16Bits) if storage.dtype_name == "BFloat16Storage" else array
 
 
-def _elements(storage: _Storage, dtype: np.dtype, offset: int, sizes: tuple, strides: tuple,
-              name: str) -> np.ndarray:
+def _elements(
+    storage: _Storage, dtype: np.dtype, offset: int, sizes: tuple, strides: tuple, name: str
+) -> np.ndarray:
     if 0 in sizes:
         return np.empty(sizes, dtype)
     available = len(storage.data) // dtype.itemsize
     if math.prod(sizes) > available:
         # Only repeated elements (stride 0) get there; reading them would multiply the file's size.
-        raise CheckpointError(f"tensor {name} has {math.prod(sizes)} elements, more than the "
-                              f"{available} of its storage")
+        raise CheckpointError(
+            f"tensor {name} has {math.prod(sizes)} elements, more than the "
+            f"{available} of its storage"
+        )
     last = offset + sum((size - 1) * stride for size, stride in zip(sizes, strides))
     if last >= available:
-        raise CheckpointError(f"tensor {name} reaches element {last} of a storage of "
-                              f"{available} (offset {offset}, sizes {sizes}, strides {strides})")
+        raise CheckpointError(
+            f"tensor {name} reaches element {last} of a storage of "
+            f"{available} (offset {offset}, sizes {sizes}, strides {strides})"
+        )
     # A size-1 dimension never steps, so its stride (which may be anything) is not passed on.
-    byte_strides = [stride * dtype.itemsize if size > 1 else 0
-                    for size, stride in zip(sizes, strides)]
-    return np.ndarray(sizes, dtype, buffer=storage.data, offset=offset * dtype.itemsize,
-                      strides=byte_strides).copy()
+    byte_strides = [
+        stride * dtype.itemsize if size > 1 else 0 for size, stride in zip(sizes, strides)
+    ]
+    return np.ndarray(
+        sizes, dtype, buffer=storage.data, offset=offset * dtype.itemsize, strides=byte_strides
+    ).copy()
 
 
 def _natural(value: object, what: str) -> int:
@@ -226,11 +252,14 @@ def _natural(value: object, what: str) -> int:
 def _naturals(values: object, kind: str, name: str) -> tuple:
     """A tensor's sizes or strides (`kind`), each checked."""
     if type(values) not in (tuple, list):
-        raise CheckpointError(f"the {kind}s of tensor {name} are a {type(values).__name__}, "
-                              "not a tuple")
+        raise CheckpointError(
+            f"the {kind}s of tensor {name} are a {type(values).__name__}, not a tuple"
+        )
     if len(values) > MAX_DIMENSIONS:
-        raise CheckpointError(f"tensor {name} has {len(values)} {kind}s, more than the "
-                              f"{MAX_DIMENSIONS} dimensions an array may have")
+        raise CheckpointError(
+            f"tensor {name} has {len(values)} {kind}s, more than the "
+            f"{MAX_DIMENSIONS} dimensions an array may have"
+        )
     return tuple(_natural(value, f"a {kind} of tensor {name}") for value in values)
 
 

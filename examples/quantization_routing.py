@@ -70,8 +70,11 @@ def routing_and_logits(model, tokens):
         top = mx.argpartition(-router_logits, kth=args.top_k - 1, axis=-1)[..., : args.top_k]
         top_slots.append(mx.sort(top, axis=-1))
         h = layer(h)
-    logits = model.lm_head(model.backbone.norm_f(h)) if "lm_head" in model \
+    logits = (
+        model.lm_head(model.backbone.norm_f(h))
+        if "lm_head" in model
         else model.backbone.embeddings.as_linear(model.backbone.norm_f(h))
+    )
     return mx.stack(top_slots), logits
 
 
@@ -103,20 +106,32 @@ def main():
     mx.random.seed(args.seed)
     data = mx.array(list(corpus()), dtype=mx.int32)
     held_out = int(data.size * 0.9)
-    model = mlx_fm.Model(mlx_fm.ModelArgs(
-        vocab_size=BYTE_VOCAB_SIZE + 1, hidden_size=128, num_hidden_layers=4, num_heads=4,
-        num_slots=32, top_k=8, intermediate_size=256, tie_word_embeddings=False,
-    ))
+    model = mlx_fm.Model(
+        mlx_fm.ModelArgs(
+            vocab_size=BYTE_VOCAB_SIZE + 1,
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_heads=4,
+            num_slots=32,
+            top_k=8,
+            intermediate_size=256,
+            tie_word_embeddings=False,
+        )
+    )
     started = time.perf_counter()
     train(model, data[:held_out], args.train_steps)
-    print(f"trained {args.train_steps} steps in {time.perf_counter() - started:.0f} s; "
-          f"model: 4 layers, D=128, H=4, m=32, k=8")
+    print(
+        f"trained {args.train_steps} steps in {time.perf_counter() - started:.0f} s; "
+        f"model: 4 layers, D=128, H=4, m=32, k=8"
+    )
 
     evaluation = data[held_out:][: 8 * 256].reshape(8, 256)
     float_slots, float_logits = routing_and_logits(model, evaluation)
-    variants = {"default (routing-safe)": default_predicate,
-                "in_proj float, rest quantized": in_proj_float_only,
-                "naive (all quantized)": naive}
+    variants = {
+        "default (routing-safe)": default_predicate,
+        "in_proj float, rest quantized": in_proj_float_only,
+        "naive (all quantized)": naive,
+    }
     rows = []
     for bits in (4, 8):
         for name, make_predicate in variants.items():
@@ -125,8 +140,10 @@ def main():
             unchanged = mx.all(slots == float_slots, axis=-1).mean().item()
             error = (mx.linalg.norm(logits - float_logits) / mx.linalg.norm(float_logits)).item()
             quantized.set_dtype(mx.float16)  # bits/weight as a float16 checkpoint stores them
-            rows.append(f"| {bits} | {name} | {compute_bits_per_weight(quantized):.2f} | "
-                        f"{unchanged:.2%} | {error:.4f} |")
+            rows.append(
+                f"| {bits} | {name} | {compute_bits_per_weight(quantized):.2f} | "
+                f"{unchanged:.2%} | {error:.4f} |"
+            )
     print("\n| bits | quantization | bits/weight | top-k set unchanged | relative logit error |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

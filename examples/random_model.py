@@ -26,12 +26,18 @@ def main():
     import mlx.core as mx
 
     mx.random.seed(args.seed)
-    model = mlx_fm.Model(mlx_fm.ModelArgs(
-        vocab_size=BYTE_VOCAB_SIZE + 1, hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers, num_heads=args.heads, num_slots=args.slots,
-        top_k=args.top_k, intermediate_size=args.intermediate_size,
-    ))
-    mlx_fm.save_model(args.out_dir, model, byte_tokenizer())
+    model = mlx_fm.Model(
+        mlx_fm.ModelArgs(
+            vocab_size=BYTE_VOCAB_SIZE + 1,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_heads=args.heads,
+            num_slots=args.slots,
+            top_k=args.top_k,
+            intermediate_size=args.intermediate_size,
+        )
+    )
+    mlx_fm.save_pretrained(args.out_dir, model, byte_tokenizer())
     print(f"wrote {args.out_dir}")
 
 

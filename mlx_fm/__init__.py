@@ -8,12 +8,20 @@ import sys  # noqa: E402
 
 from .models import factorization_memory  # noqa: E402
 from .models.factorization_memory import Model, ModelArgs  # noqa: E402
-from .utils import ModelLoadError, load, load_model, save_model  # noqa: E402
+from .utils import ModelLoadError, load, load_model, save_pretrained  # noqa: E402
 
 # mlx-lm finds model code by `model_type` under mlx_lm.models; registering ours
 # there lets mlx-lm's own tools (load, lora, fuse, server, ...) open FM checkpoints.
 sys.modules.setdefault(f"mlx_lm.models.{factorization_memory.MODEL_TYPE}", factorization_memory)
 
 __version__ = "0.1.0"
-__all__ = ["Model", "ModelArgs", "ModelLoadError", "load", "load_model", "save_model",
-           "blas_info", "__version__"]
+__all__ = [
+    "Model",
+    "ModelArgs",
+    "ModelLoadError",
+    "load",
+    "load_model",
+    "save_pretrained",
+    "blas_info",
+    "__version__",
+]

@@ -25,31 +25,57 @@ PREFILL_STEP = 2048
 
 
 def fm_model(args, layers):
-    return mlx_fm.Model(mlx_fm.ModelArgs(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=layers,
-        expand=2, num_heads=2 * args.hidden_size // args.head_dim, num_slots=args.slots,
-        top_k=args.top_k, intermediate_size=args.fm_intermediate_size,
-    ))
+    return mlx_fm.Model(
+        mlx_fm.ModelArgs(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=layers,
+            expand=2,
+            num_heads=2 * args.hidden_size // args.head_dim,
+            num_slots=args.slots,
+            top_k=args.top_k,
+            intermediate_size=args.fm_intermediate_size,
+        )
+    )
 
 
 def llama_model(args, layers):
-    return llama.Model(llama.ModelArgs(
-        model_type="llama", hidden_size=args.hidden_size, num_hidden_layers=layers,
-        intermediate_size=8 * args.hidden_size // 3, num_attention_heads=args.hidden_size // 64,
-        num_key_value_heads=args.hidden_size // 64, rms_norm_eps=1e-5,
-        vocab_size=args.vocab_size, tie_word_embeddings=True,
-    ))
+    return llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=args.hidden_size,
+            num_hidden_layers=layers,
+            intermediate_size=8 * args.hidden_size // 3,
+            num_attention_heads=args.hidden_size // 64,
+            num_key_value_heads=args.hidden_size // 64,
+            rms_norm_eps=1e-5,
+            vocab_size=args.vocab_size,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def mamba2_model(args, layers):
-    return mamba2.Model(mamba2.ModelArgs(
-        model_type="mamba2", num_heads=2 * args.hidden_size // args.head_dim,
-        head_dim=args.head_dim, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-        intermediate_size=2 * args.hidden_size, state_size=128, num_hidden_layers=layers,
-        layer_norm_epsilon=1e-5, conv_kernel=4, n_groups=1, use_bias=False,
-        use_conv_bias=True, tie_word_embeddings=True, time_step_limit=(0.0, float("inf")),
-        time_step_rank="auto",
-    ))
+    return mamba2.Model(
+        mamba2.ModelArgs(
+            model_type="mamba2",
+            num_heads=2 * args.hidden_size // args.head_dim,
+            head_dim=args.head_dim,
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            intermediate_size=2 * args.hidden_size,
+            state_size=128,
+            num_hidden_layers=layers,
+            layer_norm_epsilon=1e-5,
+            conv_kernel=4,
+            n_groups=1,
+            use_bias=False,
+            use_conv_bias=True,
+            tie_word_embeddings=True,
+            time_step_limit=(0.0, float("inf")),
+            time_step_rank="auto",
+        )
+    )
 
 
 BUILDERS = {"fm": fm_model, "llama": llama_model, "mamba2": mamba2_model}
@@ -115,8 +141,11 @@ def run(args) -> dict:
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
             results[NAMES[key]][context] = result
-            print(f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s, "
-                  f"decode {result[1]:7.1f} tok/s, peak {result[2]:6.3f} GB", flush=True)
+            print(
+                f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s, "
+                f"decode {result[1]:7.1f} tok/s, peak {result[2]:6.3f} GB",
+                flush=True,
+            )
         del model
     return results
 
@@ -124,9 +153,15 @@ def run(args) -> dict:
 def print_ratios(results: dict):
     if "FM" not in results or len(results) < 2:
         return
-    print(f"\n{'context':>8} " + " ".join(
-        f"{'FM/' + name + ' ' + what:>22}" for name in results if name != "FM"
-        for what in ("prompt", "decode")))
+    print(
+        f"\n{'context':>8} "
+        + " ".join(
+            f"{'FM/' + name + ' ' + what:>22}"
+            for name in results
+            if name != "FM"
+            for what in ("prompt", "decode")
+        )
+    )
     for context, (fm_prompt, fm_decode, _) in results["FM"].items():
         cells = []
         for name, rows in results.items():

@@ -147,7 +147,8 @@ def _dynamic_section(data: bytes) -> tuple[dict, int]:
     segments, dynamic = [], None
     for index in range(ph_count):
         kind, _, offset, address, _, file_size, _, _ = struct.unpack_from(
-            "<IIQQQQQQ", data, ph_offset + index * ph_size)
+            "<IIQQQQQQ", data, ph_offset + index * ph_size
+        )
         if kind == 1:  # PT_LOAD
             segments.append((address, offset, file_size))
         elif kind == 2:  # PT_DYNAMIC
@@ -168,7 +169,7 @@ def _dynamic_section(data: bytes) -> tuple[dict, int]:
 
 
 def _string_at(data: bytes, offset: int) -> bytes:
-    return data[offset:data.index(0, offset)]
+    return data[offset : data.index(0, offset)]
 
 
 def elf_needed(data: bytes) -> list[str]:
@@ -186,7 +187,7 @@ def with_soname(data: bytes, soname: bytes) -> bytes:
     if len(soname) > len(_string_at(data, start)):
         raise BlasLoadError(f"its SONAME is shorter than {soname.decode()}")
     patched = bytearray(data)
-    patched[start:start + len(soname) + 1] = soname + b"\0"
+    patched[start : start + len(soname) + 1] = soname + b"\0"
     return bytes(patched)
 
 

@@ -16,8 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from . import load
-from .cli import (add_model_argument, add_sampling_arguments, escape_undecodable_stdin,
-                  fail_cleanly, one_line, valid_utf8)
+from .cli import (
+    add_model_argument,
+    add_sampling_arguments,
+    escape_undecodable_stdin,
+    fail_cleanly,
+    one_line,
+    valid_utf8,
+)
 from .tokenizer import PLAIN_CHAT_TEMPLATE, PLAIN_USER
 from .utils import written_file_atomically
 
@@ -34,8 +40,15 @@ def state_file(path) -> Path:
 class ChatSession:
     """A conversation whose whole history lives in the model's recurrent state."""
 
-    def __init__(self, model, tokenizer, system_prompt: Optional[str] = None,
-                 max_tokens: int = 256, sampler=None, prefill_step_size: int = 2048):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        system_prompt: Optional[str] = None,
+        max_tokens: int = 256,
+        sampler=None,
+        prefill_step_size: int = 2048,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.system_prompt, self.max_tokens, self.sampler = system_prompt, max_tokens, sampler
         self.prefill_step_size = prefill_step_size
@@ -46,8 +59,11 @@ class ChatSession:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.cache = make_prompt_cache(self.model)
-        self.messages = [] if self.system_prompt is None else [
-            {"role": "system", "content": self.system_prompt}]
+        self.messages = (
+            []
+            if self.system_prompt is None
+            else [{"role": "system", "content": self.system_prompt}]
+        )
         self.consumed = ""  # the text the state has seen, as the template renders it
         self.last_prompt_tokens = 0
 
@@ -55,7 +71,8 @@ class ChatSession:
         # Passed only when needed: a chat template of mlx-lm's own may not take the argument.
         template = {"chat_template": PLAIN_CHAT_TEMPLATE} if self.plain else {}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template)
+            messages, tokenize=False, add_generation_prompt=True, **template
+        )
 
     def _new_tokens(self, rendered: str) -> list:
         """Tokens of the part of `rendered` that the state has not seen yet."""
@@ -80,10 +97,15 @@ class ChatSession:
         cache = copy.deepcopy(self.cache)  # generation updates the cache it is given in place
         stop = f"\n{PLAIN_USER.strip()}"
         reply = ""
-        for response in stream_generate(self.model, self.tokenizer, tokens,
-                                        max_tokens=self.max_tokens, sampler=self.sampler,
-                                        prompt_cache=cache,
-                                        prefill_step_size=self.prefill_step_size):
+        for response in stream_generate(
+            self.model,
+            self.tokenizer,
+            tokens,
+            max_tokens=self.max_tokens,
+            sampler=self.sampler,
+            prompt_cache=cache,
+            prefill_step_size=self.prefill_step_size,
+        ):
             reply += response.text
             if self.plain and stop in reply:
                 reply = reply.split(stop)[0]
@@ -127,7 +149,8 @@ class ChatSession:
         args = self.model.args
         state_shape = (args.num_heads, args.num_slots, args.head_dim)
         if len(cache) != len(self.cache) or any(
-                c[0] is None or tuple(c[0].shape[1:]) != state_shape for c in cache):
+            c[0] is None or tuple(c[0].shape[1:]) != state_shape for c in cache
+        ):
             raise ValueError(f"{path} was saved from a different model")
         self.cache, self.messages, self.consumed = cache, messages, consumed
         return path
@@ -139,8 +162,9 @@ def build_parser():
     parser.add_argument("--system-prompt", default=None)
     add_sampling_arguments(parser, max_tokens=256)
     parser.add_argument("--load-state", default=None, help="Continue a saved conversation")
-    parser.add_argument("--show-tokens", action="store_true",
-                        help="Show how many prompt tokens each turn processed")
+    parser.add_argument(
+        "--show-tokens", action="store_true", help="Show how many prompt tokens each turn processed"
+    )
     return parser
 
 
@@ -172,8 +196,10 @@ def _answer(session: ChatSession, line: str, show_tokens: bool) -> bool:
         finally:
             print()
         if show_tokens:
-            print(f"[{session.last_prompt_tokens} prompt tokens this turn, "
-                  f"state {session.state_bytes} bytes]")
+            print(
+                f"[{session.last_prompt_tokens} prompt tokens this turn, "
+                f"state {session.state_bytes} bytes]"
+            )
     return show_tokens
 
 
@@ -188,8 +214,10 @@ def _command(session: ChatSession, line: str, show_tokens: bool) -> bool:
     elif name in ("/save", "/load"):
         path = getattr(session, name[1:])(argument)
         done = "saved" if name == "/save" else "loaded"
-        print(f"[{done} {path}: state of {session.state_bytes} bytes, "
-              f"{len(session.messages)} messages]")
+        print(
+            f"[{done} {path}: state of {session.state_bytes} bytes, "
+            f"{len(session.messages)} messages]"
+        )
     elif name == "/tokens":
         show_tokens = not show_tokens
         print(f"[prompt token counts {'on' if show_tokens else 'off'}]")
@@ -209,8 +237,9 @@ def main(argv=None):
         mx.random.seed(args.seed)
     model, tokenizer = load(args.model)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
-    session = ChatSession(model, tokenizer, system_prompt, args.max_tokens, sampler,
-                          args.prefill_step_size)
+    session = ChatSession(
+        model, tokenizer, system_prompt, args.max_tokens, sampler, args.prefill_step_size
+    )
     if args.load_state:
         session.load(args.load_state)
     run_session(session, args.show_tokens)

@@ -79,11 +79,16 @@ def add_model_argument(parser: argparse.ArgumentParser, required: bool = False) 
     """--model: a model directory or Hugging Face repo id (if not `required`, the bundled
     model by default)."""
     text = "Model directory or Hugging Face repo id"
-    parser.add_argument("--model", required=required, default=None,
-                        help=text if required else f"{text} (default: the bundled model)")
+    parser.add_argument(
+        "--model",
+        required=required,
+        default=None,
+        help=text if required else f"{text} (default: the bundled model)",
+    )
 
 
 # Argparse types of the sampling and generation options of mlx_fm.generate and mlx_fm.chat.
+
 
 def _checked(kind: type, test: Callable, what: str) -> Callable:
     def parse(text: str):
@@ -107,13 +112,23 @@ positive_probability = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     """--max-tokens, --temp, --top-p, --top-k, --min-p, --seed and --prefill-step-size."""
-    parser.add_argument("--max-tokens", "-m", type=positive_int, default=max_tokens,
-                        help=f"Most tokens to generate (default {max_tokens})")
-    parser.add_argument("--temp", type=non_negative_float, default=0.0,
-                        help="Sampling temperature (0: greedy)")
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=positive_int,
+        default=max_tokens,
+        help=f"Most tokens to generate (default {max_tokens})",
+    )
+    parser.add_argument(
+        "--temp", type=non_negative_float, default=0.0, help="Sampling temperature (0: greedy)"
+    )
     parser.add_argument("--top-p", type=positive_probability, default=1.0)
     parser.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k")
     parser.add_argument("--min-p", type=probability, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--prefill-step-size", type=positive_int, default=2048,
-                        help="Prompt tokens per forward pass")
+    parser.add_argument(
+        "--prefill-step-size",
+        type=positive_int,
+        default=2048,
+        help="Prompt tokens per forward pass",
+    )

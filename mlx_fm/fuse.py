@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlx.utils import tree_unflatten
 
-from . import load, save_model
+from . import load, save_pretrained
 from .cli import add_model_argument, fail_cleanly
 from .utils import check_destination, resolve_model_path
 
@@ -17,12 +17,17 @@ from .utils import check_destination, resolve_model_path
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.fuse", description=__doc__.split("\n")[0])
     add_model_argument(parser, required=True)
-    parser.add_argument("--adapter-path", default="adapters",
-                        help="Directory with adapters.safetensors and adapter_config.json")
+    parser.add_argument(
+        "--adapter-path",
+        default="adapters",
+        help="Directory with adapters.safetensors and adapter_config.json",
+    )
     parser.add_argument("--save-path", default="fused_model")
-    parser.add_argument("--force", action="store_true",
-                        help="Replace a non-empty --save-path (never one that holds the model "
-                             "or the adapters)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="Replace a non-empty --save-path (never one that holds the model or the adapters)",
+    )
     parser.add_argument("--dequantize", action="store_true")
     return parser
 
@@ -31,8 +36,11 @@ def fuse(model, dequantize: bool = False):
     """Replace every adapted layer of `model` by its fused plain layer, in place."""
     from mlx_lm.utils import dequantize_model
 
-    fused = [(name, module.fuse(dequantize=dequantize))
-             for name, module in model.named_modules() if hasattr(module, "fuse")]
+    fused = [
+        (name, module.fuse(dequantize=dequantize))
+        for name, module in model.named_modules()
+        if hasattr(module, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     return dequantize_model(model) if dequantize else model
@@ -44,16 +52,18 @@ def main(argv=None):
     model_path = resolve_model_path(args.model)
     check_destination(Path(args.save_path), [model_path, args.adapter_path], args.force)
     try:
-        model, tokenizer, config = load(model_path, adapter_path=args.adapter_path,
-                                        return_config=True)
+        model, tokenizer, config = load(
+            model_path, adapter_path=args.adapter_path, return_config=True
+        )
     except (KeyError, ValueError) as error:
-        raise ValueError(f"adapters in {args.adapter_path} do not fit {args.model}: "
-                         f"{error}") from error
+        raise ValueError(
+            f"adapters in {args.adapter_path} do not fit {args.model}: {error}"
+        ) from error
     model = fuse(model, args.dequantize)
     if args.dequantize:
         config.pop("quantization", None)
         config.pop("quantization_config", None)
-    save_model(args.save_path, model, tokenizer, extra_config=config)
+    save_pretrained(args.save_path, model, tokenizer, extra_config=config)
     print(f"fused model written to {args.save_path}")
 
 

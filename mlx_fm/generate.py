@@ -7,8 +7,13 @@ import argparse
 import sys
 
 from . import load
-from .cli import (add_model_argument, add_sampling_arguments, escape_undecodable_stdin,
-                  fail_cleanly, valid_utf8)
+from .cli import (
+    add_model_argument,
+    add_sampling_arguments,
+    escape_undecodable_stdin,
+    fail_cleanly,
+    valid_utf8,
+)
 
 
 def build_parser():
@@ -18,8 +23,9 @@ def build_parser():
     add_sampling_arguments(parser, max_tokens=100)
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true")
-    parser.add_argument("--verbose", action="store_true",
-                        help="Print prompt and generation speed and peak memory")
+    parser.add_argument(
+        "--verbose", action="store_true", help="Print prompt and generation speed and peak memory"
+    )
     return parser
 
 
@@ -58,16 +64,23 @@ def main(argv=None):
     tokens = format_prompt(tokenizer, prompt, system_prompt, args.ignore_chat_template)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     response = None
-    for response in stream_generate(model, tokenizer, tokens, max_tokens=args.max_tokens,
-                                    sampler=sampler, prefill_step_size=args.prefill_step_size):
+    for response in stream_generate(
+        model,
+        tokenizer,
+        tokens,
+        max_tokens=args.max_tokens,
+        sampler=sampler,
+        prefill_step_size=args.prefill_step_size,
+    ):
         print(response.text, end="", flush=True)
     print()
     if args.verbose and response is not None:
         print("=" * 10)
-        print(f"Prompt: {response.prompt_tokens} tokens, "
-              f"{response.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {response.generation_tokens} tokens, "
-              f"{response.generation_tps:.3f} tokens-per-sec")
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec"
+        )
         print(f"Peak memory: {response.peak_memory:.3f} GB")
 
 

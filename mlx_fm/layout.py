@@ -13,10 +13,24 @@ from typing import Literal
 MODEL_TYPE = "factorization_memory"
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_slots")
 # The same defaults as mlx_fm's ModelArgs; top_k None means dense (k = m).
-DEFAULTS = {"expand": 2, "top_k": None, "router_temperature": 1.0, "conv_kernel": 4,
-            "intermediate_size": 0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
-POSITIVE_INTEGERS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads",
-                     "num_slots", "expand", "top_k")
+DEFAULTS = {
+    "expand": 2,
+    "top_k": None,
+    "router_temperature": 1.0,
+    "conv_kernel": 4,
+    "intermediate_size": 0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+POSITIVE_INTEGERS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_heads",
+    "num_slots",
+    "expand",
+    "top_k",
+)
 NON_NEGATIVE_INTEGERS = ("conv_kernel", "intermediate_size")
 POSITIVE_NUMBERS = ("router_temperature", "rms_norm_eps")
 
@@ -51,9 +65,7 @@ def _check_values(settings: dict) -> None:
             raise CheckpointError(f"{key} must be a positive integer, got {settings[key]!r}")
     for key in NON_NEGATIVE_INTEGERS:
         if not is_integer(settings[key]) or settings[key] < 0:
-            raise CheckpointError(
-                f"{key} must be a non-negative integer, got {settings[key]!r}"
-            )
+            raise CheckpointError(f"{key} must be a non-negative integer, got {settings[key]!r}")
     for key in POSITIVE_NUMBERS:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -83,7 +95,9 @@ def tensor_shapes(settings: dict) -> dict:
         prefix = f"backbone.layers.{layer}."
         shapes[prefix + "norm.weight"] = (dim,)
         shapes[prefix + "mixer.in_proj.weight"] = (
-            2 * inner + heads * settings["num_slots"] + 2 * heads, dim)
+            2 * inner + heads * settings["num_slots"] + 2 * heads,
+            dim,
+        )
         if kernel > 0:
             shapes[prefix + "mixer.conv1d.weight"] = (inner, 1, kernel)
             shapes[prefix + "mixer.conv1d.bias"] = (inner,)
@@ -113,8 +127,12 @@ def with_conv_layout(weights: dict, layout: ConvLayout) -> dict:
     unit_axis = 3 - kernel_axis
 
     def in_layout(name: str, value):
-        swapped = (name.endswith("conv1d.weight") and value.ndim == 3
-                   and value.shape[kernel_axis] == 1 and value.shape[unit_axis] != 1)
+        swapped = (
+            name.endswith("conv1d.weight")
+            and value.ndim == 3
+            and value.shape[kernel_axis] == 1
+            and value.shape[unit_axis] != 1
+        )
         return value.swapaxes(1, 2) if swapped else value
 
     return {name: in_layout(name, value) for name, value in weights.items()}
@@ -163,8 +181,7 @@ def _indexed_files(directory: Path, index_file: Path) -> list:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
-            AttributeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"{index_file.name} is not a valid index: {error}") from error
     # Lexical, not resolved: a Hugging Face cache links every file to a blob elsewhere.
     root = Path(os.path.normpath(directory.absolute()))
@@ -212,9 +229,11 @@ def check_tensor_names_and_shapes(shapes: dict, expected: dict) -> None:
     """Raise naming the missing, unexpected and misshapen tensors, if any."""
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
-    misshapen = [f"{name} is {tuple(shapes[name])}, expected {expected[name]}"
-                 for name in sorted(set(shapes) & set(expected))
-                 if tuple(shapes[name]) != expected[name]]
+    misshapen = [
+        f"{name} is {tuple(shapes[name])}, expected {expected[name]}"
+        for name in sorted(set(shapes) & set(expected))
+        if tuple(shapes[name]) != expected[name]
+    ]
     problems = []
     if missing:
         problems.append("missing tensors: " + ", ".join(missing))

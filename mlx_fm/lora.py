@@ -25,8 +25,15 @@ from .cli import fail_cleanly
 
 MLX_LM_NUM_LAYERS = 16  # mlx-lm's default --num-layers
 SPLITS = ("train", "valid", "test")
-POSITIVE_OPTIONS = ("batch_size", "iters", "steps_per_report", "steps_per_eval", "save_every",
-                    "grad_accumulation_steps", "max_seq_length")
+POSITIVE_OPTIONS = (
+    "batch_size",
+    "iters",
+    "steps_per_report",
+    "steps_per_eval",
+    "save_every",
+    "grad_accumulation_steps",
+    "max_seq_length",
+)
 
 
 def parse_options(argv=None) -> types.SimpleNamespace:
@@ -64,8 +71,10 @@ def check_data(options: types.SimpleNamespace) -> None:
     if not path.exists():
         # mlx-lm takes a name that is no directory for a Hugging Face dataset.
         if importlib.util.find_spec("datasets") is None:
-            raise ValueError(f"data directory not found: {options.data} (a Hugging Face "
-                             "dataset would need `pip install datasets`)")
+            raise ValueError(
+                f"data directory not found: {options.data} (a Hugging Face "
+                "dataset would need `pip install datasets`)"
+            )
         return
     if not path.is_dir():
         raise ValueError(f"--data must be a directory of {', '.join(SPLITS)}.jsonl: {path}")
@@ -110,8 +119,10 @@ def format_keys(record: dict, options: types.SimpleNamespace, where: str) -> Tup
     for keys in ((prompt, completion), (chat,), (text,)):
         if all(key in record for key in keys):
             return keys
-    raise ValueError(f"{where}: no data format's keys: {prompt!r} and {completion!r} "
-                     f"(completions), {chat!r} (chat) or {text!r} (text)")
+    raise ValueError(
+        f"{where}: no data format's keys: {prompt!r} and {completion!r} "
+        f"(completions), {chat!r} (chat) or {text!r} (text)"
+    )
 
 
 def resolve_num_layers(requested: Optional[int], layers: int) -> int:
@@ -119,8 +130,9 @@ def resolve_num_layers(requested: Optional[int], layers: int) -> int:
     if requested is None:
         return min(MLX_LM_NUM_LAYERS, layers)
     if requested != -1 and not 1 <= requested <= layers:
-        raise ValueError(f"--num-layers must be -1 (all) or 1 to {layers}, the model's layers; "
-                         f"got {requested}")
+        raise ValueError(
+            f"--num-layers must be -1 (all) or 1 to {layers}, the model's layers; got {requested}"
+        )
     return requested
 
 
@@ -148,8 +160,12 @@ def run(options: types.SimpleNamespace, model, tokenizer) -> None:
     from mlx_lm.tuner.utils import load_adapters
 
     np.random.seed(options.seed)
-    callback = get_reporting_callbacks(options.report_to, project_name=options.project_name,
-                                       log_dir=options.adapter_path, config=vars(options))
+    callback = get_reporting_callbacks(
+        options.report_to,
+        project_name=options.project_name,
+        log_dir=options.adapter_path,
+        config=vars(options),
+    )
     train_set, valid_set, test_set = load_dataset(options, tokenizer)
     if options.train:
         lora.train_model(options, model, train_set, valid_set, callback)
@@ -171,8 +187,9 @@ def main(argv=None):
     check_data(options)
     if options.model is None:
         options.model = str(resolve_model_path(None))
-    model, tokenizer = load(options.model,
-                            tokenizer_config={"trust_remote_code": options.trust_remote_code})
+    model, tokenizer = load(
+        options.model, tokenizer_config={"trust_remote_code": options.trust_remote_code}
+    )
     options.num_layers = resolve_num_layers(options.num_layers, len(model.layers))
     with removed_if_failed(Path(options.adapter_path)):
         run(options, model, with_plain_chat_template(tokenizer))

@@ -87,8 +87,14 @@ def loss_by_position(losses, first_position: int = FIRST_TABLE_POSITION) -> List
     rows, position = [], first_position
     while position <= len(losses):
         bucket = losses[position // 2 - 1 : position - 1]
-        rows.append(PositionRow(position, float(so_far[position - 1]), position // 2,
-                                float(np.mean(bucket, dtype=np.float64))))
+        rows.append(
+            PositionRow(
+                position,
+                float(so_far[position - 1]),
+                position // 2,
+                float(np.mean(bucket, dtype=np.float64)),
+            )
+        )
         position *= 2
     return rows
 
@@ -113,14 +119,20 @@ def format_table(rows: List[PositionRow]) -> str:
     lines = [f"{'position':>9} {'loss so far':>12} {'bucket':>15} {'bucket loss':>12}"]
     for row in rows:
         bucket = f"[{format_position(row.bucket_start)}, {format_position(row.position)})"
-        lines.append(f"{format_position(row.position):>9} {row.loss_so_far:12.4f} "
-                     f"{bucket:>15} {row.bucket_loss:12.4f}")
+        lines.append(
+            f"{format_position(row.position):>9} {row.loss_so_far:12.4f} "
+            f"{bucket:>15} {row.bucket_loss:12.4f}"
+        )
     return "\n".join(lines)
 
 
-def plot_loss_by_position(curves: Mapping[str, np.ndarray], path, title: str = "",
-                          marks: Sequence[int] = (),
-                          bucket_losses: Optional[np.ndarray] = None) -> None:
+def plot_loss_by_position(
+    curves: Mapping[str, np.ndarray],
+    path,
+    title: str = "",
+    marks: Sequence[int] = (),
+    bucket_losses: Optional[np.ndarray] = None,
+) -> None:
     """A PNG, written atomically, of loss against token position (log x): the loss so far of
     each of `curves` ({legend label: the losses at positions 1, 2, ...}), a dotted line at each
     position in `marks`, and the bucket means of `bucket_losses` (likewise) as steps."""
@@ -149,10 +161,12 @@ def plot_loss_by_position(curves: Mapping[str, np.ndarray], path, title: str = "
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.perplexity", description=__doc__.split("\n")[0])
     add_model_argument(parser)
-    parser.add_argument("--data", required=True,
-                        help='A text file, or jsonl with {"text": ...} per line')
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="Evaluate only the first N tokens")
+    parser.add_argument(
+        "--data", required=True, help='A text file, or jsonl with {"text": ...} per line'
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="Evaluate only the first N tokens"
+    )
     parser.add_argument("--segment", type=int, default=2048, help="Tokens per forward pass")
     parser.add_argument("--plot", default=None, help="Write the loss by position to this PNG")
     return parser
@@ -171,14 +185,17 @@ def main(argv=None):
     model, tokenizer = mlx_fm.load(args.model)
     tokens = text_tokens(documents, tokenizer, args.max_tokens)
     losses = token_losses(model, tokens, args.segment)
-    print(f"Tokens: {len(tokens)}, mean loss {float(np.mean(losses, dtype=np.float64)):.4f} "
-          f"nats, perplexity {perplexity(losses):.3f}")
+    print(
+        f"Tokens: {len(tokens)}, mean loss {float(np.mean(losses, dtype=np.float64)):.4f} "
+        f"nats, perplexity {perplexity(losses):.3f}"
+    )
     rows = loss_by_position(losses)
     if rows:
         print(format_table(rows))
     if args.plot is not None:
-        plot_loss_by_position({"loss so far": losses}, args.plot, title=Path(args.data).name,
-                              bucket_losses=losses)
+        plot_loss_by_position(
+            {"loss so far": losses}, args.plot, title=Path(args.data).name, bucket_losses=losses
+        )
         print(f"Plot: {args.plot}")
 
 

@@ -8,8 +8,11 @@ EOS_TOKEN = "<|endoftext|>"  # id 256
 
 def _byte_characters():
     """The printable character that byte-level BPE uses for each byte (as in GPT-2)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     characters, extra = {}, 0
     for byte in range(BYTE_VOCAB_SIZE):
         if byte in printable:
@@ -40,8 +43,11 @@ def save_byte_tokenizer(path):
 PLAIN_USER, PLAIN_ASSISTANT = "User: ", "Assistant: "
 PLAIN_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}" + PLAIN_USER
-    + "{% elif message['role'] == 'assistant' %}" + PLAIN_ASSISTANT + "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    + PLAIN_USER
+    + "{% elif message['role'] == 'assistant' %}"
+    + PLAIN_ASSISTANT
+    + "{% endif %}"
     "{{ message['content'] }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}" + PLAIN_ASSISTANT + "{% endif %}"

@@ -3,7 +3,8 @@
 Options come from a YAML file (--config; keys are the option names with
 underscores, plus a `model:` section of SPEC hyper-parameters) and the command
 line, which wins. `architecture: llama` (or any mlx-lm model type) trains that
-baseline instead, its `model:` section being that type's ModelArgs. For data parallelism, start it with mlx's launcher:
+baseline instead, its `model:` section being that type's ModelArgs. For data
+parallelism, start it with mlx's launcher:
 `mlx.launch --backend ring -n 2 -- python -m mlx_fm.train ...`.
 """
 
@@ -25,9 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     for option in dataclasses.fields(TrainConfig):
         if option.name != "model":  # set key by key, in the model group
             _add_option(parser, option)
-    parser.add_argument("--force", action="store_true",
-                        help="replace the model/ and metrics.jsonl in --output of a run that "
-                             "is not resumed")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the model/ and metrics.jsonl in --output of a run that is not resumed",
+    )
     model = parser.add_argument_group("model (SPEC hyper-parameters; vocab_size: YAML only)")
     for option in dataclasses.fields(ModelArgs):
         if option.name not in ("model_type", "vocab_size"):
@@ -45,8 +48,14 @@ def _add_option(parser, option: dataclasses.Field, dest: Optional[str] = None) -
         parsing = dict(nargs="+", metavar=name.upper())
     else:
         parsing = dict(type=kind, metavar=name.upper())
-    parser.add_argument("--" + name.replace("_", "-"), *SHORT_FLAGS.get(name, []), default=None,
-                        help=_help(option), dest=dest or name, **parsing)
+    parser.add_argument(
+        "--" + name.replace("_", "-"),
+        *SHORT_FLAGS.get(name, []),
+        default=None,
+        help=_help(option),
+        dest=dest or name,
+        **parsing,
+    )
 
 
 def _argument_type(annotation) -> type:
@@ -67,8 +76,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from .training.config import build_config
 
     given = {key: value for key, value in vars(args).items() if value is not None}
-    model = {key.split(".", 1)[1]: given.pop(key) for key in list(given)
-             if key.startswith("model.")}
+    model = {
+        key.split(".", 1)[1]: given.pop(key) for key in list(given) if key.startswith("model.")
+    }
     return build_config(given.pop("config", None), **given, model=model)
 
 

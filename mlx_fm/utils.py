@@ -17,7 +17,11 @@ from mlx_lm.utils import load_model as _mlx_lm_load_model
 from mlx_lm.utils import load_tokenizer
 
 from .layout import (
-    CheckpointError, read_config, shard_file_names, shard_index, split_into_shards,
+    CheckpointError,
+    read_config,
+    shard_file_names,
+    shard_index,
+    split_into_shards,
 )
 from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
 
@@ -31,9 +35,7 @@ class ModelLoadError(ValueError):
 def get_model_classes(config: dict):
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
-        raise ModelLoadError(
-            f"unsupported model_type {model_type!r} (expected {MODEL_TYPE!r})"
-        )
+        raise ModelLoadError(f"unsupported model_type {model_type!r} (expected {MODEL_TYPE!r})")
     return Model, ModelArgs
 
 
@@ -42,15 +44,18 @@ MODEL_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 DEFAULT_MODEL_PATH = Path(__file__).parent / "default_model"
 
 
-def resolve_model_path(path_or_hf_repo: Union[str, Path, None], revision=None,
-                       allow_patterns=MODEL_FILES) -> Path:
+def resolve_model_path(
+    path_or_hf_repo: Union[str, Path, None], revision=None, allow_patterns=MODEL_FILES
+) -> Path:
     """A local directory, a Hugging Face repo id downloaded to the local cache, or (None)
     the bundled default model."""
     if path_or_hf_repo is None:
         if not DEFAULT_MODEL_PATH.is_dir():
-            raise ModelLoadError(f"the bundled default model is missing ({DEFAULT_MODEL_PATH}): "
-                                 "give a model path, or build it with "
-                                 "examples/build_default_model.py")
+            raise ModelLoadError(
+                f"the bundled default model is missing ({DEFAULT_MODEL_PATH}): "
+                "give a model path, or build it with "
+                "examples/build_default_model.py"
+            )
         return DEFAULT_MODEL_PATH
     path = Path(path_or_hf_repo).expanduser()
     if path.is_dir():
@@ -76,9 +81,14 @@ def _checked_config(path: Path) -> None:
         raise ModelLoadError(f"no model*.safetensors weights in {path}")
 
 
-def load_model(model_path: Union[str, Path, None] = None, lazy: bool = False,
-               strict: bool = True, model_config: Optional[dict] = None, *,
-               revision: Optional[str] = None) -> tuple[Model, dict]:
+def load_model(
+    model_path: Union[str, Path, None] = None,
+    lazy: bool = False,
+    strict: bool = True,
+    model_config: Optional[dict] = None,
+    *,
+    revision: Optional[str] = None,
+) -> tuple[Model, dict]:
     """(model, config), as mlx-lm's `load_model`, from a local directory, a Hugging Face repo
     id or (None) the bundled default model; no tokenizer needed. Never runs code from the
     checkpoint."""
@@ -91,7 +101,10 @@ def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=
     _checked_config(path)
     try:
         model, config = _mlx_lm_load_model(
-            path, lazy=lazy, strict=strict, model_config=model_config,
+            path,
+            lazy=lazy,
+            strict=strict,
+            model_config=model_config,
             get_model_classes=get_model_classes,
         )
     except ModelLoadError:
@@ -109,13 +122,21 @@ def missing_tokenizer(path: Union[str, Path]) -> Optional[str]:
     """What is wrong when `path` holds no tokenizer, and how to add one; None if it has one."""
     if any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         return None
-    return (f"no tokenizer files in {path}: copy the tokenizer's files "
-            f"({', '.join(TOKENIZER_FILES)}) into it")
+    return (
+        f"no tokenizer files in {path}: copy the tokenizer's files "
+        f"({', '.join(TOKENIZER_FILES)}) into it"
+    )
 
 
-def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
-         model_config: Optional[dict] = None, adapter_path: Optional[str] = None,
-         lazy: bool = False, return_config: bool = False, revision=None):
+def load(
+    path_or_hf_repo=None,
+    tokenizer_config: Optional[dict] = None,
+    model_config: Optional[dict] = None,
+    adapter_path: Optional[str] = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    revision=None,
+):
     """(model, tokenizer) from a local directory, a Hugging Face repo id or (None) the bundled
     default model."""
     model, config, path = _load(path_or_hf_repo, lazy, True, model_config, revision)
@@ -131,9 +152,7 @@ def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # it warns that it does not know model_type
     try:
-        tokenizer = load_tokenizer(
-            path, tokenizer_config, eos_token_ids=config.get("eos_token_id")
-        )
+        tokenizer = load_tokenizer(path, tokenizer_config, eos_token_ids=config.get("eos_token_id"))
     except Exception as error:  # transformers raises many kinds
         raise ModelLoadError(f"cannot load the tokenizer in {path}: {error}") from error
     finally:
@@ -141,20 +160,29 @@ def load(path_or_hf_repo=None, tokenizer_config: Optional[dict] = None,
     return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
-def save_model(path: Union[str, Path], model: Model, tokenizer=None,
-               extra_config: Optional[dict] = None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write config.json, the safetensors (and the tokenizer) to `path`, atomically."""
+def save_pretrained(
+    path: Union[str, Path],
+    model: Model,
+    tokenizer=None,
+    extra_config: Optional[dict] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write config.json, the safetensors (and the tokenizer) to `path`, atomically: the
+    directory `load` reads. (Not mlx-lm's `save_model`, which writes the weights alone.)"""
     path = Path(path)
     with written_atomically(path) as staging:
         write_model(staging, model, tokenizer, extra_config, max_shard_bytes)
     return path
 
 
-def write_model(directory: Path, model: Model, tokenizer=None,
-                extra_config: Optional[dict] = None,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """The files of `save_model`, into an existing directory."""
+def write_model(
+    directory: Path,
+    model: Model,
+    tokenizer=None,
+    extra_config: Optional[dict] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """The files of `save_pretrained`, into an existing directory."""
     write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
     config = model_config(model.args) | (extra_config or {})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -164,10 +192,14 @@ def write_model(directory: Path, model: Model, tokenizer=None,
 
 def model_config(args) -> dict:
     """The args as config.json holds them: unset options (None by default) left out, as
-    transformers rejects a null where it expects a number (e.g. a llama's max_position_embeddings)."""
+    transformers rejects a null where it expects a number (e.g. a llama's
+    max_position_embeddings)."""
     unset = {f.name for f in dataclasses.fields(args) if f.default is None}
-    return {key: value for key, value in dataclasses.asdict(args).items()
-            if not (value is None and key in unset)}
+    return {
+        key: value
+        for key, value in dataclasses.asdict(args).items()
+        if not (value is None and key in unset)
+    }
 
 
 @contextlib.contextmanager
@@ -217,12 +249,15 @@ def _replace(staging: Path, destination: Path) -> None:
 # Staging entries are named `.NAME.mlx_fm-KIND.HOST.PID.TOKEN[SUFFIX]`, so that a later run can
 # tell which ones a dead process of this host left behind, and touch nothing else.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-_OWN_ENTRY = re.compile(r"\..+\.mlx_fm-(?:staging|old)\.(?P<host>[A-Za-z0-9-]+)"
-                        r"\.(?P<pid>\d+)\.[0-9a-f]{16}(?:\.\w+)?")
+_OWN_ENTRY = re.compile(
+    r"\..+\.mlx_fm-(?:staging|old)\.(?P<host>[A-Za-z0-9-]+)"
+    r"\.(?P<pid>\d+)\.[0-9a-f]{16}(?:\.\w+)?"
+)
 
 
-def _own_entry(destination: Path, kind: str, create: Callable[[Path], object],
-               suffix: str = "") -> Path:
+def _own_entry(
+    destination: Path, kind: str, create: Callable[[Path], object], suffix: str = ""
+) -> Path:
     """A new entry next to `destination`, made by `create(path)`, named as ours."""
     name = f".{destination.name}.mlx_fm-{kind}.{_HOST}.{os.getpid()}.{secrets.token_hex(8)}"
     path = destination.parent / (name + suffix)
@@ -290,8 +325,7 @@ def remove_empty_directories(directories: list[Path]) -> None:
             return
 
 
-def check_destination(destination: Path, sources: Iterable[Union[str, Path]],
-                      force: bool) -> None:
+def check_destination(destination: Path, sources: Iterable[Union[str, Path]], force: bool) -> None:
     """Refuse to write `destination` over what the command did not make.
 
     The destination must not hold (be, or contain) any of `sources`, even with `force`;
@@ -300,8 +334,10 @@ def check_destination(destination: Path, sources: Iterable[Union[str, Path]],
     target = destination.resolve()
     for source in sources:
         if Path(source).resolve().is_relative_to(target):
-            raise ValueError(f"the destination {destination} holds the source {source}; "
-                             "choose another destination")
+            raise ValueError(
+                f"the destination {destination} holds the source {source}; "
+                "choose another destination"
+            )
     if not force and not _is_empty(destination):
         raise ValueError(f"{destination} already exists (pass --force to replace it)")
 
@@ -315,8 +351,9 @@ def _is_empty(path: Path) -> bool:
     return not path.exists() or path.stat().st_size == 0
 
 
-def write_safetensors(directory: Path, weights: dict, format_tag: str,
-                      max_shard_bytes: int) -> None:
+def write_safetensors(
+    directory: Path, weights: dict, format_tag: str, max_shard_bytes: int
+) -> None:
     """model.safetensors, or shards, and model.safetensors.index.json (as mlx-lm writes)."""
     shards = split_into_shards(weights, max_shard_bytes)
     names = shard_file_names("model", ".safetensors", len(shards))

@@ -1,17 +1,23 @@
-import mlx_fm  # noqa: F401  (loads the fast BLAS before mlx.core)
-
 import subprocess
 import sys
+
+import mlx_fm  # noqa: F401  (loads the fast BLAS before mlx.core)
+from mlx_fm import Model, ModelArgs, save_pretrained
+from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
 import mlx.core as mx
 import pytest
 
-from mlx_fm import Model, ModelArgs, save_model
-from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
-
-TINY = dict(vocab_size=BYTE_VOCAB_SIZE + 1, hidden_size=32, num_hidden_layers=2,
-            num_heads=2, num_slots=8, top_k=3, intermediate_size=48,
-            tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=BYTE_VOCAB_SIZE + 1,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_heads=2,
+    num_slots=8,
+    top_k=3,
+    intermediate_size=48,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_model(seed=0, **overrides):
@@ -28,7 +34,7 @@ def tiny_model(seed=0, **overrides):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
-    save_model(path, tiny_model(), byte_tokenizer())
+    save_pretrained(path, tiny_model(), byte_tokenizer())
     return path
 
 
@@ -40,5 +46,11 @@ def relative_error(actual, expected) -> float:
 
 def run_cli(module: str, *args, stdin=None, env=None, timeout: float = 600):
     """`python -m module args` in a new process (for what only a real process shows)."""
-    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        input=stdin,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

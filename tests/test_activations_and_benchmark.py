@@ -1,11 +1,11 @@
 """The polynomial SiLU, and the mlx_fm.benchmark tool."""
 
+from mlx_fm import benchmark
+from mlx_fm.ops.activations import silu
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
-from mlx_fm import benchmark
-from mlx_fm.ops.activations import silu
 
 
 def test_silu_matches_the_exact_one_to_float32_rounding():
@@ -35,8 +35,23 @@ def test_silu_keeps_the_input_dtype():
 
 def test_benchmark_compares_models_of_matching_size(capsys):
     args = benchmark.build_parser().parse_args(
-        ["--contexts", "40", "--decode-tokens", "2", "--hidden-size", "64", "--fm-layers", "2",
-         "--vocab-size", "300", "--slots", "8", "--top-k", "2"])
+        [
+            "--contexts",
+            "40",
+            "--decode-tokens",
+            "2",
+            "--hidden-size",
+            "64",
+            "--fm-layers",
+            "2",
+            "--vocab-size",
+            "300",
+            "--slots",
+            "8",
+            "--top-k",
+            "2",
+        ]
+    )
     results = benchmark.run(args)
     assert set(results) == {"FM", "Llama", "Mamba-2"}
     counts = {}

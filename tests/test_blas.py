@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx_fm
+from mlx_fm import blas
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import mlx_fm
-from mlx_fm import blas
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the BLAS set-up is Linux's")
 
@@ -21,8 +21,13 @@ def bundled_gfortran() -> Path:
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env={"PATH": os.environ.get("PATH", "")} | env)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": os.environ.get("PATH", "")} | env,
+    )
 
 
 def test_blas_agrees_with_numpy():
@@ -40,12 +45,14 @@ def test_a_bare_install_loads_openblas_silently(tmp_path):
     result = run_python(code, XDG_CACHE_HOME=str(tmp_path), HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("loaded\n", "")
-    system_gfortran = subprocess.run(["/sbin/ldconfig", "-p"], capture_output=True,
-                                     text=True).stdout
+    system_gfortran = subprocess.run(
+        ["/sbin/ldconfig", "-p"], capture_output=True, text=True
+    ).stdout
     if "libgfortran.so.5 " not in system_gfortran:
         (copy,) = tmp_path.glob("mlx_fm/gfortran-*/libgfortran.so.5")
         assert blas.elf_needed(copy.read_bytes()) == blas.elf_needed(
-            bundled_gfortran().read_bytes())
+            bundled_gfortran().read_bytes()
+        )
 
 
 def test_blas_can_be_switched_off():
@@ -88,8 +95,9 @@ def test_a_file_that_is_not_elf_is_refused():
 
 
 def test_python_m_mlx_fm_says_what_it_measures():
-    result = subprocess.run([sys.executable, "-m", "mlx_fm"], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_fm"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].startswith("BLAS used by MLX:") and lines[2].startswith("measuring")

@@ -7,26 +7,33 @@ import re
 import shutil
 import sys
 
+from mlx_fm import load, load_model
+from mlx_fm.layout import CheckpointError, with_conv_layout
+from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
+from mlx_fm.utils import write_safetensors
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_fm import load, load_model
-from mlx_fm_convert.cli import main as convert_main
-from mlx_fm.layout import CheckpointError, with_conv_layout
-from mlx_fm.tokenizer import BYTE_VOCAB_SIZE, save_byte_tokenizer
-from mlx_fm.utils import write_safetensors
+from conftest import tiny_model
 from mlx_fm_convert.checkpoint import convert
+from mlx_fm_convert.cli import main as convert_main
 from mlx_fm_convert.weights import read_weights
 
-from conftest import tiny_model
-
 # hidden 32, inner 64, MLP 64: every Linear input size is a multiple of the group size 32.
-SOURCE = dict(vocab_size=BYTE_VOCAB_SIZE + 1, hidden_size=32, num_hidden_layers=2,
-              num_heads=2, num_slots=8, top_k=3, intermediate_size=64,
-              tie_word_embeddings=False)
+SOURCE = dict(
+    vocab_size=BYTE_VOCAB_SIZE + 1,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_heads=2,
+    num_slots=8,
+    top_k=3,
+    intermediate_size=64,
+    tie_word_embeddings=False,
+)
 CONFIGS = {
     "sparse": {},
     "dense": {"top_k": None},
@@ -34,14 +41,18 @@ CONFIGS = {
     "no-mlp-tied": {"intermediate_size": 0, "tie_word_embeddings": True},
 }
 FORMATS = {  # weights_format, max_shard_bytes of the reference's save_pretrained
-    "safetensors": ("safetensors", None), "sharded-safetensors": ("safetensors", 30_000),
-    "bin": ("bin", None), "pt": ("pt", None), "sharded-bin": ("bin", 30_000),
+    "safetensors": ("safetensors", None),
+    "sharded-safetensors": ("safetensors", 30_000),
+    "bin": ("bin", None),
+    "pt": ("pt", None),
+    "sharded-bin": ("bin", 30_000),
 }
 TOKENS = np.random.default_rng(0).integers(0, BYTE_VOCAB_SIZE, (2, 40))
 
 
-def reference_checkpoint(path, config="sparse", weights_format="safetensors",
-                         max_shard_bytes=None, seed=0):
+def reference_checkpoint(
+    path, config="sparse", weights_format="safetensors", max_shard_bytes=None, seed=0
+):
     """A random PyTorch reference model saved to `path` with a tokenizer; returns the model."""
     torch = pytest.importorskip("torch")
     from mlx_fm_convert.reference import FactorizationMemoryForCausalLM, FMConfig
@@ -102,8 +113,13 @@ def test_converted_model_matches_the_reference(tmp_path, config, source_format):
 def test_converted_directory_loads_with_its_tokenizer(tmp_path, source_dir):
     convert(str(source_dir), str(tmp_path / "mlx"))
     names = {path.name for path in (tmp_path / "mlx").iterdir()}
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     model, tokenizer = load(tmp_path / "mlx")
     assert tokenizer.decode(tokenizer.encode("FM")) == "FM"
     assert model(mx.array([tokenizer.encode("FM")])).shape == (1, 2, SOURCE["vocab_size"])
@@ -111,9 +127,14 @@ def test_converted_directory_loads_with_its_tokenizer(tmp_path, source_dir):
 
 def test_pickled_weights_read_the_same_without_torch(tmp_path):
     torch = pytest.importorskip("torch")
-    tensors = {"float": torch.randn(3, 4), "transposed": torch.randn(4, 5)[1:].t(),
-               "bfloat16": torch.randn(6).to(torch.bfloat16), "half": torch.randn(2, 2).half(),
-               "long": torch.arange(5), "parameter": torch.nn.Parameter(torch.ones(2))}
+    tensors = {
+        "float": torch.randn(3, 4),
+        "transposed": torch.randn(4, 5)[1:].t(),
+        "bfloat16": torch.randn(6).to(torch.bfloat16),
+        "half": torch.randn(2, 2).half(),
+        "long": torch.arange(5),
+        "parameter": torch.nn.Parameter(torch.ones(2)),
+    }
     torch.save(tensors, tmp_path / "weights.bin")
     with_torch = read_weights([tmp_path / "weights.bin"])
     without_torch = read_weights([tmp_path / "weights.bin"], use_torch=False)
@@ -121,8 +142,9 @@ def test_pickled_weights_read_the_same_without_torch(tmp_path):
     for name, tensor in tensors.items():
         assert without_torch[name].dtype == with_torch[name].dtype
         assert mx.array_equal(without_torch[name], with_torch[name]).item(), name
-        assert np.array_equal(np.array(with_torch[name].astype(mx.float32)),
-                              tensor.detach().float().numpy())
+        assert np.array_equal(
+            np.array(with_torch[name].astype(mx.float32)), tensor.detach().float().numpy()
+        )
 
 
 class RunsCode:
@@ -151,7 +173,8 @@ def as_bin_that_runs_code(path):
 
 @pytest.mark.parametrize("use_torch", [True, False])
 def test_the_command_line_refuses_a_checkpoint_that_runs_code_in_one_line(
-        tmp_path, source_dir, capsys, monkeypatch, use_torch):
+    tmp_path, source_dir, capsys, monkeypatch, use_torch
+):
     source = tmp_path / "src" / "fm"
     shutil.copytree(source_dir, source)
     as_bin_that_runs_code(source)
@@ -163,7 +186,8 @@ def test_the_command_line_refuses_a_checkpoint_that_runs_code_in_one_line(
     assert exit_info.value.code != 0
     assert capsys.readouterr().err == (
         "mlx_fm: error: cannot read pytorch_model.bin: not a plain tensor checkpoint (it "
-        f"references {os.system.__module__}.system); refusing to run code from it\n")
+        f"references {os.system.__module__}.system); refusing to run code from it\n"
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["src"]
 
 
@@ -177,8 +201,9 @@ def test_mlx_to_hf_to_mlx_is_exact_and_hf_matches_the_reference(tmp_path, config
     convert(str(tmp_path / "mlx"), str(tmp_path / "hf"), to_hf=True)
     convert(str(tmp_path / "hf"), str(tmp_path / "mlx2"))
     first, second = load_model(tmp_path / "mlx")[0], load_model(tmp_path / "mlx2")[0]
-    for (name, a), (_, b) in zip(tree_flatten(first.parameters()),
-                                 tree_flatten(second.parameters())):
+    for (name, a), (_, b) in zip(
+        tree_flatten(first.parameters()), tree_flatten(second.parameters())
+    ):
         assert a.dtype == b.dtype and mx.array_equal(a, b).item(), name
     hf_weights = mx.load(str(tmp_path / "hf" / "model.safetensors"))
     assert hf_weights["backbone.layers.0.mixer.in_proj.weight"].shape == (2 * 64 + 16 + 4, 32)
@@ -197,8 +222,12 @@ def module_named(model, name):
     return dict(model.named_modules())[name]
 
 
-ROUTING_CRITICAL = ("backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj",
-                    "backbone.embeddings", "lm_head")
+ROUTING_CRITICAL = (
+    "backbone.layers.0.mixer.in_proj",
+    "backbone.layers.1.mixer.in_proj",
+    "backbone.embeddings",
+    "lm_head",
+)
 OTHERS = ("backbone.layers.1.mixer.out_proj", "backbone.layers.0.mlp.down_proj")
 
 
@@ -209,8 +238,10 @@ def test_4_bit_default_gives_routing_critical_layers_8_bits(tmp_path, source_dir
     assert all(module_named(model, name).bits == 4 for name in OTHERS)
     quantization = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 4 and quantization["group_size"] == 32
-    assert all(quantization[name] == {"group_size": 32, "bits": 8, "mode": "affine"}
-               for name in ROUTING_CRITICAL)
+    assert all(
+        quantization[name] == {"group_size": 32, "bits": 8, "mode": "affine"}
+        for name in ROUTING_CRITICAL
+    )
     error = relative_norm_error(mlx_logits(model), mlx_logits(load_model(source_dir)[0]))
     assert 0 < error < 0.15
 
@@ -227,8 +258,14 @@ def test_8_bit_default_keeps_routing_critical_layers_float(tmp_path, source_dir)
 
 @pytest.mark.parametrize("bits,tolerance", [(4, 0.35), (8, 0.03)])
 def test_naive_quantization_quantizes_every_layer_alike(tmp_path, source_dir, bits, tolerance):
-    convert(str(source_dir), str(tmp_path / "q"), quantize=True, q_bits=bits, q_group_size=32,
-            quantize_all=True)
+    convert(
+        str(source_dir),
+        str(tmp_path / "q"),
+        quantize=True,
+        q_bits=bits,
+        q_group_size=32,
+        quantize_all=True,
+    )
     model, _ = load_model(tmp_path / "q")
     assert all(module_named(model, name).bits == bits for name in ROUTING_CRITICAL + OTHERS)
     quantization = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
@@ -236,8 +273,7 @@ def test_naive_quantization_quantizes_every_layer_alike(tmp_path, source_dir, bi
     float_logits = mlx_logits(load_model(source_dir)[0])
     error = relative_norm_error(mlx_logits(model), float_logits)
     assert 0 < error < tolerance
-    convert(str(source_dir), str(tmp_path / "default"), quantize=True, q_bits=bits,
-            q_group_size=32)
+    convert(str(source_dir), str(tmp_path / "default"), quantize=True, q_bits=bits, q_group_size=32)
     routing_safe, _ = load_model(tmp_path / "default")
     assert relative_norm_error(mlx_logits(routing_safe), float_logits) < error
 
@@ -276,8 +312,19 @@ def test_dtype_casts_float_weights(tmp_path, source_dir):
 
 
 def test_large_models_are_written_in_shards(tmp_path, source_dir):
-    assert convert_main(["--hf-path", str(source_dir), "--mlx-path", str(tmp_path / "mlx"),
-                         "--max-shard-size", "50KB"]) is None
+    assert (
+        convert_main(
+            [
+                "--hf-path",
+                str(source_dir),
+                "--mlx-path",
+                str(tmp_path / "mlx"),
+                "--max-shard-size",
+                "50KB",
+            ]
+        )
+        is None
+    )
     shards = sorted((tmp_path / "mlx").glob("model-*.safetensors"))
     assert len(shards) > 2 and all(path.stat().st_size < 80_000 for path in shards)
     index = json.loads((tmp_path / "mlx" / "model.safetensors.index.json").read_text())
@@ -288,10 +335,12 @@ def test_large_models_are_written_in_shards(tmp_path, source_dir):
 
 # Bad input: one line on stderr, exit status 1, nothing at the destination.
 
+
 def edit_config(**changes):
     def edit(path):
         config = json.loads((path / "config.json").read_text()) | changes
         (path / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -300,6 +349,7 @@ def drop_config_key(key):
         config = json.loads((path / "config.json").read_text())
         del config[key]
         (path / "config.json").write_text(json.dumps(config))
+
     return edit
 
 
@@ -308,6 +358,7 @@ def edit_weights(change):
         weights = mx.load(str(path / "model.safetensors"))
         change(weights)
         mx.save_safetensors(str(path / "model.safetensors"), weights)
+
     return edit
 
 
@@ -315,6 +366,7 @@ def truncate(name):
     def edit(path):
         data = (path / name).read_bytes()
         (path / name).write_bytes(data[: len(data) // 2])
+
     return edit
 
 
@@ -325,6 +377,7 @@ def index_pointing_outside(absolute):
         name = str(outside) if absolute else "../elsewhere.safetensors"
         index = {"weight_map": {key: name for key in mx.load(str(outside))}}
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
     return edit
 
 
@@ -333,31 +386,45 @@ def as_bin(path):
 
     weights = mx.load(str(path / "model.safetensors"))
     (path / "model.safetensors").unlink()
-    torch.save({name: torch.from_numpy(np.array(w)) for name, w in weights.items()},
-               path / "pytorch_model.bin")
+    torch.save(
+        {name: torch.from_numpy(np.array(w)) for name, w in weights.items()},
+        path / "pytorch_model.bin",
+    )
 
 
-@pytest.mark.parametrize("edit,message", [
-    (drop_config_key("num_slots"), "config.json lacks num_slots"),
-    (edit_config(model_type="mamba2"), "unsupported model_type 'mamba2'"),
-    (edit_config(top_k=20), r"top_k \(20\) must not exceed num_slots"),
-    (edit_config(conv_kernel=-2), "conv_kernel must be a non-negative integer"),
-    (lambda p: (p / "config.json").write_text("{oops"), "not valid JSON"),
-    (edit_weights(lambda w: w.pop("backbone.layers.1.mixer.mu_bias")),
-     "missing tensors: backbone.layers.1.mixer.mu_bias"),
-    (edit_weights(lambda w: w.update(extra=mx.zeros(2))), "unexpected tensors: extra"),
-    (edit_weights(lambda w: w.update({"backbone.norm_f.weight": mx.zeros(31)})),
-     r"backbone.norm_f.weight is \(31,\), expected \(32,\)"),
-    (truncate("model.safetensors"), "cannot read model.safetensors"),
-    (lambda p: (as_bin(p), truncate("pytorch_model.bin")(p)), "cannot read pytorch_model.bin"),
-    (index_pointing_outside(absolute=False),
-     "names '../elsewhere.safetensors', outside the checkpoint directory"),
-    (index_pointing_outside(absolute=True),
-     "/elsewhere.safetensors', outside the checkpoint directory"),
-    (lambda p: (p / "model.safetensors").unlink(), "no weights in"),
-])
-def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path, source_dir, capsys, edit,
-                                                          message):
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (drop_config_key("num_slots"), "config.json lacks num_slots"),
+        (edit_config(model_type="mamba2"), "unsupported model_type 'mamba2'"),
+        (edit_config(top_k=20), r"top_k \(20\) must not exceed num_slots"),
+        (edit_config(conv_kernel=-2), "conv_kernel must be a non-negative integer"),
+        (lambda p: (p / "config.json").write_text("{oops"), "not valid JSON"),
+        (
+            edit_weights(lambda w: w.pop("backbone.layers.1.mixer.mu_bias")),
+            "missing tensors: backbone.layers.1.mixer.mu_bias",
+        ),
+        (edit_weights(lambda w: w.update(extra=mx.zeros(2))), "unexpected tensors: extra"),
+        (
+            edit_weights(lambda w: w.update({"backbone.norm_f.weight": mx.zeros(31)})),
+            r"backbone.norm_f.weight is \(31,\), expected \(32,\)",
+        ),
+        (truncate("model.safetensors"), "cannot read model.safetensors"),
+        (lambda p: (as_bin(p), truncate("pytorch_model.bin")(p)), "cannot read pytorch_model.bin"),
+        (
+            index_pointing_outside(absolute=False),
+            "names '../elsewhere.safetensors', outside the checkpoint directory",
+        ),
+        (
+            index_pointing_outside(absolute=True),
+            "/elsewhere.safetensors', outside the checkpoint directory",
+        ),
+        (lambda p: (p / "model.safetensors").unlink(), "no weights in"),
+    ],
+)
+def test_bad_input_fails_with_one_line_and_writes_nothing(
+    tmp_path, source_dir, capsys, edit, message
+):
     source = tmp_path / "src" / "fm"
     shutil.copytree(source_dir, source)
     edit(source)
@@ -410,12 +477,15 @@ def test_a_failure_during_writing_leaves_the_old_destination(tmp_path, source_di
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["-q", "--dequantize"], "either --quantize or --dequantize"),
-    (["-q", "--to-hf"], "cannot be combined with --quantize"),
-    (["--to-hf", "--upload-repo", "me/fm"], "--upload-repo uploads MLX models"),
-    (["-q", "--q-group-size", "48"], "no layer could be quantized"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["-q", "--dequantize"], "either --quantize or --dequantize"),
+        (["-q", "--to-hf"], "cannot be combined with --quantize"),
+        (["--to-hf", "--upload-repo", "me/fm"], "--upload-repo uploads MLX models"),
+        (["-q", "--q-group-size", "48"], "no layer could be quantized"),
+    ],
+)
 def test_conflicting_options_are_refused(tmp_path, source_dir, capsys, args, message):
     with pytest.raises(SystemExit):
         convert_main(["--hf-path", str(source_dir), "--mlx-path", str(tmp_path / "out"), *args])
@@ -438,11 +508,11 @@ def test_converting_onto_the_source_is_refused(tmp_path, source_dir):
 
 
 def test_mlx_models_from_save_model_convert_too(tmp_path):
-    """An MLX-layout source (conv1d E×K×1, as mlx_fm.save_model writes it)."""
-    from mlx_fm import save_model
+    """An MLX-layout source (conv1d E×K×1, as mlx_fm.save_pretrained writes it)."""
+    from mlx_fm import save_pretrained
 
     model = tiny_model()
-    save_model(tmp_path / "mlx", model)
+    save_pretrained(tmp_path / "mlx", model)
     convert(str(tmp_path / "mlx"), str(tmp_path / "hf"), to_hf=True)
     hf = mx.load(str(tmp_path / "hf" / "model.safetensors"))
     assert hf["backbone.layers.0.mixer.conv1d.weight"].shape == (64, 1, 4)
@@ -454,8 +524,19 @@ def test_the_command_line_reports_errors_in_one_line(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_fm_convert.cli", "--hf-path", str(tmp_path / "nothing"),
-         "--mlx-path", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "mlx_fm_convert.cli",
+            "--hf-path",
+            str(tmp_path / "nothing"),
+            "--mlx-path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr == f"mlx_fm: error: model path not found: {tmp_path / 'nothing'}\n"
 

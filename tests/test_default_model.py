@@ -2,25 +2,70 @@
 
 import json
 
-import pytest
-
 import mlx_fm
 from mlx_fm import utils
 from mlx_fm.perplexity import perplexity, text_tokens, token_losses
 
+import pytest
+
 from conftest import run_cli
 
 # Not in the training data (a 19th-century English text outside the books the model saw).
-PASSAGE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it "
-           "was the age of foolishness, it was the epoch of belief, it was the epoch of "
-           "incredulity, it was the season of Light, it was the season of Darkness, it was the "
-           "spring of hope, it was the winter of despair, we had everything before us, we had "
-           "nothing before us, we were all going direct to Heaven, we were all going direct the "
-           "other way.")
-COMMON_WORDS = {"the", "of", "and", "to", "a", "in", "that", "i", "he", "was", "it", "his",
-                "her", "not", "be", "with", "is", "for", "as", "had", "you", "my", "she", "but",
-                "him", "have", "me", "so", "all", "by", "which", "they", "shall", "unto", "at",
-                "on", "this", "their", "no", "would", "or", "what", "from", "were", "will"}
+PASSAGE = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it "
+    "was the age of foolishness, it was the epoch of belief, it was the epoch of "
+    "incredulity, it was the season of Light, it was the season of Darkness, it was the "
+    "spring of hope, it was the winter of despair, we had everything before us, we had "
+    "nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way."
+)
+COMMON_WORDS = {
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "that",
+    "i",
+    "he",
+    "was",
+    "it",
+    "his",
+    "her",
+    "not",
+    "be",
+    "with",
+    "is",
+    "for",
+    "as",
+    "had",
+    "you",
+    "my",
+    "she",
+    "but",
+    "him",
+    "have",
+    "me",
+    "so",
+    "all",
+    "by",
+    "which",
+    "they",
+    "shall",
+    "unto",
+    "at",
+    "on",
+    "this",
+    "their",
+    "no",
+    "would",
+    "or",
+    "what",
+    "from",
+    "were",
+    "will",
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +91,14 @@ def test_it_predicts_unseen_english_far_better_than_chance(default_model):
 
 @pytest.mark.slow
 def test_generate_without_model_writes_english():
-    result = run_cli("mlx_fm.generate", "--prompt", "It is a truth universally",
-                     "--max-tokens", "40", timeout=300)
+    result = run_cli(
+        "mlx_fm.generate",
+        "--prompt",
+        "It is a truth universally",
+        "--max-tokens",
+        "40",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     words = result.stdout.lower().replace(",", " ").replace(".", " ").replace(";", " ").split()
     assert len(words) >= 15

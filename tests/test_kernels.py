@@ -3,13 +3,13 @@ mx.fast.metal_kernel, against the ops path (mlx_fm.ops)."""
 
 from functools import partial
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from mlx_fm import ops
 from mlx_fm.ops import metal
 from mlx_fm.testing.metal_kernel import metal_kernel
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from conftest import relative_error
 
@@ -65,7 +65,11 @@ def both_mixes(emulated, inputs, **options):
 # --- decode ---------------------------------------------------------------------
 
 DECODE_CASES = [  # (width, slots, top_k)
-    (20, 12, 12), (20, 12, 1), (20, 40, 10), (20, 40, 40), (8, 64, 16),
+    (20, 12, 12),
+    (20, 12, 1),
+    (20, 40, 10),
+    (20, 40, 40),
+    (8, 64, 16),
     (300, 4, 2),  # wider than one threadgroup pass over the columns
 ]
 
@@ -93,10 +97,19 @@ def test_decode_half_inputs_match_ops(emulated, dtype):
 
 
 def test_decode_leaves_unselected_rows_bit_identical(emulated):
-    x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state = mix_inputs(2, 1, 3, 20, 40)
+    x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state = mix_inputs(
+        2, 1, 3, 20, 40
+    )
     _, new_state = emulated.decode(
-        x[:, 0], router_logits[:, 0], update_logits[:, 0], merge_logits[:, 0], eta_bias, mu_bias,
-        state, top_k=3, temperature=0.7,
+        x[:, 0],
+        router_logits[:, 0],
+        update_logits[:, 0],
+        merge_logits[:, 0],
+        eta_bias,
+        mu_bias,
+        state,
+        top_k=3,
+        temperature=0.7,
     )
     selected = np.array(ops.route(router_logits[:, 0], 0.7, 3)) != 0
     old, new = np.array(state), np.array(new_state)
@@ -120,7 +133,12 @@ def test_decode_masked_row_keeps_its_state(emulated):
 # --- scan -----------------------------------------------------------------------
 
 SCAN_CASES = [  # (length, slots, top_k): T = 1, T not a multiple of the chunk, k = 1, k = m
-    (1, 12, 12), (1, 40, 1), (11, 12, 1), (13, 40, 10), (13, 40, 40), (8, 64, 16),
+    (1, 12, 12),
+    (1, 40, 1),
+    (11, 12, 1),
+    (13, 40, 10),
+    (13, 40, 40),
+    (8, 64, 16),
 ]
 
 
@@ -183,8 +201,18 @@ def test_mix_gradients_with_padding_match_ops(emulated, dtype):
 
     def loss(mix):
         def value(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state):
-            out, new_state = mix(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-                                 top_k=4, temperature=0.7, state=state, mask=mask)
+            out, new_state = mix(
+                x,
+                router_logits,
+                update_logits,
+                merge_logits,
+                eta_bias,
+                mu_bias,
+                top_k=4,
+                temperature=0.7,
+                state=state,
+                mask=mask,
+            )
             return (out * mx.sin(out)).sum() + (new_state * new_state).sum()
 
         return value
@@ -201,10 +229,17 @@ def test_mix_gradients_with_padding_match_ops(emulated, dtype):
 # --- dispatch -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length,with_state,kernel", [
-    (1, True, "decode"), (1, False, "scan"), (5, True, "scan"),
-])
-def test_fm_mix_runs_on_the_default_kernels_where_they_run(emulated, monkeypatch, length, with_state, kernel):
+@pytest.mark.parametrize(
+    "length,with_state,kernel",
+    [
+        (1, True, "decode"),
+        (1, False, "scan"),
+        (5, True, "scan"),
+    ],
+)
+def test_fm_mix_runs_on_the_default_kernels_where_they_run(
+    emulated, monkeypatch, length, with_state, kernel
+):
     *arguments, state = mix_inputs(1, length, 2, 8, 12)
     state = state if with_state else None
     expected_out, expected_state = ops.fm_mix(*arguments, top_k=3, temperature=0.7, state=state)

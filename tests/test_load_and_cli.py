@@ -3,10 +3,10 @@
 import json
 import shutil
 
+from mlx_fm import ModelLoadError, load, load_model, save_pretrained
+
 import mlx.core as mx
 import pytest
-
-from mlx_fm import ModelLoadError, load, load_model, save_model
 
 from conftest import run_cli, tiny_model
 
@@ -16,7 +16,7 @@ def test_save_then_load_gives_the_same_logits(tmp_path, tiny_model_dir):
     original = tiny_model()
     tokens = mx.array([[1, 2, 3, 4]])
     assert mx.allclose(model(tokens), original(tokens)).item()
-    save_model(tmp_path / "copy", model)
+    save_pretrained(tmp_path / "copy", model)
     copy, _ = load_model(tmp_path / "copy")
     assert mx.array_equal(copy(tokens), model(tokens)).item()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
@@ -34,15 +34,18 @@ def set_config(path, **changes):
     (path / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda p: (p / "config.json").unlink(), "no config.json"),
-    (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
-    (lambda p: set_config(p, model_type="llama"), "model_type"),
-    (lambda p: set_config(p, top_k=99), "top_k"),
-    (lambda p: (p / "model.safetensors").unlink(), "safetensors"),
-    (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 10), "cannot load"),
-    (lambda p: set_config(p, model_file="evil.py"), "custom module"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda p: (p / "config.json").unlink(), "no config.json"),
+        (lambda p: (p / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda p: set_config(p, model_type="llama"), "model_type"),
+        (lambda p: set_config(p, top_k=99), "top_k"),
+        (lambda p: (p / "model.safetensors").unlink(), "safetensors"),
+        (lambda p: (p / "model.safetensors").write_bytes(b"\x00" * 10), "cannot load"),
+        (lambda p: set_config(p, model_file="evil.py"), "custom module"),
+    ],
+)
 def test_bad_checkpoints_raise_one_clear_error(tiny_model_dir, tmp_path, edit, message):
     path = corrupt(tiny_model_dir, tmp_path, edit)
     (path / "evil.py").write_text("raise SystemExit('checkpoint code ran')\n")
@@ -56,14 +59,31 @@ def test_missing_path_is_an_error_without_network():
 
 
 def test_generate_cli(tiny_model_dir):
-    result = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "Hello",
-                     "--max-tokens", "5", "--verbose")
+    result = run_cli(
+        "mlx_fm.generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--verbose",
+    )
     assert result.returncode == 0, result.stderr
     assert "Generation: 5 tokens" in result.stdout and "Peak memory" in result.stdout
-    from_stdin = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "-",
-                         "--max-tokens", "5", stdin="Hello")
-    plain = run_cli("mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "Hello",
-                    "--max-tokens", "5")
+    from_stdin = run_cli(
+        "mlx_fm.generate",
+        "--model",
+        str(tiny_model_dir),
+        "--prompt",
+        "-",
+        "--max-tokens",
+        "5",
+        stdin="Hello",
+    )
+    plain = run_cli(
+        "mlx_fm.generate", "--model", str(tiny_model_dir), "--prompt", "Hello", "--max-tokens", "5"
+    )
     assert from_stdin.stdout == plain.stdout
 
 

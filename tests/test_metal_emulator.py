@@ -6,13 +6,17 @@ fail on an emulator that runs threads one after another, ignores barriers or
 computes SIMD-group functions per thread.
 """
 
+from mlx_fm.testing import metal_kernel as emulator
+from mlx_fm.testing.metal_kernel import (
+    MetalKernelCompileError,
+    UnsupportedMetalFeature,
+    metal_kernel,
+)
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.models import gated_delta, ssm
-
-from mlx_fm.testing import metal_kernel as emulator
-from mlx_fm.testing.metal_kernel import MetalKernelCompileError, UnsupportedMetalFeature, metal_kernel
 
 
 def run(kernel, inputs, grid, threadgroup, outputs, **options):
@@ -49,9 +53,15 @@ def emulated_mlx_lm_kernels():
         return {
             "ssm": ssm.make_ssm_kernel(),
             "gated_delta": gated_delta._make_gated_delta_kernel(has_mask=False, vectorized=False),
-            "gated_delta_masked": gated_delta._make_gated_delta_kernel(has_mask=True, vectorized=False),
-            "gated_delta_vec": gated_delta._make_gated_delta_kernel(has_mask=False, vectorized=True),
-            "gated_delta_vec_masked": gated_delta._make_gated_delta_kernel(has_mask=True, vectorized=True),
+            "gated_delta_masked": gated_delta._make_gated_delta_kernel(
+                has_mask=True, vectorized=False
+            ),
+            "gated_delta_vec": gated_delta._make_gated_delta_kernel(
+                has_mask=False, vectorized=True
+            ),
+            "gated_delta_vec_masked": gated_delta._make_gated_delta_kernel(
+                has_mask=True, vectorized=True
+            ),
             "gated_delta_xtree": gated_delta._make_gated_delta_kernel_xtree(),
             "gated_delta_packed": gated_delta._make_gated_delta_packed_kernel(),
         }
@@ -64,7 +74,13 @@ def max_error(a, b):
 def test_mlx_lm_ssm_decode_kernel_matches_ssm_attn(emulated_mlx_lm_kernels, monkeypatch):
     monkeypatch.setattr(ssm, "_ssm_kernel", emulated_mlx_lm_kernels["ssm"])
     mx.random.seed(1)
-    batch, heads, groups, head_dim, state_dim = 2, 4, 2, 20, 64  # head_dim 20: edge threadgroups in y
+    batch, heads, groups, head_dim, state_dim = (
+        2,
+        4,
+        2,
+        20,
+        64,
+    )  # head_dim 20: edge threadgroups in y
     x = mx.random.normal((batch, 1, heads, head_dim))
     A_log = mx.random.normal((heads,)) * 0.5
     # Scaled so that outputs are O(1), where 1e-5 is about 100 float32 ulps.
@@ -84,13 +100,24 @@ def test_mlx_lm_ssm_decode_kernel_matches_ssm_attn(emulated_mlx_lm_kernels, monk
     assert max_error(new_state, state_ref) < 1e-5
 
 
-def gated_delta_inputs(*, vectorized_gate, masked, batch=2, steps=5, key_heads=2, value_heads=4, key_dim=64,
-                       value_dim=24):
+def gated_delta_inputs(
+    *,
+    vectorized_gate,
+    masked,
+    batch=2,
+    steps=5,
+    key_heads=2,
+    value_heads=4,
+    key_dim=64,
+    value_dim=24,
+):
     mx.random.seed(2)
     q = mx.random.normal((batch, steps, key_heads, key_dim)) * key_dim**-0.5
     k = mx.random.normal((batch, steps, key_heads, key_dim)) * key_dim**-0.5
     v = mx.random.normal((batch, steps, value_heads, value_dim))
-    gate_shape = (batch, steps, value_heads, key_dim) if vectorized_gate else (batch, steps, value_heads)
+    gate_shape = (
+        (batch, steps, value_heads, key_dim) if vectorized_gate else (batch, steps, value_heads)
+    )
     g = mx.random.uniform(0.5, 1.0, gate_shape)
     beta = mx.random.uniform(0.0, 1.0, (batch, steps, value_heads))
     state = mx.random.normal((batch, value_heads, value_dim, key_dim)) * 0.1
@@ -100,10 +127,16 @@ def gated_delta_inputs(*, vectorized_gate, masked, batch=2, steps=5, key_heads=2
 
 @pytest.mark.parametrize("vectorized_gate", [False, True], ids=["scalar_gate", "vector_gate"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
-def test_mlx_lm_gated_delta_kernels_match_ops(emulated_mlx_lm_kernels, monkeypatch, vectorized_gate, masked):
+def test_mlx_lm_gated_delta_kernels_match_ops(
+    emulated_mlx_lm_kernels, monkeypatch, vectorized_gate, masked
+):
     for name in ("", "_masked", "_vec", "_vec_masked"):
-        monkeypatch.setattr(gated_delta, f"_gated_delta_kernel{name}", emulated_mlx_lm_kernels[f"gated_delta{name}"])
-    q, k, v, g, beta, state, mask = gated_delta_inputs(vectorized_gate=vectorized_gate, masked=masked)
+        monkeypatch.setattr(
+            gated_delta, f"_gated_delta_kernel{name}", emulated_mlx_lm_kernels[f"gated_delta{name}"]
+        )
+    q, k, v, g, beta, state, mask = gated_delta_inputs(
+        vectorized_gate=vectorized_gate, masked=masked
+    )
 
     y, new_state = gated_delta.gated_delta_kernel_unpacked(q, k, v, g, beta, state, mask)
     y_ref, state_ref = gated_delta.gated_delta_ops(q, k, v, g, beta, state, mask)
@@ -117,12 +150,16 @@ def test_mlx_lm_gated_delta_kernels_match_ops(emulated_mlx_lm_kernels, monkeypat
     assert max_error(new_state, state_ref) < 1e-5
 
 
-def test_mlx_lm_packed_gated_delta_kernel_matches_its_comparators_bitwise(emulated_mlx_lm_kernels, monkeypatch):
+def test_mlx_lm_packed_gated_delta_kernel_matches_its_comparators_bitwise(
+    emulated_mlx_lm_kernels, monkeypatch
+):
     # mlx-lm documents the packed kernel as bitwise equal to the explicit
     # butterfly kernel, and that one as bitwise equal to the simd_sum kernel
     # on Apple GPUs, whose simd_sum is the same ascending butterfly.
     for name in ("", "_xtree", "_packed"):
-        monkeypatch.setattr(gated_delta, f"_gated_delta_kernel{name}", emulated_mlx_lm_kernels[f"gated_delta{name}"])
+        monkeypatch.setattr(
+            gated_delta, f"_gated_delta_kernel{name}", emulated_mlx_lm_kernels[f"gated_delta{name}"]
+        )
     inputs = gated_delta_inputs(vectorized_gate=False, masked=False, key_dim=128, value_dim=16)[:-1]
 
     packed = gated_delta.gated_delta_kernel(*inputs)
@@ -161,8 +198,18 @@ SIMD_SOURCE = """
                + 8 * int(simd_is_first());
     quads[i] = quad_sum(v) * 100.0f + quad_shuffle_xor(v, 1);
 """
-SIMD_OUTPUTS = ["sums", "inclusive", "exclusive", "products", "extremes", "butterflies", "shuffles", "broadcasts",
-                "votes", "quads"]
+SIMD_OUTPUTS = [
+    "sums",
+    "inclusive",
+    "exclusive",
+    "products",
+    "extremes",
+    "butterflies",
+    "shuffles",
+    "broadcasts",
+    "votes",
+    "quads",
+]
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +218,21 @@ def simd_kernel():
 
 
 @pytest.mark.parametrize("thread_count, threadgroup_size", [(96, 64), (40, 32)])
-def test_simd_functions_combine_the_lanes_of_a_simdgroup(simd_kernel, thread_count, threadgroup_size):
-    outputs = [((thread_count,), mx.int32 if name == "votes" else mx.float32) for name in SIMD_OUTPUTS]
-    result = dict(zip(SIMD_OUTPUTS, map(np.array, run(simd_kernel, [], (thread_count, 1, 1),
-                                                      (threadgroup_size, 1, 1), outputs))))
+def test_simd_functions_combine_the_lanes_of_a_simdgroup(
+    simd_kernel, thread_count, threadgroup_size
+):
+    outputs = [
+        ((thread_count,), mx.int32 if name == "votes" else mx.float32) for name in SIMD_OUTPUTS
+    ]
+    result = dict(
+        zip(
+            SIMD_OUTPUTS,
+            map(
+                np.array,
+                run(simd_kernel, [], (thread_count, 1, 1), (threadgroup_size, 1, 1), outputs),
+            ),
+        )
+    )
     lane, count = lanes_and_counts(thread_count, threadgroup_size)
     lane_sum = count * (count - 1) / 2  # 496 in a full SIMD-group
 
@@ -243,10 +301,14 @@ EDGE_SOURCE = """
 
 
 def test_edge_threadgroups_are_cut_to_the_grid():
-    kernel = metal_kernel("edge_threadgroups", [], ["sizes", "linear", "simd_sizes", "groups"], EDGE_SOURCE)
+    kernel = metal_kernel(
+        "edge_threadgroups", [], ["sizes", "linear", "simd_sizes", "groups"], EDGE_SOURCE
+    )
     width, height = 70, 3
     outputs = [((height, width), mx.uint32)] * 4
-    sizes, linear, simd_sizes, groups = map(np.array, run(kernel, [], (width, height, 1), (32, 2, 1), outputs))
+    sizes, linear, simd_sizes, groups = map(
+        np.array, run(kernel, [], (width, height, 1), (32, 2, 1), outputs)
+    )
 
     x, y = np.meshgrid(np.arange(width), np.arange(height))
     group_width = np.where(x >= 64, 6, 32)
@@ -255,7 +317,9 @@ def test_edge_threadgroups_are_cut_to_the_grid():
     expected_linear = (y % 2) * group_width + x % 32
     np.testing.assert_array_equal(linear, expected_linear)
     threads_in_group = group_width * group_height
-    np.testing.assert_array_equal(simd_sizes, np.minimum(32, threads_in_group - expected_linear // 32 * 32))
+    np.testing.assert_array_equal(
+        simd_sizes, np.minimum(32, threads_in_group - expected_linear // 32 * 32)
+    )
     np.testing.assert_array_equal(groups, (x // 32) * 10 + y // 2 + 100 * 3 + 1000 * 2)
 
 
@@ -266,7 +330,9 @@ def test_atomic_outputs_start_from_init_value():
         atomic_fetch_add_explicit(&total[0], float(i) * 0.5f, memory_order_relaxed);
         atomic_fetch_max_explicit(&largest[0], int(i), memory_order_relaxed);
     """
-    kernel = metal_kernel("atomics", [], ["counts", "total", "largest"], source, atomic_outputs=True)
+    kernel = metal_kernel(
+        "atomics", [], ["counts", "total", "largest"], source, atomic_outputs=True
+    )
     outputs = [((4,), mx.int32), ((1,), mx.float32), ((1,), mx.int32)]
     counts, total, largest = run(kernel, [], (1000, 1, 1), (128, 1, 1), outputs, init_value=5)
 
@@ -276,7 +342,12 @@ def test_atomic_outputs_start_from_init_value():
 
 
 def test_outputs_without_init_value_read_as_nan_where_unwritten():
-    kernel = metal_kernel("write_even", [], ["out"], "if (thread_position_in_grid.x % 2 == 0) out[thread_position_in_grid.x] = 1.0f;")
+    kernel = metal_kernel(
+        "write_even",
+        [],
+        ["out"],
+        "if (thread_position_in_grid.x % 2 == 0) out[thread_position_in_grid.x] = 1.0f;",
+    )
     (out,) = run(kernel, [], (8, 1, 1), (8, 1, 1), [((8,), mx.float32)])
     np.testing.assert_array_equal(np.isnan(np.array(out)), [False, True] * 4)
 
@@ -294,15 +365,36 @@ DTYPE_SOURCE = """
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["float16", "bfloat16"])
 def test_template_dtypes_round_like_mlx(dtype):
-    kernel = metal_kernel("small_floats", ["wide", "narrow"], ["converted", "arithmetic", "widened"], DTYPE_SOURCE)
+    kernel = metal_kernel(
+        "small_floats", ["wide", "narrow"], ["converted", "arithmetic", "widened"], DTYPE_SOURCE
+    )
     mx.random.seed(3)
-    specials = mx.array([0.0, -0.0, 1e-6, -3e-8, 65504.0, 65519.0, 65520.0, 7e4, 3.4e38, float("inf"),
-                         -float("inf"), float("nan"), 1.00048828125, 1.0009765625, 2.0**-24 * 1.5, 2.0**-25])
+    specials = mx.array(
+        [
+            0.0,
+            -0.0,
+            1e-6,
+            -3e-8,
+            65504.0,
+            65519.0,
+            65520.0,
+            7e4,
+            3.4e38,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            1.00048828125,
+            1.0009765625,
+            2.0**-24 * 1.5,
+            2.0**-25,
+        ]
+    )
     wide = mx.concatenate([specials, mx.random.normal((240,)) * 300])
     narrow = (mx.random.normal((256,)) * 20).astype(dtype)
     outputs = [((256,), dtype), ((256,), dtype), ((256,), mx.float32)]
-    converted, arithmetic, widened = run(kernel, [wide, narrow], (256, 1, 1), (64, 1, 1), outputs,
-                                         template=[("T", dtype)])
+    converted, arithmetic, widened = run(
+        kernel, [wide, narrow], (256, 1, 1), (64, 1, 1), outputs, template=[("T", dtype)]
+    )
 
     assert mx.array_equal(converted, wide.astype(dtype), equal_nan=True).item()
     not_nan = ~np.isnan(np.array(wide))
@@ -316,8 +408,14 @@ def test_scalar_inputs_are_passed_by_constant_reference(capsys):
     source = "out[thread_position_in_grid.x] = flag ? x[thread_position_in_grid.x] * scale + offset : 0.0f;"
     kernel = metal_kernel("scalars", ["x", "scale", "offset", "flag"], ["out"], source)
     x = mx.arange(10).astype(mx.float32)
-    (out,) = run(kernel, [x, 2.5, 3, mx.array(True)], (10, 1, 1), (16, 1, 1), [((10,), mx.float32)],
-                 verbose=True)
+    (out,) = run(
+        kernel,
+        [x, 2.5, 3, mx.array(True)],
+        (10, 1, 1),
+        (16, 1, 1),
+        [((10,), mx.float32)],
+        verbose=True,
+    )
 
     np.testing.assert_array_equal(np.array(out), np.arange(10) * 2.5 + 3)
     printed = capsys.readouterr().out
@@ -340,11 +438,22 @@ STRIDED_SOURCE = """
 
 @pytest.mark.parametrize("ensure_row_contiguous", [False, True])
 def test_shape_strides_and_ndim_describe_the_input(ensure_row_contiguous, capsys):
-    kernel = metal_kernel("strided_copy", ["inp"], ["out", "dims"], STRIDED_SOURCE,
-                          ensure_row_contiguous=ensure_row_contiguous)
+    kernel = metal_kernel(
+        "strided_copy",
+        ["inp"],
+        ["out", "dims"],
+        STRIDED_SOURCE,
+        ensure_row_contiguous=ensure_row_contiguous,
+    )
     transposed = mx.arange(12).astype(mx.float32).reshape(3, 4).T  # shape (4, 3), strides (1, 4)
-    out, dims = run(kernel, [transposed], (12, 1, 1), (32, 1, 1), [((4, 3), mx.float32), ((4, 3), mx.int32)],
-                    verbose=True)
+    out, dims = run(
+        kernel,
+        [transposed],
+        (12, 1, 1),
+        (32, 1, 1),
+        [((4, 3), mx.float32), ((4, 3), mx.int32)],
+        verbose=True,
+    )
 
     np.testing.assert_array_equal(np.array(out), np.arange(12).reshape(3, 4).T)
     column_stride = 1 if ensure_row_contiguous else 4
@@ -369,7 +478,13 @@ def test_vector_types_and_math():
 
     v = np.array(inputs, np.float64).reshape(16, 4)
     w = np.exp(v * 0.5) + np.tanh(v)
-    expected = (v * w).sum(1) + np.maximum(v[:, 0], v[:, 3]) - 1 / np.sqrt(np.abs(v[:, 2]) + 1) + v[:, 1] * 2 + 1
+    expected = (
+        (v * w).sum(1)
+        + np.maximum(v[:, 0], v[:, 3])
+        - 1 / np.sqrt(np.abs(v[:, 2]) + 1)
+        + v[:, 1] * 2
+        + 1
+    )
     np.testing.assert_allclose(np.array(out), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -393,7 +508,7 @@ def test_a_hundred_thousand_threads_with_barriers_reuse_the_compiled_kernel(monk
     (out,) = run(kernel, [inputs], (100_000, 1, 1), (256, 1, 1), [((100_000,), mx.float32)])
 
     expected = np.full(100_000, 256.0)
-    expected[-(100_000 % 256):] = 100_000 % 256
+    expected[-(100_000 % 256) :] = 100_000 % 256
     np.testing.assert_array_equal(np.array(out), expected)
 
 
@@ -414,7 +529,9 @@ def test_unsupported_kernel_features_are_named(source, feature):
 
 
 def test_unsupported_launches_are_rejected():
-    kernel = metal_kernel("copy", ["x"], ["out"], "out[thread_position_in_grid.x] = x[thread_position_in_grid.x];")
+    kernel = metal_kernel(
+        "copy", ["x"], ["out"], "out[thread_position_in_grid.x] = x[thread_position_in_grid.x];"
+    )
     x = mx.zeros((4,))
     output = [((4,), mx.float32)]
     with pytest.raises(UnsupportedMetalFeature, match="dtype"):
@@ -459,7 +576,9 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
 
     def launch():
         kernel = metal_kernel("cached", ["x"], ["out"], source)
-        return run(kernel, [mx.arange(3).astype(mx.float32)], (3, 1, 1), (3, 1, 1), [((3,), mx.float32)])[0]
+        return run(
+            kernel, [mx.arange(3).astype(mx.float32)], (3, 1, 1), (3, 1, 1), [((3,), mx.float32)]
+        )[0]
 
     launch()
     cache = tmp_path / "mlx_fm" / "metal_emulator"
@@ -467,5 +586,7 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path, monkeypatch):
 
     # A new process (here: an empty in-memory table) loads it without g++.
     monkeypatch.setattr(emulator, "_launchers", {})
-    monkeypatch.setattr(emulator.subprocess, "run", lambda *args, **kwargs: pytest.fail("recompiled"))
+    monkeypatch.setattr(
+        emulator.subprocess, "run", lambda *args, **kwargs: pytest.fail("recompiled")
+    )
     np.testing.assert_array_equal(np.array(launch()), [0.25, 2.25, 4.25])

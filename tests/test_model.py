@@ -1,23 +1,30 @@
 """The FM language model as an mlx-lm model: config, weights, cache, generation."""
 
+from mlx_fm import ModelArgs, load
+from mlx_fm.ops import fm_recurrent
+
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import batch_generate, generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_fm import ModelArgs, load
-from mlx_fm.ops import fm_recurrent
-
 from conftest import TINY, relative_error, tiny_model
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("top_k", 9, "top_k"), ("top_k", 0, "top_k"), ("num_heads", 3, "num_heads"),
-    ("hidden_size", 0, "hidden_size"), ("num_slots", -1, "num_slots"),
-    ("router_temperature", 0.0, "router_temperature"), ("conv_kernel", -1, "conv_kernel"),
-    ("model_type", "llama", "model_type"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("top_k", 9, "top_k"),
+        ("top_k", 0, "top_k"),
+        ("num_heads", 3, "num_heads"),
+        ("hidden_size", 0, "hidden_size"),
+        ("num_slots", -1, "num_slots"),
+        ("router_temperature", 0.0, "router_temperature"),
+        ("conv_kernel", -1, "conv_kernel"),
+        ("model_type", "llama", "model_type"),
+    ],
+)
 def test_invalid_config_values_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         ModelArgs(**(TINY | {key: value}))
@@ -33,6 +40,7 @@ def test_from_dict_ignores_unknown_keys_and_defaults_to_dense():
 def test_sanitize_accepts_pytorch_layout_and_is_idempotent():
     model = tiny_model()
     from mlx.utils import tree_flatten
+
     weights = dict(tree_flatten(model.parameters()))
     torch_layout = dict(weights)
     for key in [k for k in weights if k.endswith("conv1d.weight")]:
@@ -56,7 +64,7 @@ def reference_logits(model, tokens):
         k = args.conv_kernel
         padded = mx.pad(x, [(0, 0), (k - 1, 0), (0, 0)])
         w = mixer.conv1d.weight[:, :, 0]
-        conv = mixer.conv1d.bias + sum(w[:, j] * padded[:, j:j + x.shape[1]] for j in range(k))
+        conv = mixer.conv1d.bias + sum(w[:, j] * padded[:, j : j + x.shape[1]] for j in range(k))
         xbar = mx.sigmoid(conv) * conv
         b, t = x.shape[:2]
         xbar = xbar.reshape(b, t, args.num_heads, args.head_dim)
@@ -79,8 +87,15 @@ def test_forward_matches_spec_reference():
     assert relative_error(model(tokens), reference_logits(model, tokens)) < 1e-4
 
 
-@pytest.mark.parametrize("overrides", [{}, {"conv_kernel": 0, "intermediate_size": 0},
-                                        {"conv_kernel": 1, "top_k": 8}, {"conv_kernel": 2}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"conv_kernel": 0, "intermediate_size": 0},
+        {"conv_kernel": 1, "top_k": 8},
+        {"conv_kernel": 2},
+    ],
+)
 def test_prefill_in_steps_then_decode_equals_full_forward(overrides):
     model = tiny_model(**overrides)
     mx.random.seed(5)
@@ -88,7 +103,7 @@ def test_prefill_in_steps_then_decode_equals_full_forward(overrides):
     full = model(tokens)
     cache = make_prompt_cache(model)
     pieces = [model(tokens[:, :64], cache=cache), model(tokens[:, 64:128], cache=cache)]
-    pieces += [model(tokens[:, t:t + 1], cache=cache) for t in range(128, 150)]
+    pieces += [model(tokens[:, t : t + 1], cache=cache) for t in range(128, 150)]
     assert relative_error(mx.concatenate(pieces, axis=1), full) < 1e-4
 
 

@@ -1,28 +1,45 @@
 """The FM scan: step recurrence and chunked form held to the same numbers."""
 
+from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, route
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, route
-
 from conftest import relative_error
 
 
-def random_scan_inputs(batch, length, heads, width, slots, top_k, seed=0, logit_scale=3.0,
-                       temperature=0.5, eta_scale=3.0):
+def random_scan_inputs(
+    batch,
+    length,
+    heads,
+    width,
+    slots,
+    top_k,
+    seed=0,
+    logit_scale=3.0,
+    temperature=0.5,
+    eta_scale=3.0,
+):
     mx.random.seed(seed)
     x = mx.random.normal((batch, length, heads, width))
-    slot_weights = route(mx.random.normal((batch, length, heads, slots)) * logit_scale,
-                         temperature, top_k)
+    slot_weights = route(
+        mx.random.normal((batch, length, heads, slots)) * logit_scale, temperature, top_k
+    )
     eta = mx.sigmoid(mx.random.normal((batch, length, heads)) * eta_scale)
     state = mx.random.normal((batch, heads, slots, width))
     return x, slot_weights, eta, state
 
 
 CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the chunk, long T
-    (1, 16, 16), (1, 16, 4), (37, 16, 16), (37, 12, 3), (200, 16, 16), (200, 20, 5),
-    (4100, 16, 16), (4100, 16, 4),
+    (1, 16, 16),
+    (1, 16, 4),
+    (37, 16, 16),
+    (37, 12, 3),
+    (200, 16, 16),
+    (200, 20, 5),
+    (4100, 16, 16),
+    (4100, 16, 4),
 ]
 
 
@@ -116,11 +133,20 @@ def test_mix_keeps_a_float32_state_for_low_precision_inputs():
     out, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=4, temperature=1.0)
     assert state.dtype == mx.float32 and out.dtype == mx.float32
     # One token with a (zero) state takes the step recurrence: the first token of the scan.
-    out_step, state_step = fm_mix(x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1],
-                                  bias, bias, top_k=4, temperature=1.0,
-                                  state=mx.zeros_like(state))
-    _, state_first = fm_mix(x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1],
-                            bias, bias, top_k=4, temperature=1.0)
+    out_step, state_step = fm_mix(
+        x[:, :1],
+        logits[:, :1],
+        gates[:, :1],
+        gates[:, :1],
+        bias,
+        bias,
+        top_k=4,
+        temperature=1.0,
+        state=mx.zeros_like(state),
+    )
+    _, state_first = fm_mix(
+        x[:, :1], logits[:, :1], gates[:, :1], gates[:, :1], bias, bias, top_k=4, temperature=1.0
+    )
     assert state_step.dtype == mx.float32 and out_step.dtype == mx.float32
     assert relative_error(out_step, out[:, :1]) < 1e-6
     assert relative_error(state_step, state_first) < 1e-6
@@ -134,8 +160,15 @@ def test_mix_masked_tokens_leave_the_state_untouched():
     gates = mx.random.normal((batch, length, heads))
     bias = mx.zeros((heads,))
     mask = mx.array([[True] * length, [False] * 5 + [True] * (length - 5)])
-    _, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=8, temperature=1.0,
-                      mask=mask)
-    _, state_unpadded = fm_mix(x[1:, 5:], logits[1:, 5:], gates[1:, 5:], gates[1:, 5:],
-                               bias, bias, top_k=8, temperature=1.0)
+    _, state = fm_mix(x, logits, gates, gates, bias, bias, top_k=8, temperature=1.0, mask=mask)
+    _, state_unpadded = fm_mix(
+        x[1:, 5:],
+        logits[1:, 5:],
+        gates[1:, 5:],
+        gates[1:, 5:],
+        bias,
+        bias,
+        top_k=8,
+        temperature=1.0,
+    )
     assert relative_error(state[1:], state_unpadded) < 1e-6

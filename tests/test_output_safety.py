@@ -7,22 +7,25 @@ import stat
 import subprocess
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
-
 import mlx_fm
-from mlx_fm_convert.cli import main as convert_main
 from mlx_fm.fuse import main as fuse_main
 from mlx_fm.tokenizer import byte_tokenizer
 from mlx_fm.train import main as train_main
 from mlx_fm.utils import written_atomically, written_file_atomically
 
-from conftest import tiny_model
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
-ADAPTER_CONFIG = {"fine_tune_type": "lora", "num_layers": 2,
-                  "lora_parameters": {"rank": 2, "scale": 10.0, "dropout": 0.0}}
+from conftest import tiny_model
+from mlx_fm_convert.cli import main as convert_main
+
+ADAPTER_CONFIG = {
+    "fine_tune_type": "lora",
+    "num_layers": 2,
+    "lora_parameters": {"rank": 2, "scale": 10.0, "dropout": 0.0},
+}
 
 
 @pytest.fixture
@@ -34,8 +37,11 @@ def workspace(tmp_path, tiny_model_dir):
     linear_to_lora_layers(model, ADAPTER_CONFIG["num_layers"], ADAPTER_CONFIG["lora_parameters"])
     adapters = tmp_path / "adapters" / "run"
     adapters.mkdir(parents=True)
-    lora = {name: mx.random.normal(value.shape) for name, value in
-            tree_flatten(model.parameters()) if name.endswith(("lora_a", "lora_b"))}
+    lora = {
+        name: mx.random.normal(value.shape)
+        for name, value in tree_flatten(model.parameters())
+        if name.endswith(("lora_a", "lora_b"))
+    }
     mx.save_safetensors(str(adapters / "adapters.safetensors"), lora)
     (adapters / "adapter_config.json").write_text(json.dumps(ADAPTER_CONFIG))
     return tmp_path, base, adapters
@@ -56,8 +62,15 @@ def assert_refused(capsys, main, argv, message: str) -> None:
 
 
 def fuse_args(base, adapters, save_path, *extra):
-    return ["--model", str(base), "--adapter-path", str(adapters), "--save-path", str(save_path),
-            *extra]
+    return [
+        "--model",
+        str(base),
+        "--adapter-path",
+        str(adapters),
+        "--save-path",
+        str(save_path),
+        *extra,
+    ]
 
 
 def test_fuse_replaces_a_non_empty_destination_only_with_force(workspace, capsys):
@@ -66,8 +79,9 @@ def test_fuse_replaces_a_non_empty_destination_only_with_force(workspace, capsys
     destination.mkdir()
     (destination / "notes.txt").write_text("mine")
     before = snapshot(root)
-    assert_refused(capsys, fuse_main, fuse_args(base, adapters, destination),
-                   "already exists (pass --force")
+    assert_refused(
+        capsys, fuse_main, fuse_args(base, adapters, destination), "already exists (pass --force"
+    )
     assert snapshot(root) == before
 
     fuse_main(fuse_args(base, adapters, destination, "--force"))
@@ -77,21 +91,29 @@ def test_fuse_replaces_a_non_empty_destination_only_with_force(workspace, capsys
 
 
 @pytest.mark.parametrize("save_path", ["models/base", "models", "adapters/run", "adapters", "."])
-def test_fuse_refuses_a_destination_holding_its_source_even_with_force(workspace, capsys,
-                                                                         save_path):
+def test_fuse_refuses_a_destination_holding_its_source_even_with_force(
+    workspace, capsys, save_path
+):
     root, base, adapters = workspace
     before = snapshot(root)
-    assert_refused(capsys, fuse_main, fuse_args(base, adapters, root / save_path, "--force"),
-                   "holds the source")
+    assert_refused(
+        capsys,
+        fuse_main,
+        fuse_args(base, adapters, root / save_path, "--force"),
+        "holds the source",
+    )
     assert snapshot(root) == before
 
 
 def test_convert_refuses_a_destination_holding_its_source_even_with_force(workspace, capsys):
     root, base, _ = workspace
     before = snapshot(root)
-    assert_refused(capsys, convert_main,
-                   ["--hf-path", str(base), "--mlx-path", str(root / "models"), "--force"],
-                   "holds the source")
+    assert_refused(
+        capsys,
+        convert_main,
+        ["--hf-path", str(base), "--mlx-path", str(root / "models"), "--force"],
+        "holds the source",
+    )
     assert snapshot(root) == before
 
 
@@ -103,10 +125,36 @@ def corpus(tmp_path):
 
 
 def train_args(data, output, *extra):
-    return ["--data", str(data), "--output", str(output), "--seq-len", "32", "--batch-size", "4",
-            "--warmup-steps", "1", "--val-every", "1000", "--save-every", "2", "--no-compile",
-            "--hidden-size", "16", "--num-hidden-layers", "1", "--num-heads", "2",
-            "--num-slots", "4", "--top-k", "2", "--intermediate-size", "16", *extra]
+    return [
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--val-every",
+        "1000",
+        "--save-every",
+        "2",
+        "--no-compile",
+        "--hidden-size",
+        "16",
+        "--num-hidden-layers",
+        "1",
+        "--num-heads",
+        "2",
+        "--num-slots",
+        "4",
+        "--top-k",
+        "2",
+        "--intermediate-size",
+        "16",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
@@ -115,8 +163,12 @@ def test_train_refuses_foreign_files_in_model_before_training(tmp_path, corpus, 
     (output / "model").mkdir(parents=True)
     (output / "model" / "weights.bin").write_bytes(b"someone else's")
     before = snapshot(tmp_path)
-    assert_refused(capsys, train_main, train_args(corpus, output, "--steps", "2", *resume),
-                   f"{output / 'model'} already exists (pass --force")
+    assert_refused(
+        capsys,
+        train_main,
+        train_args(corpus, output, "--steps", "2", *resume),
+        f"{output / 'model'} already exists (pass --force",
+    )
     assert snapshot(tmp_path) == before
     assert sorted(path.name for path in output.iterdir()) == ["model"]  # nothing trained
 
@@ -131,8 +183,9 @@ def test_train_refuses_to_replace_its_data_even_with_force(tmp_path, corpus, cap
     data.parent.mkdir(parents=True)
     shutil.copy(corpus, data)
     before = snapshot(tmp_path)
-    assert_refused(capsys, train_main, train_args(data, output, "--steps", "2", "--force"),
-                   "holds the source")
+    assert_refused(
+        capsys, train_main, train_args(data, output, "--steps", "2", "--force"), "holds the source"
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -146,8 +199,12 @@ def test_a_resumed_run_replaces_its_own_model_and_dirs_follow_the_umask(tmp_path
     finally:
         os.umask(old_umask)
     assert (output / "model" / "model.safetensors").read_bytes() != first
-    for directory in (tmp_path / "new", output, output / "model",
-                      output / "checkpoints" / "step_0000002"):
+    for directory in (
+        tmp_path / "new",
+        output,
+        output / "model",
+        output / "checkpoints" / "step_0000002",
+    ):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert stat.S_IMODE((output / "model" / name).stat().st_mode) == 0o644, name
@@ -174,17 +231,27 @@ def test_a_failed_save_removes_the_parents_it_made_and_keeps_those_that_existed(
 def test_saved_models_and_conversions_follow_the_umask(tmp_path):
     old_umask = os.umask(0o022)
     try:
-        mlx_fm.save_model(tmp_path / "a" / "saved", tiny_model(), byte_tokenizer())
-        convert_main(["--hf-path", str(tmp_path / "a" / "saved"),
-                      "--mlx-path", str(tmp_path / "b" / "converted")])
+        mlx_fm.save_pretrained(tmp_path / "a" / "saved", tiny_model(), byte_tokenizer())
+        convert_main(
+            [
+                "--hf-path",
+                str(tmp_path / "a" / "saved"),
+                "--mlx-path",
+                str(tmp_path / "b" / "converted"),
+            ]
+        )
         with written_file_atomically(tmp_path / "notes.txt") as staging:
             staging.write_text("hello")
     finally:
         os.umask(old_umask)
     for directory in ("a", "a/saved", "b", "b/converted"):
         assert stat.S_IMODE((tmp_path / directory).stat().st_mode) == 0o755, directory
-    for file in ("a/saved/model.safetensors", "b/converted/model.safetensors",
-                 "b/converted/config.json", "notes.txt"):
+    for file in (
+        "a/saved/model.safetensors",
+        "b/converted/model.safetensors",
+        "b/converted/config.json",
+        "notes.txt",
+    ):
         assert stat.S_IMODE((tmp_path / file).stat().st_mode) == 0o644, file
 
 
@@ -210,9 +277,10 @@ def test_only_our_own_staging_of_dead_processes_is_removed(tmp_path):
             (directory / "weights").write_text("left by a killed run")
         stale_file.write_text("left by a killed run")
 
-        mlx_fm.save_model(tmp_path / "other", tiny_model())  # a later run into the same parent
+        mlx_fm.save_pretrained(tmp_path / "other", tiny_model())  # a later run into the same parent
         assert (live / "weights").read_text() == "being written"
         assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
-            [".cache", live.name, other_host.name, "other"])
+            [".cache", live.name, other_host.name, "other"]
+        )
     assert (unrelated / "data").read_text() == "keep"
     assert (other_host / "weights").exists()

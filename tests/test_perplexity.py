@@ -11,13 +11,13 @@ import sys
 import zlib
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 import mlx_fm
 from mlx_fm import perplexity as ppl
 from mlx_fm.training.data import read_documents
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 from conftest import tiny_model
 
@@ -66,9 +66,19 @@ def test_position_table_on_hand_made_losses():
     losses = np.arange(1, 41, dtype=np.float32)  # the loss at position p is p
     rows = ppl.loss_by_position(losses, first_position=4)
     assert [(r.position, r.loss_so_far, r.bucket_start, r.bucket_loss) for r in rows] == [
-        (4, 2.5, 2, 2.5), (8, 4.5, 4, 5.5), (16, 8.5, 8, 11.5), (32, 16.5, 16, 23.5)]
-    assert ppl.bucket_means(losses) == [(1, 1.0), (2, 2.5), (4, 5.5), (8, 11.5), (16, 23.5),
-                                        (32, 36.0)]
+        (4, 2.5, 2, 2.5),
+        (8, 4.5, 4, 5.5),
+        (16, 8.5, 8, 11.5),
+        (32, 16.5, 16, 23.5),
+    ]
+    assert ppl.bucket_means(losses) == [
+        (1, 1.0),
+        (2, 2.5),
+        (4, 5.5),
+        (8, 11.5),
+        (16, 23.5),
+        (32, 36.0),
+    ]
     table = ppl.format_table(ppl.loss_by_position(np.ones(4096), first_position=1024))
     assert [line.split()[0] for line in table.splitlines()] == ["position", "1K", "2K", "4K"]
     assert "[2K, 4K)" in table
@@ -79,12 +89,16 @@ def test_plot_writes_a_png(tmp_path, monkeypatch):
     from matplotlib.image import imread
 
     figures, savefig = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: (
-        figures.append(figure), savefig(figure, *args, **kwargs)))
+    monkeypatch.setattr(
+        Figure,
+        "savefig",
+        lambda figure, *args, **kwargs: (figures.append(figure), savefig(figure, *args, **kwargs)),
+    )
     path = tmp_path / "loss.png"
     losses = np.linspace(5, 2, 5000)
-    ppl.plot_loss_by_position({"a": losses, "b": losses + 1}, path, title="test", marks=[256],
-                              bucket_losses=losses)
+    ppl.plot_loss_by_position(
+        {"a": losses, "b": losses + 1}, path, title="test", marks=[256], bucket_losses=losses
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
@@ -109,8 +123,9 @@ def test_cli_plot_and_table(tiny_model_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_matplotlib_is_imported_only_for_a_plot():
     code = "import sys, mlx_fm.perplexity; print('matplotlib' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 
@@ -125,8 +140,10 @@ def bad_inputs(tmp_path):
         "missing": (["--data", str(tmp_path / "nope.txt")], "data file not found"),
         "empty": (["--data", str(tmp_path / "empty.txt")], "no text in"),
         "malformed jsonl": (["--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON"),
-        "jsonl without text": (["--data", str(tmp_path / "no_text.jsonl")],
-                               'no_text.jsonl:1: expected an object with a string "text"'),
+        "jsonl without text": (
+            ["--data", str(tmp_path / "no_text.jsonl")],
+            'no_text.jsonl:1: expected an object with a string "text"',
+        ),
         "one token": (["--data", str(tmp_path / "short.txt")], "1 token(s)"),
         "max tokens": ([*ok, "--max-tokens", "1"], "--max-tokens must be at least 2"),
         "segment": ([*ok, "--segment", "0"], "--segment must be at least 1"),
@@ -134,8 +151,19 @@ def bad_inputs(tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "malformed jsonl", "jsonl without text",
-                                  "one token", "max tokens", "segment", "plot directory"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "malformed jsonl",
+        "jsonl without text",
+        "one token",
+        "max tokens",
+        "segment",
+        "plot directory",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_1(case, tiny_model_dir, tmp_path, capsys):
     argv, message = bad_inputs(tmp_path)[case]
     with pytest.raises(SystemExit) as exit_info:
@@ -147,6 +175,7 @@ def test_bad_input_is_one_line_and_exit_1(case, tiny_model_dir, tmp_path, capsys
 
 # ---- examples/fetch_books.py: its parsers, on small synthetic inputs (no network) -------------
 
+
 def fetch_books():
     path = Path(__file__).parents[1] / "examples" / "fetch_books.py"
     spec = importlib.util.spec_from_file_location("fetch_books", path)
@@ -157,20 +186,25 @@ def fetch_books():
 
 def test_strip_gutenberg_keeps_only_the_book():
     books = fetch_books()
-    text = ("The Project Gutenberg EBook\r\n*** START OF THIS PROJECT GUTENBERG EBOOK EMMA ***\r\n"
-            "\r\nEMMA\r\nChapter 1\r\n\r\n*** END OF THE PROJECT GUTENBERG EBOOK EMMA ***\r\nlicense")
+    text = (
+        "The Project Gutenberg EBook\r\n*** START OF THIS PROJECT GUTENBERG EBOOK EMMA ***\r\n"
+        "\r\nEMMA\r\nChapter 1\r\n\r\n*** END OF THE PROJECT GUTENBERG EBOOK EMMA ***\r\nlicense"
+    )
     assert books.strip_gutenberg(text) == "EMMA\nChapter 1\n"
     assert books.strip_gutenberg("\nHAMLET\n\nAct I\n\n") == "HAMLET\n\nAct I\n"
 
 
 def test_bible_text_groups_verses_by_book():
     books = fetch_books()
-    verses = [{"book": "Genesis", "chapter": 1, "verse": 1, "text": "In the beginning"},
-              {"book": "Genesis", "chapter": 1, "verse": 2, "text": "And the earth"},
-              {"book": "Exodus", "chapter": 1, "verse": 1, "text": "Now these"}]
+    verses = [
+        {"book": "Genesis", "chapter": 1, "verse": 1, "text": "In the beginning"},
+        {"book": "Genesis", "chapter": 1, "verse": 2, "text": "And the earth"},
+        {"book": "Exodus", "chapter": 1, "verse": 1, "text": "Now these"},
+    ]
     lines = [json.dumps(v) + "\n" for v in verses]
-    assert books.bible_text(lines) == ("Genesis\n\n1:1 In the beginning\n1:2 And the earth\n"
-                                       "\nExodus\n\n1:1 Now these\n")
+    assert books.bible_text(lines) == (
+        "Genesis\n\n1:1 In the beginning\n1:2 And the earth\n\nExodus\n\n1:1 Now these\n"
+    )
     with pytest.raises(ValueError, match="kjv.jsonl:2"):
         books.bible_text([lines[0], '{"book": "Genesis"}\n'])
 
@@ -193,8 +227,15 @@ def r_strings(texts):
 
 def r_named_list(items, names_symbol):
     """A VECSXP with a names attribute; `names_symbol` is the symbol or a reference to it."""
-    return (r_int(19 | 1 << 9) + r_int(len(items)) + b"".join(items.values())
-            + r_int(2 | 1 << 10) + names_symbol + r_strings(list(items)) + r_int(254))
+    return (
+        r_int(19 | 1 << 9)
+        + r_int(len(items))
+        + b"".join(items.values())
+        + r_int(2 | 1 << 10)
+        + names_symbol
+        + r_strings(list(items))
+        + r_int(254)
+    )
 
 
 def r_serialized(body):
@@ -204,8 +245,9 @@ def r_serialized(body):
 def test_r_reader_reads_vectors_lists_and_references():
     books = fetch_books()
     # The inner list comes first in the stream, so it defines the symbol `names`.
-    inner = r_named_list({"n": r_int(13) + r_int(2) + r_int(7) + r_int(-3)},
-                         r_int(1) + r_chars("names"))
+    inner = r_named_list(
+        {"n": r_int(13) + r_int(2) + r_int(7) + r_int(-3)}, r_int(1) + r_chars("names")
+    )
     reference = r_int(255 | 1 << 8)  # to the first symbol
     data = r_serialized(r_named_list({"a": r_strings(["x", None, "é"]), "b": inner}, reference))
     assert books.RReader(data).read() == {"a": ["x", None, "é"], "b": {"n": [7, -3]}}
@@ -229,6 +271,7 @@ def test_lazy_load_database_and_rda_file():
     rdx = zlib.compress(r_serialized(index), wbits=31)  # gzip, as R writes it
     assert books.lazy_load_objects(rdx, rdb) == novels
 
-    rda = b"RDX3\n" + r_serialized(r_int(2 | 1 << 10) + r_int(1) + r_chars("emma")
-                                   + r_strings(novels["emma"]) + r_int(254))
+    rda = b"RDX3\n" + r_serialized(
+        r_int(2 | 1 << 10) + r_int(1) + r_chars("emma") + r_strings(novels["emma"]) + r_int(254)
+    )
     assert books.rda_objects(zlib.compress(rda, wbits=31)) == {"emma": novels["emma"]}

@@ -14,22 +14,49 @@ import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mlx_fm.layout import CheckpointError
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_fm.layout import CheckpointError
 from mlx_fm_convert.weights import read_weights
 
 PREFIX = "archive"
 # No DoubleStorage: MLX makes float64 float32, so its bits could not match torch's.
-STORAGE_NAMES = ("FloatStorage", "HalfStorage", "BFloat16Storage", "LongStorage", "IntStorage",
-                 "ShortStorage", "ByteStorage", "BoolStorage")
+STORAGE_NAMES = (
+    "FloatStorage",
+    "HalfStorage",
+    "BFloat16Storage",
+    "LongStorage",
+    "IntStorage",
+    "ShortStorage",
+    "ByteStorage",
+    "BoolStorage",
+)
 FOREIGN_STORAGE_NAMES = ("ComplexFloatStorage", "QInt8Storage", "UntypedStorage", "NoStorage")
-ODD_NUMBERS = (-1, -2**63, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 10**30, 1.0, 1.5, "1",
-               None, True, (1,))
+ODD_NUMBERS = (
+    -1,
+    -(2**63),
+    2**31,
+    2**32,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64,
+    10**30,
+    1.0,
+    1.5,
+    "1",
+    None,
+    True,
+    (1,),
+)
 CASES = {  # mutation kind: how many cases
-    "entries": 1000, "storage_lengths": 400, "pickle_bytes": 800, "file_bytes": 500,
+    "entries": 1000,
+    "storage_lengths": 400,
+    "pickle_bytes": 800,
+    "file_bytes": 500,
     "file_truncation": 300,
 }
 UNSIGNED_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
@@ -37,9 +64,11 @@ UNSIGNED_OF_SIZE = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
 
 # A checkpoint as data: what data.pkl says of each tensor, and the storage records.
 
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor of data.pkl: its storage reference and _rebuild_tensor_v2's arguments."""
+
     dtype_name: object
     key: object
     numel: object
@@ -70,11 +99,23 @@ def pickled(entries: dict) -> bytes:
     """data.pkl for `entries`, opcode for opcode as torch.save writes it (less the memo gets)."""
     parts = [b"\x80\x02}("]
     for name, entry in entries.items():
-        parts += [_value(name), _global("torch._utils", "_rebuild_tensor_v2"), b"((",
-                  _value("storage"), _global("torch", entry.dtype_name), _value(entry.key),
-                  _value("cpu"), _value(entry.numel), b"tQ", _value(entry.offset),
-                  _value(entry.size), _value(entry.stride), b"\x89",
-                  _global("collections", "OrderedDict"), b")RtR"]
+        parts += [
+            _value(name),
+            _global("torch._utils", "_rebuild_tensor_v2"),
+            b"((",
+            _value("storage"),
+            _global("torch", entry.dtype_name),
+            _value(entry.key),
+            _value("cpu"),
+            _value(entry.numel),
+            b"tQ",
+            _value(entry.offset),
+            _value(entry.size),
+            _value(entry.stride),
+            b"\x89",
+            _global("collections", "OrderedDict"),
+            b")RtR",
+        ]
     return b"".join(parts) + b"u."
 
 
@@ -105,20 +146,24 @@ class _EntryRecorder(pickle.Unpickler):
 def checkpoint_from_torch_save(data: bytes) -> Checkpoint:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         entries = _EntryRecorder(io.BytesIO(archive.read(f"{PREFIX}/data.pkl"))).load()
-        records = {entry.key: archive.read(f"{PREFIX}/data/{entry.key}")
-                   for entry in entries.values()}
+        records = {
+            entry.key: archive.read(f"{PREFIX}/data/{entry.key}") for entry in entries.values()
+        }
     return Checkpoint(dict(entries), records)
 
 
 def tiny_checkpoint(dtype_name="FloatStorage", data=bytes(range(24)), **entry) -> bytes:
     """One tensor "w" on a 24-byte storage, by default a contiguous 2×3 float32."""
     numel = len(data) // {"HalfStorage": 2, "LongStorage": 8}.get(dtype_name, 4)
-    entry = dict(dtype_name=dtype_name, key="0", numel=numel, offset=0, size=(2, 3),
-                 stride=(3, 1)) | entry
+    entry = (
+        dict(dtype_name=dtype_name, key="0", numel=numel, offset=0, size=(2, 3), stride=(3, 1))
+        | entry
+    )
     return archive_bytes(Checkpoint({"w": Entry(**entry)}, {"0": data}))
 
 
 # Reading, and comparing what was read bit for bit.
+
 
 def raw_mlx(array: mx.array) -> tuple:
     bits = np.array(array.view(UNSIGNED_OF_SIZE[array.dtype.size]))
@@ -142,7 +187,8 @@ def read_by_torch(data: bytes):
     except Exception:  # torch refusing it in any way leaves us free to refuse it too
         return None
     tensors = isinstance(state, dict) and all(
-        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items())
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()
+    )
     if not tensors:
         return None
     return {name: raw_torch(tensor) for name, tensor in state.items()}
@@ -170,6 +216,7 @@ def refusal(tmp_path: Path, data: bytes) -> str:
 
 # The checks, one by one (no torch needed).
 
+
 def test_a_valid_tiny_checkpoint_reads(tmp_path):
     path = tmp_path / "w.bin"
     path.write_bytes(tiny_checkpoint(offset=1, size=(2, 2), stride=(1, 2)))
@@ -178,34 +225,45 @@ def test_a_valid_tiny_checkpoint_reads(tmp_path):
     assert np.array_equal(np.array(array), elements[[[1, 3], [2, 4]]])  # offset 1, transposed
 
 
-@pytest.mark.parametrize("entry,message", [
-    (dict(stride=(3, -1)), r"a stride of tensor w is -1, not an integer in \[0, 2\*\*63\)"),
-    (dict(size=(2, -3)), "a size of tensor w is -3"),
-    (dict(offset=-1), "the storage offset of tensor w is -1"),
-    (dict(size=(2, 1.5)), "a size of tensor w is a float, not an integer"),
-    (dict(stride=(3, True)), "a stride of tensor w is a bool"),
-    (dict(offset=2**63), "the storage offset of tensor w is 9223372036854775808, not an integer"),
-    (dict(size=(2, 10**30)), "a size of tensor w is a huge int"),
-    (dict(size="2x3"), "the sizes of tensor w are a str, not a tuple"),
-    (dict(offset=1), r"tensor w reaches element 6 of a storage of 6 \(offset 1"),
-    (dict(offset=6, size=(), stride=()), "tensor w reaches element 6 of a storage of 6"),
-    (dict(stride=(4, 1)), "tensor w reaches element 6 of a storage of 6"),
-    # (3 - 1) × 2**62 + 1 wraps to a small int64: only exact arithmetic sees it is past the end.
-    (dict(size=(3, 2), stride=(2**62, 1)), "tensor w reaches element 9223372036854775809 of"),
-    (dict(size=(2**40, 2**40), stride=(0, 0)), r"tensor w is too large: sizes \(1099511627776"),
-    (dict(size=(10**6,), stride=(0,)), "tensor w has 1000000 elements, more than the 6 of its"),
-    (dict(size=(0, 2**62), stride=(1, 1), dtype_name="LongStorage"), "tensor w is too large"),
-    (dict(size=(0, 2**32), stride=(1, 1)), "MLX currently uses 32-bit integers for shape"),
-    (dict(size=(1,) * 65, stride=(1,) * 65), "tensor w has 65 sizes, more than the 64"),
-    (dict(stride=(3, 1, 1)), "tensor w has 2 sizes but 3 strides"),
-    (dict(numel=5), r"holds 24 bytes, not the 5 × 4 of a 5-element FloatStorage"),
-    (dict(numel=-6), "the element count of storage 0 is -6"),
-    (dict(key="7"), "the storage record archive/data/7 is missing"),
-    (dict(key=0), "a storage key is of type int, not text"),
-    (dict(dtype_name="ComplexFloatStorage"), "unsupported tensor type torch.ComplexFloatStorage"),
-    (dict(dtype_name="LongStorage", numel=3, data=bytes(range(23))),
-     "holds 23 bytes, not the 3 × 8"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        (dict(stride=(3, -1)), r"a stride of tensor w is -1, not an integer in \[0, 2\*\*63\)"),
+        (dict(size=(2, -3)), "a size of tensor w is -3"),
+        (dict(offset=-1), "the storage offset of tensor w is -1"),
+        (dict(size=(2, 1.5)), "a size of tensor w is a float, not an integer"),
+        (dict(stride=(3, True)), "a stride of tensor w is a bool"),
+        (
+            dict(offset=2**63),
+            "the storage offset of tensor w is 9223372036854775808, not an integer",
+        ),
+        (dict(size=(2, 10**30)), "a size of tensor w is a huge int"),
+        (dict(size="2x3"), "the sizes of tensor w are a str, not a tuple"),
+        (dict(offset=1), r"tensor w reaches element 6 of a storage of 6 \(offset 1"),
+        (dict(offset=6, size=(), stride=()), "tensor w reaches element 6 of a storage of 6"),
+        (dict(stride=(4, 1)), "tensor w reaches element 6 of a storage of 6"),
+        # (3 - 1) × 2**62 + 1 wraps to a small int64: only exact arithmetic sees it is past the end.
+        (dict(size=(3, 2), stride=(2**62, 1)), "tensor w reaches element 9223372036854775809 of"),
+        (dict(size=(2**40, 2**40), stride=(0, 0)), r"tensor w is too large: sizes \(1099511627776"),
+        (dict(size=(10**6,), stride=(0,)), "tensor w has 1000000 elements, more than the 6 of its"),
+        (dict(size=(0, 2**62), stride=(1, 1), dtype_name="LongStorage"), "tensor w is too large"),
+        (dict(size=(0, 2**32), stride=(1, 1)), "MLX currently uses 32-bit integers for shape"),
+        (dict(size=(1,) * 65, stride=(1,) * 65), "tensor w has 65 sizes, more than the 64"),
+        (dict(stride=(3, 1, 1)), "tensor w has 2 sizes but 3 strides"),
+        (dict(numel=5), r"holds 24 bytes, not the 5 × 4 of a 5-element FloatStorage"),
+        (dict(numel=-6), "the element count of storage 0 is -6"),
+        (dict(key="7"), "the storage record archive/data/7 is missing"),
+        (dict(key=0), "a storage key is of type int, not text"),
+        (
+            dict(dtype_name="ComplexFloatStorage"),
+            "unsupported tensor type torch.ComplexFloatStorage",
+        ),
+        (
+            dict(dtype_name="LongStorage", numel=3, data=bytes(range(23))),
+            "holds 23 bytes, not the 3 × 8",
+        ),
+    ],
+)
 def test_each_bad_tensor_is_refused_with_its_reason(tmp_path, entry, message):
     assert re.search(message, refusal(tmp_path, tiny_checkpoint(**entry)))
 
@@ -234,8 +292,9 @@ def test_a_huge_memo_index_is_refused_before_the_unpickler_allocates_for_it(tmp_
 def test_code_in_the_pickle_is_refused(tmp_path):
     data_pkl = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00true\x85R."
     message = refusal(tmp_path, archive_bytes(Checkpoint({}, {}), data_pkl))
-    assert message.endswith("not a plain tensor checkpoint (it references posix.system); "
-                            "refusing to run code from it")
+    assert message.endswith(
+        "not a plain tensor checkpoint (it references posix.system); refusing to run code from it"
+    )
 
 
 def test_an_archive_without_data_pkl_is_refused(tmp_path):
@@ -247,16 +306,22 @@ def test_an_archive_without_data_pkl_is_refused(tmp_path):
 
 # The fuzz: torch.save's own files, mutated.
 
+
 def base_tensors() -> dict:
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     shared = torch.arange(12, dtype=torch.float32)
     return {
-        "float32": torch.randn(3, 4), "transposed": torch.randn(4, 3).t(),
-        "float16": torch.randn(2, 3).half(), "bfloat16": torch.randn(5).bfloat16(),
-        "int64": torch.arange(-3, 3).view(2, 3), "offset_view": torch.randn(4, 3)[1:, 1:],
-        "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3),
-        "shared_rows": shared.view(3, 4)[1:], "shared_column": shared.view(3, 4)[:, 2],
+        "float32": torch.randn(3, 4),
+        "transposed": torch.randn(4, 3).t(),
+        "float16": torch.randn(2, 3).half(),
+        "bfloat16": torch.randn(5).bfloat16(),
+        "int64": torch.arange(-3, 3).view(2, 3),
+        "offset_view": torch.randn(4, 3)[1:, 1:],
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "shared_rows": shared.view(3, 4)[1:],
+        "shared_column": shared.view(3, 4)[:, 2],
     }
 
 
@@ -273,8 +338,10 @@ def mutated_entries(rng: random.Random, checkpoint: Checkpoint) -> bytes:
     for _ in range(rng.randint(1, 3)):
         name = rng.choice(sorted(entries))
         field = rng.choice(["dtype_name", "key", "numel", "offset", "size", "stride"])
-        entries[name] = replace(entries[name], **{
-            field: mutated_field(rng, field, getattr(entries[name], field), checkpoint)})
+        entries[name] = replace(
+            entries[name],
+            **{field: mutated_field(rng, field, getattr(entries[name], field), checkpoint)},
+        )
     return archive_bytes(replace(checkpoint, entries=entries))
 
 
@@ -289,8 +356,9 @@ def mutated_field(rng: random.Random, field: str, value: object, checkpoint: Che
 
 
 def mutated_number(rng: random.Random, value: int):
-    return rng.choice([value - 1, value + 1, 2 * value + 1, 0, rng.randint(0, 40),
-                       rng.choice(ODD_NUMBERS)])
+    return rng.choice(
+        [value - 1, value + 1, 2 * value + 1, 0, rng.randint(0, 40), rng.choice(ODD_NUMBERS)]
+    )
 
 
 def mutated_tuple(rng: random.Random, values: tuple):
@@ -313,8 +381,17 @@ def mutated_tuple(rng: random.Random, values: tuple):
 def mutated_storage_lengths(rng: random.Random, checkpoint: Checkpoint) -> bytes:
     key = rng.choice(sorted(checkpoint.records))
     data = checkpoint.records[key]
-    length = rng.choice([0, 1, len(data) - 1, len(data) + 1, len(data) - 2, len(data) + 4,
-                         rng.randint(0, 2 * len(data) + 8)])
+    length = rng.choice(
+        [
+            0,
+            1,
+            len(data) - 1,
+            len(data) + 1,
+            len(data) - 2,
+            len(data) + 4,
+            rng.randint(0, 2 * len(data) + 8),
+        ]
+    )
     resized = data[:length] + rng.randbytes(max(0, length - len(data)))
     return archive_bytes(replace(checkpoint, records=checkpoint.records | {key: resized}))
 
@@ -328,7 +405,7 @@ def mutated_pickle_bytes(rng: random.Random, checkpoint: Checkpoint) -> bytes:
         else:
             data_pkl[position] = rng.randrange(256)
     if rng.random() < 0.1:
-        del data_pkl[rng.randrange(len(data_pkl)):]
+        del data_pkl[rng.randrange(len(data_pkl)) :]
     return archive_bytes(checkpoint, bytes(data_pkl))
 
 

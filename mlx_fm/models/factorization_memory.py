@@ -59,8 +59,12 @@ class FactorizationMemory(nn.Module):
         self.top_k, self.temperature = args.top_k, args.router_temperature
         self.conv_kernel = args.conv_kernel
         heads, inner = args.num_heads, args.inner_size
-        self.splits = [inner, 2 * inner, 2 * inner + heads * args.num_slots,
-                       2 * inner + heads * args.num_slots + heads]
+        self.splits = [
+            inner,
+            2 * inner,
+            2 * inner + heads * args.num_slots,
+            2 * inner + heads * args.num_slots + heads,
+        ]
         self.in_proj = nn.Linear(args.hidden_size, self.splits[-1] + heads, bias=False)
         if self.conv_kernel > 0:
             self.conv1d = nn.Conv1d(inner, inner, args.conv_kernel, groups=inner, bias=True)
@@ -69,7 +73,9 @@ class FactorizationMemory(nn.Module):
         self.norm = nn.RMSNorm(inner, eps=args.rms_norm_eps)
         self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
-    def _conv(self, x: mx.array, cache: Optional[ArraysCache], mask: Optional[mx.array]) -> mx.array:
+    def _conv(
+        self, x: mx.array, cache: Optional[ArraysCache], mask: Optional[mx.array]
+    ) -> mx.array:
         """SiLU(causal depthwise conv) over time, carrying the last K−1 inputs in the cache."""
         if self.conv_kernel == 0:
             return silu(x)
@@ -99,8 +105,14 @@ class FactorizationMemory(nn.Module):
         out, state = fm_mix(
             x.reshape(batch, length, heads, self.head_dim),
             router_logits.reshape(batch, length, heads, self.num_slots),
-            update_logits, merge_logits, self.eta_bias, self.mu_bias,
-            top_k=self.top_k, temperature=self.temperature, state=state, mask=mask,
+            update_logits,
+            merge_logits,
+            self.eta_bias,
+            self.mu_bias,
+            top_k=self.top_k,
+            temperature=self.temperature,
+            state=state,
+            mask=mask,
         )
         if cache is not None:
             cache[0] = state
@@ -171,7 +183,9 @@ class Backbone(nn.Module):
         self.norm_f = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(
-        self, inputs: mx.array, cache: Optional[list[ArraysCache]] = None,
+        self,
+        inputs: mx.array,
+        cache: Optional[list[ArraysCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         h = self.embeddings(inputs) if input_embeddings is None else input_embeddings
@@ -193,7 +207,9 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def __call__(
-        self, inputs: mx.array, cache: Optional[list[ArraysCache]] = None,
+        self,
+        inputs: mx.array,
+        cache: Optional[list[ArraysCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         h = self.backbone(inputs, cache, input_embeddings)

@@ -23,9 +23,17 @@ __all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates", 
 
 
 def fm_mix(
-    x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
-    eta_bias: mx.array, mu_bias: mx.array,
-    *, top_k: int, temperature: float, state: mx.array | None = None, mask: mx.array | None = None,
+    x: mx.array,
+    router_logits: mx.array,
+    update_logits: mx.array,
+    merge_logits: mx.array,
+    eta_bias: mx.array,
+    mu_bias: mx.array,
+    *,
+    top_k: int,
+    temperature: float,
+    state: mx.array | None = None,
+    mask: mx.array | None = None,
     kernels: FMKernels | None = None,
 ) -> tuple[mx.array, mx.array]:
     """One FM mixer over T tokens.
@@ -44,14 +52,28 @@ def fm_mix(
     decoding = x.shape[1] == 1 and state is not None
     if kernels is not None and decoding:
         out, state = kernels.decode(
-            x[:, 0], router_logits[:, 0], update_logits[:, 0], merge_logits[:, 0],
-            eta_bias, mu_bias, state, top_k=top_k, temperature=temperature,
+            x[:, 0],
+            router_logits[:, 0],
+            update_logits[:, 0],
+            merge_logits[:, 0],
+            eta_bias,
+            mu_bias,
+            state,
+            top_k=top_k,
+            temperature=temperature,
             mask=None if mask is None else mask[:, 0],
         )
         return out[:, None], state
     x, slot_weights, eta, mu = prepare(
-        x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-        top_k=top_k, temperature=temperature, mask=mask,
+        x,
+        router_logits,
+        update_logits,
+        merge_logits,
+        eta_bias,
+        mu_bias,
+        top_k=top_k,
+        temperature=temperature,
+        mask=mask,
     )
     if kernels is not None:
         read, state = kernels.scan(x, slot_weights, eta, state)

@@ -22,8 +22,12 @@ _BROADCAST_BELOW = 1
 
 
 def fm_chunked(
-    x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None,
-    chunk_size: int = 16, segment: int = 256,
+    x: mx.array,
+    slot_weights: mx.array,
+    eta: mx.array,
+    state: mx.array | None = None,
+    chunk_size: int = 16,
+    segment: int = 256,
 ) -> tuple[mx.array, mx.array]:
     """The scan over T tokens: x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H).
 
@@ -86,6 +90,11 @@ def _segment(
 _compiled_segment = mx.compile(_segment)
 
 
+def _in_halves(a: mx.array, half: int) -> mx.array:
+    """(…, Q, m) as (…, Q / 2h, 2, h, m): pairs of neighbouring blocks of h tokens."""
+    return a.reshape(*a.shape[:-2], a.shape[-2] // (2 * half), 2, half, a.shape[-1])
+
+
 def _chunk_scores(slot_weights: mx.array, theta: mx.array, decay: mx.array) -> mx.array:
     """Each chunk's score matrix (…, Q, Q): A[t, s] = Σ_i α̃_{t,i} θ_{s,i} D(s, t)_i, s ≤ t.
 
@@ -98,11 +107,7 @@ def _chunk_scores(slot_weights: mx.array, theta: mx.array, decay: mx.array) -> m
     half = 1
     while half < chunk_size:
         blocks = chunk_size // (2 * half)
-
-        def halves(a: mx.array) -> mx.array:
-            return a.reshape(*a.shape[:-2], blocks, 2, half, a.shape[-1])
-
-        slot_weights2, theta2, decay2 = halves(slot_weights), halves(theta), halves(decay)
+        slot_weights2, theta2, decay2 = (_in_halves(a, half) for a in (slot_weights, theta, decay))
         query = slot_weights2[..., 1, :, :] * mx.cumprod(decay2[..., 1, :, :], axis=-2)
         key = theta2[..., 0, :, :] * mx.cumprod(
             decay2[..., 0, :, :], axis=-2, reverse=True, inclusive=False
@@ -113,9 +118,12 @@ def _chunk_scores(slot_weights: mx.array, theta: mx.array, decay: mx.array) -> m
             cross = query @ key.swapaxes(-1, -2)  # (…, blocks, h, h)
         pairs = scores.reshape(*scores.shape[:-3], blocks, 2, half, half)
         left, right = pairs[..., 0, :, :], pairs[..., 1, :, :]
-        scores = mx.concatenate([
-            mx.concatenate([left, mx.zeros_like(left)], axis=-1),
-            mx.concatenate([cross, right], axis=-1),
-        ], axis=-2)
+        scores = mx.concatenate(
+            [
+                mx.concatenate([left, mx.zeros_like(left)], axis=-1),
+                mx.concatenate([cross, right], axis=-1),
+            ],
+            axis=-2,
+        )
         half *= 2
     return scores.squeeze(-3)

@@ -60,7 +60,9 @@ class FMKernels:
     """The FM kernels, each built on first use by `metal_kernel`
     (`mx.fast.metal_kernel` unless given, e.g. the CPU emulator in tests)."""
 
-    def __init__(self, metal_kernel: KernelBuilder | None = None, scan_chunk: int = SCAN_CHUNK) -> None:
+    def __init__(
+        self, metal_kernel: KernelBuilder | None = None, scan_chunk: int = SCAN_CHUNK
+    ) -> None:
         self._metal_kernel = metal_kernel or mx.fast.metal_kernel
         self.scan_chunk = scan_chunk
         self._scan_with_checkpoints = self._differentiable_scan()
@@ -74,15 +76,26 @@ class FMKernels:
     def _decode_kernel(self) -> KernelLauncher:
         return self._build(
             "fm_decode",
-            ["x", "router_logits", "update_logits", "merge_logits", "eta_bias", "mu_bias",
-             "temperature", "state", "mask"],
+            [
+                "x",
+                "router_logits",
+                "update_logits",
+                "merge_logits",
+                "eta_bias",
+                "mu_bias",
+                "temperature",
+                "state",
+                "mask",
+            ],
             ["out", "new_state"],
         )
 
     @cached_property
     def _forward_kernel(self) -> KernelLauncher:
         return self._build(
-            "fm_scan_forward", ["x", "slot_weights", "eta", "state"], ["reads", "final_state", "checkpoints"]
+            "fm_scan_forward",
+            ["x", "slot_weights", "eta", "state"],
+            ["reads", "final_state", "checkpoints"],
         )
 
     @cached_property
@@ -94,9 +107,18 @@ class FMKernels:
         )
 
     def decode(
-        self, x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
-        eta_bias: mx.array, mu_bias: mx.array, state: mx.array,
-        *, top_k: int, temperature: float, mask: mx.array | None = None,
+        self,
+        x: mx.array,
+        router_logits: mx.array,
+        update_logits: mx.array,
+        merge_logits: mx.array,
+        eta_bias: mx.array,
+        mu_bias: mx.array,
+        state: mx.array,
+        *,
+        top_k: int,
+        temperature: float,
+        mask: mx.array | None = None,
     ) -> tuple[mx.array, mx.array]:
         """One token: x (B, H, P), router_logits (B, H, m), update_logits and
         merge_logits (B, H), state (B, H, m, P), mask (B,) or None.
@@ -110,10 +132,23 @@ class FMKernels:
         columns = min(width, DECODE_THREADS)
         row_groups = max(1, min(slots, DECODE_THREADS // columns))
         out, new_state = self._decode_kernel(
-            inputs=[x, router_logits, update_logits, merge_logits, eta_bias, mu_bias,
-                    mx.array(temperature, mx.float32), state.astype(mx.float32), mask],
-            template=[("M", slots), ("K", min(top_k, slots)), ("COLUMNS", columns),
-                      ("ROW_GROUPS", row_groups)],
+            inputs=[
+                x,
+                router_logits,
+                update_logits,
+                merge_logits,
+                eta_bias,
+                mu_bias,
+                mx.array(temperature, mx.float32),
+                state.astype(mx.float32),
+                mask,
+            ],
+            template=[
+                ("M", slots),
+                ("K", min(top_k, slots)),
+                ("COLUMNS", columns),
+                ("ROW_GROUPS", row_groups),
+            ],
             grid=(columns, row_groups, batch * heads),
             threadgroup=(columns, row_groups, 1),
             output_shapes=[x.shape, state.shape],
@@ -141,12 +176,16 @@ class FMKernels:
         """The forward kernel, with the backward kernel as its vector-Jacobian product."""
 
         @mx.custom_function
-        def scan(x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array) -> list[mx.array]:
+        def scan(
+            x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+        ) -> list[mx.array]:
             return self._scan_forward(x, slot_weights, eta, state)
 
         @scan.vjp
         def scan_vjp(
-            primals: tuple[mx.array, ...], cotangents: tuple[mx.array, ...], outputs: tuple[mx.array, ...]
+            primals: tuple[mx.array, ...],
+            cotangents: tuple[mx.array, ...],
+            outputs: tuple[mx.array, ...],
         ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
             x, slot_weights, eta, _ = primals
             d_reads, d_final_state, _ = cotangents
@@ -174,8 +213,13 @@ class FMKernels:
         )
 
     def _scan_backward(
-        self, x: mx.array, slot_weights: mx.array, eta: mx.array, checkpoints: mx.array,
-        d_reads: mx.array, d_final_state: mx.array,
+        self,
+        x: mx.array,
+        slot_weights: mx.array,
+        eta: mx.array,
+        checkpoints: mx.array,
+        d_reads: mx.array,
+        d_final_state: mx.array,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         batch, length, heads, width = x.shape
         slots = slot_weights.shape[-1]
@@ -186,8 +230,12 @@ class FMKernels:
             template=[("M", slots), ("CHUNK", self.scan_chunk), ("COLUMNS", columns)],
             grid=(SIMD_WIDTH, width, batch * heads),
             threadgroup=(SIMD_WIDTH, columns, 1),
-            output_shapes=[x.shape, (batch, length, heads, blocks, slots),
-                           (batch, length, heads, blocks), d_final_state.shape],
+            output_shapes=[
+                x.shape,
+                (batch, length, heads, blocks, slots),
+                (batch, length, heads, blocks),
+                d_final_state.shape,
+            ],
             output_dtypes=[mx.float32] * 4,
         )
         return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state

@@ -20,7 +20,9 @@ def fm_step(
 def fm_recurrent(
     x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
-    """The scan over T tokens, step by step: x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H)."""
+    """The scan over T tokens, step by step.
+
+    x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H)."""
     batch, length, heads, width = x.shape
     if state is None:
         state = mx.zeros((batch, heads, slot_weights.shape[-1], width), mx.float32)

@@ -34,9 +34,16 @@ def gates(
 
 
 def prepare(
-    x: mx.array, router_logits: mx.array, update_logits: mx.array, merge_logits: mx.array,
-    eta_bias: mx.array, mu_bias: mx.array,
-    *, top_k: int, temperature: float, mask: mx.array | None = None,
+    x: mx.array,
+    router_logits: mx.array,
+    update_logits: mx.array,
+    merge_logits: mx.array,
+    eta_bias: mx.array,
+    mu_bias: mx.array,
+    *,
+    top_k: int,
+    temperature: float,
+    mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """What every scan takes: x̄ in float32, slot weights α̃, η (0 where masked), μ."""
     slot_weights = route(router_logits, temperature, top_k)

@@ -37,7 +37,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-__all__ = ["metal_kernel", "MetalKernelEmulator", "UnsupportedMetalFeature", "MetalKernelCompileError"]
+__all__ = [
+    "metal_kernel",
+    "MetalKernelEmulator",
+    "UnsupportedMetalFeature",
+    "MetalKernelCompileError",
+]
 
 MAX_THREADS_PER_THREADGROUP = 1024
 # MLX passes inputs with fewer elements in the constant address space.
@@ -111,11 +116,22 @@ _METAL_ATTRIBUTES = (
     ("threads_per_threadgroup", "uint3"),
 )
 # Attributes that are another attribute's value under a second name.
-_ATTRIBUTE_ALIASES = {"grid_size": "threads_per_grid", "thread_execution_width": "threads_per_simdgroup"}
+_ATTRIBUTE_ALIASES = {
+    "grid_size": "threads_per_grid",
+    "thread_execution_width": "threads_per_simdgroup",
+}
 
 _UNSUPPORTED_FEATURES = (
-    (re.compile(r"\bsimdgroup_(matrix|(half|float|bfloat)8x8|load|store|multiply(_accumulate)?)\b"), "simdgroup_matrix"),
-    (re.compile(r"\b(texture(1d|2d|3d|cube|_buffer)\w*|depth(2d|cube)\w*|sampler)\b"), "textures and samplers"),
+    (
+        re.compile(
+            r"\bsimdgroup_(matrix|(half|float|bfloat)8x8|load|store|multiply(_accumulate)?)\b"
+        ),
+        "simdgroup_matrix",
+    ),
+    (
+        re.compile(r"\b(texture(1d|2d|3d|cube|_buffer)\w*|depth(2d|cube)\w*|sampler)\b"),
+        "textures and samplers",
+    ),
     (re.compile(r"\bimageblock\b"), "imageblocks"),
     (re.compile(r"\b(raytracing|intersector|acceleration_structure)\b"), "ray tracing"),
     (re.compile(r"\b\d+(\.\d*)?h\b"), "half literals with the 'h' suffix"),
@@ -218,14 +234,24 @@ class MetalKernelEmulator:
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{kernel_source}\n```")
 
-        launch = _compiled_launcher(self._cpp_source(kernel_name, kernel_source, parameters, template_args))
+        launch = _compiled_launcher(
+            self._cpp_source(kernel_name, kernel_source, parameters, template_args)
+        )
         buffers = [self._input_buffer(x) for x in arrays]
-        outputs = [_output_buffer(shape, dtype, init_value) for shape, dtype in zip(output_shapes, output_dtypes)]
-        launch(_pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization)
+        outputs = [
+            _output_buffer(shape, dtype, init_value)
+            for shape, dtype in zip(output_shapes, output_dtypes)
+        ]
+        launch(
+            _pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization
+        )
         return [_to_mlx(buffer, dtype) for buffer, dtype in zip(outputs, output_dtypes)]
 
     def _check_counts(
-        self, inputs: Sequence[ArrayLike], output_shapes: Sequence[Sequence[int]], output_dtypes: Sequence[mx.Dtype]
+        self,
+        inputs: Sequence[ArrayLike],
+        output_shapes: Sequence[Sequence[int]],
+        output_dtypes: Sequence[mx.Dtype],
     ) -> None:
         for what, given, expected in (
             ("inputs", inputs, self.input_names),
@@ -253,32 +279,49 @@ class MetalKernelEmulator:
         buffer = np.asarray(buffer_view)
         return np.ascontiguousarray(buffer) if self.ensure_row_contiguous else buffer
 
-    def _buffer_parameters(self, slots: list[_InputSlot], output_types: list[str]) -> list["_BufferParameter"]:
+    def _buffer_parameters(
+        self, slots: list[_InputSlot], output_types: list[str]
+    ) -> list["_BufferParameter"]:
         """The kernel's buffer parameters in MLX's order."""
         parameters = []
         for slot in slots:
             space = "constant" if slot.in_constant_space else "device"
-            parameters.append(_BufferParameter(slot.name, f"const {space} ", slot.metal_type, slot.is_scalar))
+            parameters.append(
+                _BufferParameter(slot.name, f"const {space} ", slot.metal_type, slot.is_scalar)
+            )
             if slot.passes_shape:
-                parameters.append(_BufferParameter(f"{slot.name}_shape", "const constant ", "int", False))
+                parameters.append(
+                    _BufferParameter(f"{slot.name}_shape", "const constant ", "int", False)
+                )
             if slot.passes_strides:
-                parameters.append(_BufferParameter(f"{slot.name}_strides", "const constant ", "int64_t", False))
+                parameters.append(
+                    _BufferParameter(f"{slot.name}_strides", "const constant ", "int64_t", False)
+                )
             if slot.passes_ndim:
-                parameters.append(_BufferParameter(f"{slot.name}_ndim", "const constant ", "int", True))
+                parameters.append(
+                    _BufferParameter(f"{slot.name}_ndim", "const constant ", "int", True)
+                )
         for name, metal_type in zip(self.output_names, output_types):
             value_type = f"atomic<{metal_type}>" if self.atomic_outputs else metal_type
             parameters.append(_BufferParameter(name, "device ", value_type, False))
         return parameters
 
     def _metal_source(
-        self, kernel_name: str, parameters: list["_BufferParameter"], template_args: list[TemplateParameter]
+        self,
+        kernel_name: str,
+        parameters: list["_BufferParameter"],
+        template_args: list[TemplateParameter],
     ) -> str:
         """The kernel source exactly as MLX generates it for Metal."""
         declarations = [parameter.declaration(index) for index, parameter in enumerate(parameters)]
         declarations += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
         text = self.header
         if template_args:
-            text += "template <" + ", ".join(f"{kind} {name}" for name, kind, _ in template_args) + ">\n"
+            text += (
+                "template <"
+                + ", ".join(f"{kind} {name}" for name, kind, _ in template_args)
+                + ">\n"
+            )
         text += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(declarations) + ") {\n"
         text += self.source + "\n}\n"
         if template_args:
@@ -372,7 +415,9 @@ def _dtype_info(dtype: mx.Dtype) -> _DtypeInfo:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise UnsupportedMetalFeature(f"[metal_kernel emulator] unsupported dtype {dtype}") from None
+        raise UnsupportedMetalFeature(
+            f"[metal_kernel emulator] unsupported dtype {dtype}"
+        ) from None
 
 
 def _template_value(name: str, value: TemplateArgument) -> TemplateParameter:
@@ -393,7 +438,10 @@ def _template_list(template_args: list[TemplateParameter]) -> str:
 
 
 def _kernel_name(
-    name: str, template_args: list[TemplateParameter], slots: list[_InputSlot], output_types: list[str]
+    name: str,
+    template_args: list[TemplateParameter],
+    slots: list[_InputSlot],
+    output_types: list[str],
 ) -> str:
     kernel_name = "custom_kernel_" + name
     if template_args:
@@ -548,7 +596,14 @@ def _shared_library(key: str, cpp_source: str) -> Path:
         source_file.write_text(cpp_source)
         built = Path(scratch) / "kernel.so"
         compiler = os.environ.get("CXX", "g++")
-        command = [compiler, *_COMPILE_FLAGS, f"-I{_COMPAT_HEADER.parent}", str(source_file), "-o", str(built)]
+        command = [
+            compiler,
+            *_COMPILE_FLAGS,
+            f"-I{_COMPAT_HEADER.parent}",
+            str(source_file),
+            "-o",
+            str(built),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise MetalKernelCompileError(

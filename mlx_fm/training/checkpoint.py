@@ -32,14 +32,19 @@ class TrainerState:
     rng_key: tuple = ()  # mx.random's key after `step` steps
 
 
-def save_checkpoint(output: Path, state: TrainerState, model, optimizer, tokenizer,
-                    config: dict, keep: int) -> Path:
+def save_checkpoint(
+    output: Path, state: TrainerState, model, optimizer, tokenizer, config: dict, keep: int
+) -> Path:
     final = output / CHECKPOINTS / f"{_PREFIX}{state.step:07d}"
     with written_atomically(final) as staging:
         write_model(staging, model, tokenizer)
         mx.save_safetensors(str(staging / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        record = {"step": state.step, "windows_seen": state.windows_seen,
-                  "rng_key": list(state.rng_key), "config": config}
+        record = {
+            "step": state.step,
+            "windows_seen": state.windows_seen,
+            "rng_key": list(state.rng_key),
+            "config": config,
+        }
         (staging / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     for old in checkpoints(output)[:-keep]:
         shutil.rmtree(old)

@@ -53,8 +53,9 @@ def _file_text(path: Path) -> Iterator[str]:
     try:
         yield path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text: {error.reason} at byte {error.start}") \
-            from None
+        raise ValueError(
+            f"{path} is not UTF-8 text: {error.reason} at byte {error.start}"
+        ) from None
 
 
 def _jsonl_texts(path: Path) -> Iterator[str]:
@@ -69,8 +70,9 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: malformed JSON line: {error.msg} "
-                                 f"(column {error.colno})") from None
+                raise ValueError(
+                    f"{path}:{number}: malformed JSON line: {error.msg} (column {error.colno})"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f'{path}:{number}: expected an object with a string "text" field')
             yield record["text"]
@@ -85,7 +87,7 @@ def token_stream(documents, tokenizer, eos_token_id: int, batch: int = 256) -> n
     """
     pieces = []
     for start in range(0, len(documents), batch):
-        for ids in tokenizer(documents[start:start + batch])["input_ids"]:
+        for ids in tokenizer(documents[start : start + batch])["input_ids"]:
             if not ids or ids[-1] != eos_token_id:
                 ids = [*ids, eos_token_id]
             pieces.append(np.asarray(ids, dtype=np.int32))
@@ -102,19 +104,24 @@ def pack(stream: np.ndarray, seq_len: int, val_fraction: float, seed: int) -> Pa
     """Cut the token stream into windows and hold out a seeded `val_fraction` of them."""
     count = (len(stream) - 1) // seq_len
     if count < 1:
-        raise ValueError(f"the data has {len(stream)} tokens, too few for one sequence of "
-                         f"seq_len {seq_len} (that needs {seq_len + 1}); lower --seq-len")
+        raise ValueError(
+            f"the data has {len(stream)} tokens, too few for one sequence of "
+            f"seq_len {seq_len} (that needs {seq_len + 1}); lower --seq-len"
+        )
     starts = np.arange(count) * seq_len
     windows = stream[starts[:, None] + np.arange(seq_len + 1)]
     held_out = round(count * val_fraction)
     if val_fraction > 0 and count > 1:
         held_out = max(held_out, 1)
     if held_out >= count:
-        raise ValueError(f"the data makes {count} sequence(s) of seq_len {seq_len}: none left for "
-                         f"training after holding out val_fraction {val_fraction}")
+        raise ValueError(
+            f"the data makes {count} sequence(s) of seq_len {seq_len}: none left for "
+            f"training after holding out val_fraction {val_fraction}"
+        )
     order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(count)
-    return PackedData(train=windows[np.sort(order[held_out:])],
-                      validation=windows[np.sort(order[:held_out])])
+    return PackedData(
+        train=windows[np.sort(order[held_out:])], validation=windows[np.sort(order[:held_out])]
+    )
 
 
 class WindowOrder:
@@ -123,7 +130,7 @@ class WindowOrder:
     def __init__(self, num_windows: int, seed: int):
         self.num_windows, self.seed = num_windows, seed
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 (one order per run, kept for the run)
     def _epoch(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 

@@ -1,7 +1,6 @@
 """A fresh model (FM, or an mlx-lm baseline) and its documented initialization."""
 
 import importlib
-
 import math
 
 import mlx.core as mx
@@ -17,13 +16,21 @@ INITIAL_UPDATE_RATES = (0.5, 0.01)
 RESIDUAL_OUTPUTS = ("out_proj", "o_proj", "down_proj")
 
 
-def build_model(model_options: dict, vocab_size: int, std: float, seed: int, dtype: str,
-                architecture: str = MODEL_TYPE) -> nn.Module:
+def build_model(
+    model_options: dict,
+    vocab_size: int,
+    std: float,
+    seed: int,
+    dtype: str,
+    architecture: str = MODEL_TYPE,
+) -> nn.Module:
     """A model of `model_options` (its ModelArgs), initialized by `initialize_weights`."""
     options = {"vocab_size": vocab_size} | model_options
     if options["vocab_size"] < vocab_size:
-        raise ValueError(f"model vocab_size ({options['vocab_size']}) is smaller than the "
-                         f"tokenizer's ({vocab_size})")
+        raise ValueError(
+            f"model vocab_size ({options['vocab_size']}) is smaller than the "
+            f"tokenizer's ({vocab_size})"
+        )
     mx.random.seed(seed)
     try:
         args = model_args_class(architecture)(model_type=architecture, **options)
@@ -51,8 +58,9 @@ def initialize_weights(model: nn.Module, std: float = 0.02) -> None:
       and up projections and an untied lm_head: N(0, std²). The router logits ρ
       thus start near 0: routing starts almost uniform.
     - The projections that write into the residual stream (mixer.out_proj,
-      mlp.down_proj; a baseline's o_proj, out_proj and down_proj): N(0, (std / √(2·L))²) for L layers, as in GPT-2, so the
-      residual stream's variance does not grow with depth.
+      mlp.down_proj; a baseline's o_proj, out_proj and down_proj):
+      N(0, (std / √(2·L))²) for L layers, as in GPT-2, so the residual stream's
+      variance does not grow with depth.
     - conv1d: weight U(−1/√K, 1/√K) (PyTorch's default for a depthwise conv,
       fan-in K), bias 0.
     - eta_bias: logit(η₀) per head, with η₀ spaced geometrically from 0.5 down

@@ -27,8 +27,11 @@ class MixedPrecisionAdamW(optim.AdamW):
 
 def learning_rate_schedule(config):
     """Linear warmup from 0 to learning_rate, then cosine decay to the final rate at `steps`."""
-    decay = optim.cosine_decay(config.learning_rate, max(config.steps - config.warmup_steps, 1),
-                               end=config.final_learning_rate)
+    decay = optim.cosine_decay(
+        config.learning_rate,
+        max(config.steps - config.warmup_steps, 1),
+        end=config.final_learning_rate,
+    )
     if config.warmup_steps == 0:
         return decay
     warmup = optim.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
@@ -36,5 +39,8 @@ def learning_rate_schedule(config):
 
 
 def build_optimizer(config) -> MixedPrecisionAdamW:
-    return MixedPrecisionAdamW(learning_rate=learning_rate_schedule(config),
-                               betas=[config.beta1, config.beta2], weight_decay=config.weight_decay)
+    return MixedPrecisionAdamW(
+        learning_rate=learning_rate_schedule(config),
+        betas=[config.beta1, config.beta2],
+        weight_decay=config.weight_decay,
+    )

@@ -40,9 +40,11 @@ class ProgressBar:
         eta = elapsed / (step - start_step) * (self.total_steps - step) if step > start_step else 0
         done = step / self.total_steps
         bar = "#" * round(done * _BAR_WIDTH)
-        line = (f"step {step}/{self.total_steps} [{bar:-<{_BAR_WIDTH}}] {done:4.0%} | "
-                f"loss {loss:.4f} | lr {learning_rate:.2e} | {speed:,.0f} tok/s | "
-                f"ETA {format_duration(eta)}")
+        line = (
+            f"step {step}/{self.total_steps} [{bar:-<{_BAR_WIDTH}}] {done:4.0%} | "
+            f"loss {loss:.4f} | lr {learning_rate:.2e} | {speed:,.0f} tok/s | "
+            f"ETA {format_duration(eta)}"
+        )
         if self.on_terminal:
             self.stream.write("\r\033[K" + line)
             self._line_open = True

@@ -40,8 +40,10 @@ def load_tokenizer_file(path: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not path.exists():
-        raise ValueError(f"tokenizer not found: {path} (use 'bytes', a sentencepiece .model, "
-                         "a Hugging Face tokenizer directory or a tokenizer.json)")
+        raise ValueError(
+            f"tokenizer not found: {path} (use 'bytes', a sentencepiece .model, "
+            "a Hugging Face tokenizer directory or a tokenizer.json)"
+        )
     try:
         if path.suffix == ".model":
             return sentencepiece_tokenizer(path.read_bytes())
@@ -71,7 +73,8 @@ def load_saved_tokenizer(path: Path):
 
 
 def train_sentencepiece(documents, vocab_size: int, seed: int) -> bytes:
-    """A BPE sentencepiece model (byte fallback, text kept as is) trained on the documents' lines."""
+    """A BPE sentencepiece model (byte fallback, text kept as is) trained on the documents'
+    lines."""
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
@@ -79,17 +82,31 @@ def train_sentencepiece(documents, vocab_size: int, seed: int) -> bytes:
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size,
-            model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, split_digits=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            input_sentence_size=_MAX_SENTENCES, shuffle_input_sentence=True,
-            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2,
+            sentence_iterator=lines,
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            input_sentence_size=_MAX_SENTENCES,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
         )
     except RuntimeError as error:
-        raise ValueError(f"cannot train a sentencepiece tokenizer of vocab_size {vocab_size}: "
-                         f"{str(error).splitlines()[-1]}") from error
+        raise ValueError(
+            f"cannot train a sentencepiece tokenizer of vocab_size {vocab_size}: "
+            f"{str(error).splitlines()[-1]}"
+        ) from error
     return model.getvalue()
 
 
@@ -114,6 +131,6 @@ def broadcast_bytes(data, group) -> bytes:
     mine = np.frombuffer(data, np.uint8) if group.rank() == 0 else np.zeros(0, np.uint8)
     size = int(mx.distributed.all_sum(mx.array([mine.size]), group=group).item())
     buffer = np.zeros(size, np.int32)
-    buffer[:mine.size] = mine
+    buffer[: mine.size] = mine
     summed = mx.distributed.all_sum(mx.array(buffer), group=group)
     return np.array(summed).astype(np.uint8).tobytes()

@@ -20,9 +20,12 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from ..models.factorization_memory import MODEL_TYPE
-
 from ..utils import (
-    check_destination, load_model, make_directories, removed_on_failure, save_model,
+    check_destination,
+    load_model,
+    make_directories,
+    removed_on_failure,
+    save_pretrained,
 )
 from . import checkpoint as ckpt
 from .config import RESUME_MUST_MATCH, TrainConfig
@@ -57,8 +60,9 @@ def train(config: TrainConfig, progress_stream=None, force: bool = False) -> Tra
         return _train(config, output, resume_from, progress_stream)
 
 
-def _train(config: TrainConfig, output: Path, resume_from: Optional[Path],
-           progress_stream) -> TrainResult:
+def _train(
+    config: TrainConfig, output: Path, resume_from: Optional[Path], progress_stream
+) -> TrainResult:
     group = mx.distributed.init()
     is_main = group.rank() == 0
     tokenizer, data = tokenizer_and_data(config, resume_from, group)
@@ -77,7 +81,7 @@ def _train(config: TrainConfig, output: Path, resume_from: Optional[Path],
     loss, val_loss = float("nan"), None
     for step in range(state.step + 1, config.steps + 1):
         indices = order.indices(state.windows_seen, config.batch_size)
-        mine = indices[group.rank() * local_batch:(group.rank() + 1) * local_batch]
+        mine = indices[group.rank() * local_batch : (group.rank() + 1) * local_batch]
         loss = train_step(mx.array(data.train[mine]))
         state.step, state.windows_seen = step, state.windows_seen + config.batch_size
         learning_rate = optimizer.learning_rate.item()
@@ -92,12 +96,19 @@ def _train(config: TrainConfig, output: Path, resume_from: Optional[Path],
                     progress.message(f"step {step}: validation loss {val_loss:.4f}")
         if is_main and (step % config.save_every == 0 or step == config.steps):
             state.rng_key = ckpt.rng_key()
-            ckpt.save_checkpoint(output, state, model, optimizer, tokenizer, config.to_dict(),
-                                 config.keep_checkpoints)
+            ckpt.save_checkpoint(
+                output,
+                state,
+                model,
+                optimizer,
+                tokenizer,
+                config.to_dict(),
+                config.keep_checkpoints,
+            )
     progress.close()
     model_path = output / FINAL_MODEL
     if is_main:
-        save_model(model_path, model, tokenizer)
+        save_pretrained(model_path, model, tokenizer)
         progress.message(f"saved the model to {model_path}")
     return TrainResult(model_path, state.step, loss, val_loss)
 
@@ -109,16 +120,26 @@ def tokenizer_and_data(config: TrainConfig, resume_from: Optional[Path], group):
         tokenizer = resolve_tokenizer(config, documents, group)
     else:
         tokenizer = load_saved_tokenizer(resume_from)
-    data = pack(token_stream(documents, tokenizer, tokenizer.eos_token_id),
-                config.seq_len, config.val_fraction, config.seed)
+    data = pack(
+        token_stream(documents, tokenizer, tokenizer.eos_token_id),
+        config.seq_len,
+        config.val_fraction,
+        config.seed,
+    )
     return tokenizer, data
 
 
 def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optional[Path]):
     """A fresh model, optimizer and TrainerState, or those of the checkpoint (RNG included)."""
     if resume_from is None:
-        model = build_model(config.model, vocab_size, config.init_std, config.seed, config.dtype,
-                            config.architecture)
+        model = build_model(
+            config.model,
+            vocab_size,
+            config.init_std,
+            config.seed,
+            config.dtype,
+            config.architecture,
+        )
         state = ckpt.TrainerState(rng_key=ckpt.rng_key())
     else:
         model = load_trained_model(resume_from, config.architecture)
@@ -146,8 +167,9 @@ def prepared_output(output: Path):
         with tempfile.TemporaryFile(dir=output):
             pass
     except OSError as error:
-        raise ValueError(f"cannot write to the output directory {output}: "
-                         f"{error.strerror or error}") from error
+        raise ValueError(
+            f"cannot write to the output directory {output}: {error.strerror or error}"
+        ) from error
     with removed_on_failure(made):
         yield
 
@@ -168,17 +190,22 @@ def resume_point(output: Path, config: TrainConfig) -> Optional[Path]:
     if latest is None:
         return None
     if not config.resume:
-        raise ValueError(f"{output} already holds checkpoints: pass --resume to continue "
-                         "that run, or choose another --output")
+        raise ValueError(
+            f"{output} already holds checkpoints: pass --resume to continue "
+            "that run, or choose another --output"
+        )
     _, saved = ckpt.read_trainer_state(latest)
     current = config.to_dict()
     for key in RESUME_MUST_MATCH:
         if saved[key] != current[key]:
-            raise ValueError(f"cannot resume from {latest}: {key} was {saved[key]!r}, "
-                             f"now {current[key]!r}")
+            raise ValueError(
+                f"cannot resume from {latest}: {key} was {saved[key]!r}, now {current[key]!r}"
+            )
     if config.steps <= _step_of(latest):
-        raise ValueError(f"{latest} is already at step {_step_of(latest)}; "
-                         f"raise --steps (now {config.steps}) to train further")
+        raise ValueError(
+            f"{latest} is already at step {_step_of(latest)}; "
+            f"raise --steps (now {config.steps}) to train further"
+        )
     return latest
 
 
@@ -189,8 +216,10 @@ def _step_of(checkpoint: Path) -> int:
 def _local_batch_size(config: TrainConfig, world: int) -> int:
     per_step = world * config.grad_accumulation
     if config.batch_size % per_step:
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of processes × "
-                         f"grad_accumulation ({world} × {config.grad_accumulation})")
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of processes × "
+            f"grad_accumulation ({world} × {config.grad_accumulation})"
+        )
     return config.batch_size // world
 
 
@@ -252,12 +281,12 @@ def validation_loss(model, windows, config: TrainConfig, group) -> Optional[floa
     if len(windows) == 0:
         return None
     if config.val_batches:
-        windows = windows[:config.val_batches * config.batch_size]
-    mine = windows[group.rank()::group.size()]
+        windows = windows[: config.val_batches * config.batch_size]
+    mine = windows[group.rank() :: group.size()]
     micro = max(config.batch_size // (group.size() * config.grad_accumulation), 1)
     total = mx.array(0.0)
     for start in range(0, len(mine), micro):
-        total = total + next_token_loss(model, mx.array(mine[start:start + micro]), "sum")
+        total = total + next_token_loss(model, mx.array(mine[start : start + micro]), "sum")
         mx.eval(total)
     count = len(windows) * config.seq_len
     return (mx.distributed.all_sum(total, group=group) / count).item()
@@ -297,8 +326,11 @@ class MetricsLog:
             return
         kept = []
         if resumed_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resumed_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resumed_step
+            ]
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, **record) -> None:
@@ -310,6 +342,7 @@ class MetricsLog:
 def _start_message(model, data, state, resume_from, world) -> str:
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
     where = f"resuming from {resume_from} (step {state.step})" if resume_from else "from scratch"
-    return (f"training {parameters / 1e6:.2f}M parameters {where}: {len(data.train)} training "
-            f"and {len(data.validation)} validation sequences, {world} process(es)")
-
+    return (
+        f"training {parameters / 1e6:.2f}M parameters {where}: {len(data.train)} training "
+        f"and {len(data.validation)} validation sequences, {world} process(es)"
+    )
