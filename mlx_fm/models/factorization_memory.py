@@ -225,7 +225,7 @@ class Model(nn.Module):
         size = 2 if self.args.conv_kernel > 1 else 1
         return [ArraysCache(size=size) for _ in self.layers]
 
-    def sanitize(self, weights):
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Accept SPEC's PyTorch layout (conv1d weight E×1×K); idempotent."""
         weights = with_conv_layout(weights, "mlx")
         if self.args.tie_word_embeddings:
