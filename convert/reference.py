@@ -83,33 +83,36 @@ class LayerCache:
 
 
 def route(router_logits, temperature: float, top_k: int):
-    """Slot weights α̃ (…, m) in float32: softmax(ρ/τ), restricted to the top k and renormalized."""
-    weights = torch.softmax(router_logits.float() / temperature, dim=-1)
-    if top_k >= weights.shape[-1]:
-        return weights
-    top = weights.topk(top_k, dim=-1).indices
-    kept = torch.zeros_like(weights).scatter(-1, top, weights.gather(-1, top))
+    """Slot weights α̃ (…, m) in float32: softmax(ρ/τ), restricted to the top k and
+    renormalized."""
+    slot_weights = torch.softmax(router_logits.float() / temperature, dim=-1)
+    if top_k >= slot_weights.shape[-1]:
+        return slot_weights
+    top = slot_weights.topk(top_k, dim=-1).indices
+    kept = torch.zeros_like(slot_weights).scatter(-1, top, slot_weights.gather(-1, top))
     return kept / kept.sum(-1, keepdim=True)
 
 
-def fm_step(x, weights, eta, state):
-    """One token: x (B, H, P), weights (B, H, m), eta (B, H), state (B, H, m, P). → (r, state)."""
-    theta = (eta[..., None] * weights)[..., None]
+def fm_step(x, slot_weights, eta, state):
+    """One token: x (B, H, P), slot_weights (B, H, m), eta (B, H), state (B, H, m, P).
+
+    → (r, state)."""
+    theta = (eta[..., None] * slot_weights)[..., None]
     state = (1 - theta) * state + theta * x[:, :, None, :]
-    read = (weights[..., None] * state).sum(-2)
+    read = (slot_weights[..., None] * state).sum(-2)
     return read, state
 
 
-def scan_recurrent(x, weights, eta, state):
-    """T tokens step by step: x (B, T, H, P), weights (B, T, H, m), eta (B, T, H)."""
+def scan_recurrent(x, slot_weights, eta, state):
+    """T tokens step by step: x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H)."""
     reads = []
     for t in range(x.shape[1]):
-        read, state = fm_step(x[:, t], weights[:, t], eta[:, t], state)
+        read, state = fm_step(x[:, t], slot_weights[:, t], eta[:, t], state)
         reads.append(read)
     return torch.stack(reads, dim=1), state
 
 
-def scan_chunked(x, weights, eta, state, chunk_size: int = 16):
+def scan_chunked(x, slot_weights, eta, state, chunk_size: int = 16):
     """The same scan, `chunk_size` tokens at a time, in parallel within each chunk.
 
     Inside a chunk, token t reads what token s ≤ t wrote through the decay
@@ -117,20 +120,21 @@ def scan_chunked(x, weights, eta, state, chunk_size: int = 16):
     (never a difference of two cumulative sums), so it is ≤ 0 and exact.
     """
     length = x.shape[1]
-    theta = eta[..., None] * weights
+    theta = eta[..., None] * slot_weights
     log_decay = torch.log(torch.clamp(1 - theta, min=DECAY_FLOOR))
     reads = []
     for start in range(0, length, chunk_size):
         part = slice(start, min(start + chunk_size, length))
         read, state = _chunk(
-            x[:, part], weights[:, part], theta[:, part], log_decay[:, part], state
+            x[:, part], slot_weights[:, part], theta[:, part], log_decay[:, part], state
         )
         reads.append(read)
     return torch.cat(reads, dim=1), state
 
 
-def _chunk(x, weights, theta, log_decay, state):
-    """One chunk: x (B, Q, H, P); weights, theta, log_decay (B, Q, H, m); state (B, H, m, P)."""
+def _chunk(x, slot_weights, theta, log_decay, state):
+    """One chunk: x (B, Q, H, P); slot_weights, theta, log_decay (B, Q, H, m);
+    state (B, H, m, P)."""
     size = x.shape[1]
     steps = torch.arange(size)
     # spans[t, s, u] = 1 where s < u ≤ t: the steps whose decay lies between a write and a read.
@@ -141,11 +145,11 @@ def _chunk(x, weights, theta, log_decay, state):
     between = torch.einsum("tsu,buhi->bhtsi", spans, log_decay)
     causal = (steps[None, :] <= steps[:, None])[None, None, :, :, None]
     decay = torch.exp(torch.where(causal, between, -torch.inf))
-    scores = torch.einsum("bthi,bshi,bhtsi->bhts", weights, theta, decay)
+    scores = torch.einsum("bthi,bshi,bhtsi->bhts", slot_weights, theta, decay)
     intra = torch.einsum("bhts,bshp->bthp", scores, x)
 
     from_start = torch.cumsum(log_decay, dim=1)  # Σ_{u≤t} log(1 − θ_u), (B, Q, H, m)
-    inter = torch.einsum("bthi,bhip->bthp", weights * torch.exp(from_start), state)
+    inter = torch.einsum("bthi,bhip->bthp", slot_weights * torch.exp(from_start), state)
     to_end = between[:, :, -1]  # Σ_{s<u≤Q−1}, (B, H, Q, m)
     written = torch.einsum("bhsi,bshp->bhip", theta.transpose(1, 2) * torch.exp(to_end), x)
     state = torch.exp(from_start[:, -1])[..., None] * state + written
@@ -200,7 +204,7 @@ class FactorizationMemoryMixer(nn.Module):
         heads, slots = config.num_heads, config.num_slots
         z, x, rho, e, g = self.in_proj(u).split(self.splits, dim=-1)
         x = self._conv(x, cache).reshape(batch, length, heads, config.head_dim).float()
-        weights = route(
+        slot_weights = route(
             rho.reshape(batch, length, heads, slots), config.router_temperature, config.top_k
         )
         eta = torch.sigmoid(e.float() + self.eta_bias.float())
@@ -211,9 +215,9 @@ class FactorizationMemoryMixer(nn.Module):
             else x.new_zeros(batch, heads, slots, config.head_dim)
         )
         if recurrent:
-            reads, state = scan_recurrent(x, weights, eta, state)
+            reads, state = scan_recurrent(x, slot_weights, eta, state)
         else:
-            reads, state = scan_chunked(x, weights, eta, state, self.chunk_size)
+            reads, state = scan_chunked(x, slot_weights, eta, state, self.chunk_size)
         if cache is not None:
             cache.state = state
         out = (mu * reads + (1 - mu) * x).reshape(batch, length, config.inner_size)
