@@ -7,6 +7,11 @@ so the ratios hold even on a noisy machine. For each context length: prompt
 tokens/s (prefill in mlx-lm's steps), decode tokens/s right after that prompt,
 and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
+
+Each model is also held against this machine's limits, measured in the same run:
+the decode floor (a batch-1 decode step must stream every weight matrix once: the
+model's matrix-vector products alone, timed) and the prompt bound (about 2 ×
+parameters FLOPs a token, at the GEMM speed of a prompt segment).
 """
 
 import argparse
@@ -15,6 +20,7 @@ import time
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.models import llama, mamba2
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -111,6 +117,41 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int):
     return prompt_rate, decode_rate, mx.get_peak_memory() / 1e9
 
 
+def weight_matrices(model: nn.Module) -> list[mx.array]:
+    """The matrices a decode step multiplies by: every Linear's, and the embedding when it
+    doubles as the output layer."""
+    matrices = [m.weight for _, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not any(name.endswith("lm_head") for name, _ in model.named_modules()):
+        matrices += [m.weight for _, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return matrices
+
+
+def timed_rate(work, count: int, seconds: float = 0.5) -> float:
+    """Units of `count` per second of `work()` (which evaluates), timed for about `seconds`."""
+    work()
+    runs, start = 0, time.perf_counter()
+    while runs == 0 or time.perf_counter() - start < seconds:
+        work()
+        runs += 1
+    return count * runs / (time.perf_counter() - start)
+
+
+def decode_floor(model: nn.Module) -> float:
+    """Steps/s of the model's matrix-vector products alone, batch 1."""
+    matrices = weight_matrices(model)
+    vectors = [mx.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices]
+    return timed_rate(lambda: mx.eval([v @ w.T for v, w in zip(vectors, matrices)]), 1)
+
+
+def prompt_bound(model: nn.Module, hidden_size: int) -> float:
+    """Tokens/s at 2 × parameters FLOPs a token and the GEMM speed of a prompt segment."""
+    a = mx.random.normal((PREFILL_STEP, hidden_size))
+    b = mx.random.normal((hidden_size, 4 * hidden_size))
+    flops = 2 * PREFILL_STEP * hidden_size * 4 * hidden_size
+    gemm_flops_per_second = timed_rate(lambda: mx.eval(a @ b), flops)
+    return gemm_flops_per_second / (2 * parameter_count(model))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -127,7 +168,8 @@ def build_parser():
 
 
 def run(args) -> dict:
-    """{model name: {context: (prompt tok/s, decode tok/s, peak GB)}}, printed as it goes."""
+    """{model name: {context: (prompt tok/s, decode tok/s, peak GB)}}, printed as it goes, with
+    each model's fraction of the prompt bound and the decode floor."""
     mx.random.seed(0)
     target = parameter_count(fm_model(args, args.fm_layers))
     results = {}
@@ -136,14 +178,19 @@ def run(args) -> dict:
         model = BUILDERS[key](args, layers)
         mx.eval(model.parameters())
         measure(model, 64, 2, args.vocab_size)  # warm-up: compile and allocate
-        print(f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters")
+        bound, floor = prompt_bound(model, args.hidden_size), decode_floor(model)
+        print(
+            f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters; "
+            f"prompt bound {bound:.0f} tok/s, decode floor {floor:.0f} tok/s"
+        )
         results[NAMES[key]] = {}
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
             results[NAMES[key]][context] = result
             print(
-                f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s, "
-                f"decode {result[1]:7.1f} tok/s, peak {result[2]:6.3f} GB",
+                f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s "
+                f"({result[0] / bound:4.0%} of bound), decode {result[1]:7.1f} tok/s "
+                f"({result[1] / floor:4.0%} of floor), peak {result[2]:6.3f} GB",
                 flush=True,
             )
         del model

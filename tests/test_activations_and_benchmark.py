@@ -59,6 +59,7 @@ def test_benchmark_compares_models_of_matching_size(capsys):
         if "parameters" in line:
             name, rest = line.split(":")
             counts[name] = float(rest.split(",")[1].split("M")[0])
+            assert "prompt bound" in rest and "decode floor" in rest
     for name in ("Llama", "Mamba-2"):
         assert abs(counts[name] - counts["FM"]) / counts["FM"] < 0.35
     for rows in results.values():
@@ -66,3 +67,13 @@ def test_benchmark_compares_models_of_matching_size(capsys):
         assert prompt > 0 and decode > 0 and peak > 0
     benchmark.print_ratios(results)
     assert "FM/Mamba-2 decode" in capsys.readouterr().out
+
+
+def test_the_decode_floor_streams_every_weight_matrix_once():
+    model = benchmark.fm_model(benchmark.build_parser().parse_args(["--hidden-size", "64"]), 2)
+    matrices = benchmark.weight_matrices(model)
+    linear = sum(m.weight.size for _, m in model.named_modules() if isinstance(m, nn.Linear))
+    embedding = model.backbone.embeddings.weight.size
+    tied = model.args.tie_word_embeddings
+    assert sum(w.size for w in matrices) == linear + (embedding if tied else 0)
+    assert benchmark.decode_floor(model) > 0
