@@ -379,6 +379,37 @@ CASES = [
     ),
     case("context 1", "benchmark", "--contexts 1 --models fm", "contexts must be at least 2"),
     case("unknown model", "benchmark", "--models gpt", "invalid choice"),
+    case("missing model", "server", "--model {tmp}/nowhere", "model path not found"),
+    case("model without tokenizer", "server", "--model {bare_model}", "no tokenizer files in"),
+    case(
+        "missing draft model",
+        "server",
+        "--model {model} --draft-model {tmp}/nowhere",
+        "model path not found",
+    ),
+    case("port too large", "server", "--model {model} --port 70000", "--port"),
+    case("port not a number", "server", "--model {model} --port http", "--port"),
+    case("max-tokens 0", "server", "--model {model} --max-tokens 0", "--max-tokens"),
+    case("temp < 0", "server", "--model {model} --temp -1", "--temp"),
+    case(
+        "cache bytes not a size",
+        "server",
+        "--model {model} --prompt-cache-bytes lots",
+        "--prompt-cache-bytes",
+    ),
+    case(
+        "request bytes < 0",
+        "server",
+        "--model {model} --max-request-bytes -1",
+        "--max-request-bytes",
+    ),
+    case(
+        "template args not JSON",
+        "server",
+        "--model {model} --chat-template-args {{bad",
+        "--chat-template-args",
+    ),
+    case("unknown option", "server", "--model {model} --bogus", "unrecognized arguments"),
 ]
 
 
