@@ -324,7 +324,7 @@ def plot_lifetimes(stats: RoutingStats, path: Path) -> None:
     layers, heads, _ = stats.usage.shape
     figure, axes = plt.subplots(layers, 2, figsize=(11, 2.2 * layers), squeeze=False)
     finite = stats.lifetime[np.isfinite(stats.lifetime) & ~stats.dead]
-    top = max(10.0, float(finite.max()) if finite.size else 10.0)
+    top = max(10.0, stats.tokens, float(finite.max()) if finite.size else 10.0)
     lifetime_bins = np.geomspace(1.0, top * 1.01, 30)
     theta_centres = np.sqrt(HISTOGRAM_EDGES[1:] * np.maximum(HISTOGRAM_EDGES[:-1], 1e-7))
     for layer in range(layers):
@@ -341,6 +341,7 @@ def plot_lifetimes(stats: RoutingStats, path: Path) -> None:
             )
             counts = stats.theta_histogram[layer, head]
             right.step(theta_centres, counts / max(counts.sum(), 1), where="mid")
+        left.axvline(stats.tokens, color="grey", linestyle=":", label="tokens read")
         left.set(xscale="log", ylabel=f"layer {layer}\nslots")
         right.set(xscale="log", ylabel="fraction of writes")
         left.legend(fontsize=7)

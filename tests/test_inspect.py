@@ -10,6 +10,7 @@ from mlx_fm import inspect as fm_inspect
 from mlx_fm.ops import router
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -101,32 +102,41 @@ def test_a_dense_router_keeps_all_the_weight():
     assert (stats.softmax_entropy < math.log(SLOTS)).all()
 
 
+class Recording(nn.Module):
+    """A layer that appends what `inner` returns to `outputs`."""
+
+    def __init__(self, inner: nn.Module, outputs: list) -> None:
+        super().__init__()
+        self.inner, self.outputs = inner, outputs
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.outputs.append(self.inner(x))
+        return self.outputs[-1]
+
+
 @pytest.mark.parametrize("segment", [1, 7, 1000])
-def test_streamed_routing_is_the_models_own(segment, monkeypatch):
-    """What the model's forward over the whole text hands to fm_mix, routed by ops.router, equals
-    what routing_stats measures in segments."""
+def test_streamed_routing_is_the_models_own(segment):
+    """The router logits and gates that each mixer's in_proj produces in the model's forward over
+    the whole text, routed by ops.router, are what routing_stats measures in segments."""
     model, tokens = tiny_model(), text_ids(40)
-    recorded = []
-    real_fm_mix = mlx_fm.models.factorization_memory.fm_mix
-
-    def recording(*args, **kwargs):
-        recorded.append((args, kwargs))
-        return real_fm_mix(*args, **kwargs)
-
-    monkeypatch.setattr(mlx_fm.models.factorization_memory, "fm_mix", recording)
+    projections, in_projs = [], [layer.mixer.in_proj for layer in model.layers]
+    for layer, in_proj in zip(model.layers, in_projs):
+        layer.mixer.in_proj = Recording(in_proj, projections)
     model(mx.array(tokens)[None])
-    monkeypatch.undo()
+    for layer, in_proj in zip(model.layers, in_projs):
+        layer.mixer.in_proj = in_proj
     stats = fm_inspect.routing_stats(model, tokens, segment=segment, passage=range(len(tokens)))
-    for layer, ((_, router_logits, update, merge, eta_bias, mu_bias), kwargs) in enumerate(
-        recorded
-    ):
-        weights = router.route(router_logits[0], kwargs["temperature"], kwargs["top_k"])
-        eta, mu = router.gates(update[0], merge[0], eta_bias, mu_bias)
+    assert len(projections) == TINY["num_hidden_layers"]
+    for layer, (projection, block) in enumerate(zip(projections, model.layers)):
+        mixer = block.mixer
+        _, _, router_logits, update, merge = mx.split(projection[0], mixer.splits, axis=-1)
+        router_logits = router_logits.reshape(len(tokens), HEADS, SLOTS)
+        weights = router.route(router_logits, mixer.temperature, mixer.top_k)
+        eta, mu = router.gates(update, merge, mixer.eta_bias, mixer.mu_bias)
         expected = np.array(weights).transpose(1, 0, 2)
         np.testing.assert_allclose(stats.passage_weights[layer], expected, atol=1e-5)
         np.testing.assert_allclose(stats.eta_mean[layer], np.array(eta).mean(0), rtol=1e-5)
         np.testing.assert_allclose(stats.mu_mean[layer], np.array(mu).mean(0), rtol=1e-5)
-    assert len(recorded) == TINY["num_hidden_layers"]
 
 
 def assert_same_stats(actual: fm_inspect.RoutingStats, expected: fm_inspect.RoutingStats):
