@@ -262,6 +262,9 @@ class FMAPIHandler(APIHandler):
         except (BrokenPipeError, ConnectionResetError):
             logging.info("client disconnected during the response")
 
+    def log_message(self, format: str, *args) -> None:
+        logging.info(f"{self.address_string()} {format % args}")  # under --log-level
+
     def _refuse(self, status: int, reason: str) -> None:
         self._set_completion_headers(status)
         self.end_headers()
