@@ -22,6 +22,7 @@ from mlx_fm.utils import (
     DEFAULT_MAX_SHARD_BYTES,
     check_destination,
     resolve_model_path,
+    with_model_file,
     write_safetensors,
     written_atomically,
 )
@@ -223,14 +224,14 @@ def _quantized(model, config, group_size, bits, mode, quantize_all):
 
 def _write_mlx(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
     write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
-    save_config(dict(config), directory / "config.json")
+    save_config(with_model_file(directory, dict(config)), directory / "config.json")
 
 
 def _write_hf(directory: Path, model, config: dict, max_shard_bytes: int) -> None:
     """SPEC's PyTorch layout: conv1d weights E×1×K, no quantization."""
     weights = with_conv_layout(dict(tree_flatten(model.parameters())), "pytorch")
     write_safetensors(directory, weights, "pt", max_shard_bytes)
-    save_config(dict(config), directory / "config.json")
+    save_config(with_model_file(directory, dict(config)), directory / "config.json")
 
 
 def _copy_tokenizer_files(source: Path, destination: Path) -> None:

@@ -27,6 +27,19 @@ from .models.factorization_memory import MODEL_TYPE, Model, ModelArgs
 
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
 
+# The file a checkpoint's config.json names as `model_file`, which mlx-lm's tools import with
+# --trust-remote-code: it takes the architecture from the installed mlx_fm, copying no code.
+MODEL_FILE = "factorization_memory.py"
+MODEL_FILE_SOURCE = '''"""Factorization Memory for mlx-lm's --trust-remote-code, from mlx_fm."""
+
+try:
+    from mlx_fm.models.factorization_memory import Model, ModelArgs  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "this Factorization Memory checkpoint needs the mlx_fm package: pip install mlx-fm"
+    ) from error
+'''
+
 
 class ModelLoadError(ValueError):
     """A model path or checkpoint that cannot be loaded; the message says why."""
@@ -74,9 +87,15 @@ def resolve_model_path(
 
 def _checked_config(path: Path) -> None:
     try:
-        get_model_classes(read_config(path))
+        config = read_config(path)
+        get_model_classes(config)
     except CheckpointError as error:
         raise ModelLoadError(str(error)) from error
+    if config.get("model_file") not in (None, MODEL_FILE):
+        raise ModelLoadError(
+            f"{path} names a custom module ({config['model_file']!r}) to build its model: "
+            "mlx_fm runs no code from checkpoints"
+        )
     if not any(path.glob("model*.safetensors")):
         raise ModelLoadError(f"no model*.safetensors weights in {path}")
 
@@ -104,13 +123,15 @@ def _load(path_or_hf_repo, lazy=False, strict=True, model_config=None, revision=
             path,
             lazy=lazy,
             strict=strict,
-            model_config=model_config,
+            # The checkpoint's model file is for mlx-lm's tools: ours is already imported.
+            model_config=(model_config or {}) | {"model_file": None},
             get_model_classes=get_model_classes,
         )
     except ModelLoadError:
         raise
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
         raise ModelLoadError(f"cannot load model from {path}: {error}") from error
+    del config["model_file"]
     return model, config, path
 
 
@@ -184,10 +205,19 @@ def write_model(
 ) -> None:
     """The files of `save_pretrained`, into an existing directory."""
     write_safetensors(directory, dict(tree_flatten(model.parameters())), "mlx", max_shard_bytes)
-    config = model_config(model.args) | (extra_config or {})
+    config = with_model_file(directory, model_config(model.args) | (extra_config or {}))
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+def with_model_file(directory: Path, config: dict) -> dict:
+    """`config`, naming the model file written into `directory` if it is an FM config (a
+    baseline trained by mlx_fm.train is mlx-lm's own model type and needs none)."""
+    if config.get("model_type") != MODEL_TYPE:
+        return config
+    (directory / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
+    return config | {"model_file": MODEL_FILE}
 
 
 def model_config(args) -> dict:

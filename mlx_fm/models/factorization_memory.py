@@ -2,7 +2,8 @@
 
 Parameter names follow SPEC's PyTorch / Hugging Face layout, so a checkpoint
 loads after `sanitize` with no renaming. The decode cache of each layer is an
-mlx-lm `ArraysCache`: [FM state (B, H, m, P) float32, last K−1 conv inputs].
+`FMCache` (mlx_fm/cache.py), an mlx-lm `ArraysCache` [FM state (B, H, m, P)
+float32, last K−1 conv inputs] that can also be rewound by a few tokens.
 """
 
 import dataclasses
@@ -12,10 +13,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
-from mlx_lm.models.cache import ArraysCache
 
+from ..cache import DEFAULT_MAX_UNDO, FMCache
 from ..layout import MODEL_TYPE, model_settings, with_conv_layout
-from ..ops import fm_mix
+from ..ops import fm_mix_keeping
 from ..ops.activations import silu
 
 
@@ -74,35 +75,44 @@ class FactorizationMemory(nn.Module):
         self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
     def _conv(
-        self, x: mx.array, cache: Optional[ArraysCache], mask: Optional[mx.array]
-    ) -> mx.array:
-        """SiLU(causal depthwise conv) over time, carrying the last K−1 inputs in the cache."""
+        self, x: mx.array, cache: Optional[FMCache], mask: Optional[mx.array], keep: int
+    ) -> tuple[mx.array, list[list[mx.array]]]:
+        """SiLU(causal depthwise conv) over time; and the last K−1 inputs, which the cache
+        carries, as they are before each of the last `keep` tokens and after the last one
+        (keep + 1 lists, empty when the cache carries none)."""
         if self.conv_kernel == 0:
-            return silu(x)
+            return silu(x), [[] for _ in range(keep + 1)]
         if mask is not None:
             x = mx.where(mask[..., None], x, 0)
-        keep = self.conv_kernel - 1
-        cached = cache is not None and keep > 0
+        carry = self.conv_kernel - 1
+        cached = cache is not None and carry > 0
         if cached and cache[1] is not None:
             history = cache[1]
         else:
-            history = mx.zeros((x.shape[0], keep, x.shape[-1]), x.dtype)
+            history = mx.zeros((x.shape[0], carry, x.shape[-1]), x.dtype)
         window = mx.concatenate([history, x], axis=1)
-        if cached:
-            cache[1] = _last_inputs(window, keep, cache.lengths)
-        return _causal_conv_silu(window, self.conv1d.weight, self.conv1d.bias)
+        out = _causal_conv_silu(window, self.conv1d.weight, self.conv1d.bias)
+        if not cached:
+            return out, [[] for _ in range(keep + 1)]
+        length = x.shape[1]
+        # Before the first token, what the cache held (None in a fresh one).
+        before = [
+            [cache[1]] if t == 0 else [window[:, t : t + carry]]
+            for t in range(length - keep, length)
+        ]
+        return out, before + [[_last_inputs(window, carry, cache.lengths)]]
 
     def __call__(
-        self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[ArraysCache] = None
+        self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
     ) -> mx.array:
         batch, length, _ = u.shape
         z, x, router_logits, update_logits, merge_logits = mx.split(
             self.in_proj(u), self.splits, axis=-1
         )
-        x = self._conv(x, cache, mask)
+        keep = cache.snapshots_for(length) if cache is not None else 0
+        x, carried = self._conv(x, cache, mask, keep)
         heads = self.num_heads
-        state = cache[0] if cache is not None else None
-        out, state = fm_mix(
+        out, states = fm_mix_keeping(
             x.reshape(batch, length, heads, self.head_dim),
             router_logits.reshape(batch, length, heads, self.num_slots),
             update_logits,
@@ -111,11 +121,12 @@ class FactorizationMemory(nn.Module):
             self.mu_bias,
             top_k=self.top_k,
             temperature=self.temperature,
-            state=state,
+            state=cache[0] if cache is not None else None,
             mask=mask,
+            keep=keep,
         )
         if cache is not None:
-            cache[0] = state
+            cache.record([[state, *conv] for state, conv in zip(states, carried)], length)
             cache.advance(length)
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
         return self.out_proj(self.norm(_gate(out, z)))
@@ -167,7 +178,7 @@ class Block(nn.Module):
             self.mlp = MLP(args)
 
     def __call__(
-        self, h: mx.array, mask: Optional[mx.array] = None, cache: Optional[ArraysCache] = None
+        self, h: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
     ) -> mx.array:
         h = h + self.mixer(self.norm(h), mask, cache)
         if "mlp" in self:
@@ -185,7 +196,7 @@ class Backbone(nn.Module):
     def __call__(
         self,
         inputs: mx.array,
-        cache: Optional[list[ArraysCache]] = None,
+        cache: Optional[list[FMCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         h = self.embeddings(inputs) if input_embeddings is None else input_embeddings
@@ -209,7 +220,7 @@ class Model(nn.Module):
     def __call__(
         self,
         inputs: mx.array,
-        cache: Optional[list[ArraysCache]] = None,
+        cache: Optional[list[FMCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         h = self.backbone(inputs, cache, input_embeddings)
@@ -221,9 +232,10 @@ class Model(nn.Module):
     def layers(self) -> list[Block]:
         return self.backbone.layers
 
-    def make_cache(self) -> list[ArraysCache]:
+    def make_cache(self, max_undo: int = DEFAULT_MAX_UNDO) -> list[FMCache]:
+        """One `FMCache` per layer, rewindable by up to `max_undo` tokens."""
         size = 2 if self.args.conv_kernel > 1 else 1
-        return [ArraysCache(size=size) for _ in self.layers]
+        return [FMCache(size, max_undo=max_undo) for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Accept SPEC's PyTorch layout (conv1d weight E×1×K); idempotent."""

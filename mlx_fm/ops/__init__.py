@@ -19,7 +19,16 @@ from .metal import FMKernels
 from .recurrent import fm_recurrent, fm_step
 from .router import gates, merge, prepare, route
 
-__all__ = ["fm_mix", "fm_chunked", "fm_recurrent", "fm_step", "route", "gates", "FMKernels"]
+__all__ = [
+    "fm_mix",
+    "fm_mix_keeping",
+    "fm_chunked",
+    "fm_recurrent",
+    "fm_step",
+    "route",
+    "gates",
+    "FMKernels",
+]
 
 
 def fm_mix(
@@ -83,3 +92,56 @@ def fm_mix(
     else:
         read, state = fm_chunked(x, slot_weights, eta, state)
     return merge(read, x, mu), state
+
+
+def fm_mix_keeping(
+    x: mx.array,
+    router_logits: mx.array,
+    update_logits: mx.array,
+    merge_logits: mx.array,
+    eta_bias: mx.array,
+    mu_bias: mx.array,
+    *,
+    top_k: int,
+    temperature: float,
+    state: mx.array | None = None,
+    mask: mx.array | None = None,
+    keep: int = 0,
+) -> tuple[mx.array, list[mx.array | None]]:
+    """`fm_mix`, also returning the states before each of the last `keep` tokens: the output
+    and keep + 1 states, the last the final state (the first is `state` when keep is T).
+
+    The last `keep` tokens are mixed one at a time, as decoding mixes them: so their states
+    come for free, and a forward that verifies draft tokens computes exactly what decoding
+    them one by one would.
+    """
+    head = x.shape[1] - keep
+    per_token = (x, router_logits, update_logits, merge_logits, mask)
+
+    def mix(part: slice, state: mx.array | None) -> tuple[mx.array, mx.array]:
+        x, router_logits, update_logits, merge_logits, mask = (
+            None if a is None else a[:, part] for a in per_token
+        )
+        return fm_mix(
+            x,
+            router_logits,
+            update_logits,
+            merge_logits,
+            eta_bias,
+            mu_bias,
+            top_k=top_k,
+            temperature=temperature,
+            state=state,
+            mask=mask,
+        )
+
+    outs, states = [], []
+    if head > 0:
+        out, state = mix(slice(0, head), state)
+        outs.append(out)
+    for t in range(head, head + keep):
+        states.append(state)
+        out, state = mix(slice(t, t + 1), state)
+        outs.append(out)
+    states.append(state)
+    return (mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), states

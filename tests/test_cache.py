@@ -1,0 +1,181 @@
+"""FMCache: rewinding by up to max_undo tokens restores the exact cache of then."""
+
+from mlx_fm.cache import DEFAULT_MAX_UNDO, FMCache
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import (
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+from conftest import relative_error, tiny_model
+
+
+def tokens(length, seed=1):
+    mx.random.seed(seed)
+    return mx.random.randint(0, 257, (1, length))
+
+
+def contents(cache):
+    return [[None if a is None else mx.array(a) for a in c.cache] for c in cache]
+
+
+def assert_same_contents(cache, expected):
+    for layer, want in zip(cache, expected):
+        for got, array in zip(layer.cache, want):
+            assert (got is None) == (array is None)
+            if array is not None:
+                assert mx.array_equal(got, array)
+
+
+def assert_close_contents(cache, expected):
+    """Equal up to rounding (a different batch or chunking rounds differently)."""
+    for got, want in zip(cache, expected):
+        assert all(relative_error(a, b) < 1e-5 for a, b in zip(got.cache, want.cache))
+
+
+def run(model, prompt, chunks, cache):
+    """Feed `prompt` to `model` in forwards of `chunks` tokens; the cache contents after each."""
+    after, start = [], 0
+    for size in chunks:
+        model(prompt[:, start : start + size], cache=cache)
+        start += size
+        after.append((start, contents(cache)))
+    return after
+
+
+CONVS = [{}, {"conv_kernel": 1}, {"conv_kernel": 0}]
+CHUNKS = [[20, 1, 1, 1, 5], [3, 4], [1] * 7, [40], [2, 17]]
+
+
+@pytest.mark.parametrize("overrides", CONVS)
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_trim_restores_the_exact_cache_of_n_tokens_ago(overrides, chunks):
+    model = tiny_model(**overrides)
+    prompt = tokens(sum(chunks))
+    total = sum(chunks)
+    ends = [(0, contents(make_prompt_cache(model)))] + run(
+        model, prompt, chunks, make_prompt_cache(model)
+    )
+    reachable = [(end, snapshot) for end, snapshot in ends if total - end <= DEFAULT_MAX_UNDO]
+    for end, snapshot in reachable:
+        cache = make_prompt_cache(model)
+        run(model, prompt, chunks, cache)
+        assert trim_prompt_cache(cache, total - end) == total - end
+        assert_same_contents(cache, snapshot)
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_trim_within_a_forward_equals_a_forward_of_the_shorter_prompt(chunks):
+    model = tiny_model()
+    prompt = tokens(sum(chunks))
+    total = sum(chunks)
+    for n in range(1, min(total - 1, DEFAULT_MAX_UNDO) + 1):
+        cache, shorter = make_prompt_cache(model), make_prompt_cache(model)
+        run(model, prompt, chunks, cache)
+        cache_n = trim_prompt_cache(cache, n)
+        model(prompt[:, : total - n], cache=shorter)
+        assert cache_n == n
+        assert_close_contents(cache, shorter)
+
+
+def test_decoding_after_a_trim_equals_decoding_without_the_trimmed_tokens():
+    model = tiny_model()
+    prompt, detour = tokens(30), tokens(6, seed=2)
+    straight = make_prompt_cache(model)
+    model(prompt, cache=straight)
+    expected = model(prompt[:, -3:], cache=straight)
+
+    rewound = make_prompt_cache(model)
+    model(prompt, cache=rewound)
+    model(detour, cache=rewound)
+    trim_prompt_cache(rewound, 6)
+    assert mx.array_equal(model(prompt[:, -3:], cache=rewound), expected)
+
+
+def test_trimming_beyond_the_snapshots_says_how_far_it_can_go():
+    model = tiny_model()
+    cache = model.make_cache(max_undo=4)
+    model(tokens(10), cache=cache)
+    assert [c.trimmable_tokens for c in cache] == [4, 4]
+    with pytest.raises(ValueError, match="at most 4 tokens"):
+        cache[0].trim(5)
+    assert cache[0].trim(4) == 4
+    with pytest.raises(ValueError, match="at most 0 tokens"):
+        cache[0].trim(1)
+
+
+def test_is_trimmable_is_false_only_for_a_cache_that_keeps_no_snapshots():
+    model = tiny_model()
+    assert can_trim_prompt_cache(make_prompt_cache(model))
+    assert not can_trim_prompt_cache(model.make_cache(max_undo=0))
+    cache = make_prompt_cache(model)
+    model(tokens(5), cache=cache)
+    extracted = [c.extract(0) for c in cache]
+    assert not can_trim_prompt_cache(extracted)
+
+
+def test_snapshots_cost_memory_bounded_by_max_undo():
+    model = tiny_model()
+    cache = model.make_cache(max_undo=3)
+    model(tokens(4), cache=cache)
+    size = sum(c.nbytes for c in cache)
+    model(tokens(50), cache=cache)
+    for _ in range(5):
+        model(tokens(1), cache=cache)
+    assert sum(c.nbytes for c in cache) == size
+    assert cache[0].trimmable_tokens == 3
+
+
+def test_save_and_load_keep_the_snapshots(tmp_path):
+    model = tiny_model()
+    prompt = tokens(12)
+    cache = model.make_cache(max_undo=5)
+    model(prompt, cache=cache)
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    assert all(isinstance(c, FMCache) and c.max_undo == 5 for c in loaded)
+    for c in (cache, loaded):
+        trim_prompt_cache(c, 5)
+    assert_same_contents(loaded, contents(cache))
+    assert mx.array_equal(model(prompt[:, :2], cache=loaded), model(prompt[:, :2], cache=cache))
+
+
+def test_a_fresh_cache_saves_and_loads(tmp_path):
+    cache = tiny_model().make_cache()
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    assert all(c.empty() and c.trimmable_tokens == 0 for c in loaded)
+
+
+def test_filter_keeps_the_snapshots_of_the_kept_rows():
+    model = tiny_model()
+    mx.random.seed(3)
+    batch = mx.random.randint(0, 257, (3, 9))
+    cache = make_prompt_cache(model)
+    model(batch, cache=cache)
+    alone = make_prompt_cache(model)
+    model(batch[2:], cache=alone)
+    for c in cache:
+        c.filter(mx.array([2]))
+    trim_prompt_cache(cache, 4)
+    trim_prompt_cache(alone, 4)
+    assert_close_contents(cache, alone)
+
+
+def test_merge_and_extend_batch_caches_without_snapshots():
+    model = tiny_model()
+    first, second = make_prompt_cache(model), make_prompt_cache(model)
+    model(tokens(5), cache=first)
+    model(tokens(7, seed=4), cache=second)
+    merged = [FMCache.merge([a, b]) for a, b in zip(first, second)]
+    assert merged[0].batch_size == 2 and merged[0].trimmable_tokens == 0
+    for a, b in zip(first, second):
+        a.extend(b)
+    assert first[0].batch_size == 2 and first[0].trimmable_tokens == 0
+    for got, want in zip(merged, first):
+        assert all(mx.array_equal(x, y) for x, y in zip(got.cache, want.cache))
