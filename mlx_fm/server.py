@@ -31,6 +31,7 @@ from .cli import (
     positive_probability,
     probability,
 )
+from .layout import MODEL_TYPE, read_config
 from .tokenizer import with_plain_chat_template
 from .utils import resolve_model_path
 
@@ -178,6 +179,15 @@ def _split_segments(
     return segments, segment_types
 
 
+def load_draft(path_or_hf_repo: str):
+    """(model, tokenizer) of a draft model: FM through `mlx_fm.load`, any other mlx-lm
+    architecture through mlx-lm's `load` (without running code from the checkpoint)."""
+    path = resolve_model_path(path_or_hf_repo)
+    if read_config(path).get("model_type") == MODEL_TYPE:
+        return load(path)
+    return mlx_lm_load(str(path))
+
+
 class FMModelProvider(ModelProvider):
     """mlx-lm's model provider, loading with `mlx_fm.load` (FM checkpoints only, one-line
     errors, the plain chat template when the tokenizer has none)."""
@@ -189,7 +199,7 @@ class FMModelProvider(ModelProvider):
         )
         draft_model = None
         if draft_model_path is not None:
-            draft_model, draft_tokenizer = mlx_lm_load(str(resolve_model_path(draft_model_path)))
+            draft_model, draft_tokenizer = load_draft(draft_model_path)
             if draft_tokenizer.vocab_size != tokenizer.vocab_size:
                 raise ValueError(
                     f"the draft model's vocabulary ({draft_tokenizer.vocab_size} tokens) is not "

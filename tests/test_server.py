@@ -20,7 +20,7 @@ from mlx_fm.utils import DEFAULT_MODEL_PATH
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import ArraysCache
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 HOST = "127.0.0.1"
 MAX_REQUEST_BYTES = 64 * 1024
@@ -309,6 +309,17 @@ def test_the_bundled_model_is_served_when_model_is_omitted():
     with running_server() as port:
         assert model_ids(port) == [str(DEFAULT_MODEL_PATH.resolve())]
         assert complete(port, "It is a truth", 4)["usage"]["completion_tokens"] == 4
+
+
+def test_a_draft_model_gives_the_same_greedy_answers(tiny_model_dir, reference):
+    tokenizer, greedy = reference
+    if not make_prompt_cache(load(tiny_model_dir)[0])[0].is_trimmable():
+        pytest.skip("speculative decoding needs a trimmable FM cache")
+    model = str(tiny_model_dir)
+    with running_server("--model", model, "--draft-model", model) as port:
+        for prompt in ("Once upon a time", "The end. " * 10):
+            answer = tokens_of(complete(port, prompt, 10))
+            assert answer == greedy(text_prompt(tokenizer, prompt), 10)
 
 
 def fm_cache(value: float) -> list[ArraysCache]:
