@@ -550,19 +550,6 @@ def test_unsupported_launches_are_rejected():
         run(kernel, [x], (4, 1, 1), (4, 1, 1), output, template=[("N", 1.5)])
 
 
-def test_threads_that_never_meet_are_reported_as_a_deadlock():
-    source = """
-        if (thread_index_in_simdgroup < 16) {
-          threadgroup_barrier(mem_flags::mem_threadgroup);
-        } else {
-          out[0] = simd_sum(1.0f);
-        }
-    """
-    kernel = metal_kernel("diverged", [], ["out"], source)
-    with pytest.raises(RuntimeError, match="deadlock"):
-        run(kernel, [], (32, 1, 1), (32, 1, 1), [((1,), mx.float32)])
-
-
 def test_compile_errors_carry_the_compiler_message():
     kernel = metal_kernel("broken", [], ["out"], "out[0] = undefined_name;")
     with pytest.raises(MetalKernelCompileError, match="undefined_name"):

@@ -14,11 +14,10 @@
 #include <limits>
 #include <type_traits>
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
-#if !defined(__x86_64__)
 #include <ucontext.h>
-#endif
 
 namespace metal {
 
@@ -90,7 +89,13 @@ struct small_float {
   template <class OtherFormat>
   small_float(small_float<OtherFormat> other) : small_float(float(other)) {}
 
+  // From `constant` buffers, which the emulator makes volatile; a template,
+  // so that the type stays trivially copyable.
+  template <class F = Format>
+  small_float(const volatile small_float<F>& other) : bits(other.bits) {}
+
   operator float() const { return Format::to_float(bits); }
+  operator float() const volatile { return Format::to_float(bits); }
 
   small_float& operator++() { return *this = float(*this) + 1.0f; }
   small_float& operator--() { return *this = float(*this) - 1.0f; }
@@ -376,7 +381,6 @@ MLX_FM_UNARY_MATH(atan, std::atan(x))
 MLX_FM_UNARY_MATH(sinh, std::sinh(x))
 MLX_FM_UNARY_MATH(cosh, std::cosh(x))
 MLX_FM_UNARY_MATH(tanh, std::tanh(x))
-MLX_FM_UNARY_MATH(erf, std::erf(x))
 MLX_FM_UNARY_MATH(floor, std::floor(x))
 MLX_FM_UNARY_MATH(ceil, std::ceil(x))
 MLX_FM_UNARY_MATH(round, std::round(x))
@@ -433,15 +437,23 @@ MLX_FM_TERNARY_MATH(mix, x + (y - x) * z)
 
 // max, min, abs and clamp also take integers; like Metal's per-type
 // overloads, max(float, int) is ambiguous rather than silently converted.
+// For floating types Metal's max and min are fmax and fmin: a NaN argument
+// yields the other one.
 #define MLX_FM_ORDERED_FUNCTIONS(T)                                        \
   inline T max(T a, T b) { return a < b ? b : a; }                         \
   inline T min(T a, T b) { return b < a ? b : a; }                         \
   inline T clamp(T x, T low, T high) { return min(max(x, low), high); }    \
   inline T abs(T x) { return x < T(0) ? T(-x) : x; }
+#define MLX_FM_FLOAT_ORDERED_FUNCTIONS(T)                                  \
+  inline T max(T a, T b) { return T(std::fmax(float(a), float(b))); }      \
+  inline T min(T a, T b) { return T(std::fmin(float(a), float(b))); }      \
+  inline T clamp(T x, T low, T high) { return min(max(x, low), high); }    \
+  inline T abs(T x) { return T(std::fabs(float(x))); }
 
-MLX_FM_ORDERED_FUNCTIONS(float)
-MLX_FM_ORDERED_FUNCTIONS(half)
-MLX_FM_ORDERED_FUNCTIONS(bfloat)
+MLX_FM_FLOAT_ORDERED_FUNCTIONS(float)
+MLX_FM_FLOAT_ORDERED_FUNCTIONS(half)
+MLX_FM_FLOAT_ORDERED_FUNCTIONS(bfloat)
+#undef MLX_FM_FLOAT_ORDERED_FUNCTIONS
 MLX_FM_ORDERED_FUNCTIONS(char)
 MLX_FM_ORDERED_FUNCTIONS(short)
 MLX_FM_ORDERED_FUNCTIONS(int)
@@ -493,9 +505,14 @@ inline uint popcount(uint x) { return uint(__builtin_popcount(x)); }
 inline uint clz(uint x) { return x == 0 ? 32u : uint(__builtin_clz(x)); }
 inline uint ctz(uint x) { return x == 0 ? 32u : uint(__builtin_ctz(x)); }
 
-// MLX's helper (mlx/backend/metal/kernels/utils.h) for strided inputs.
+// MLX's helpers (mlx/backend/metal/kernels/utils.h). `constant` buffers are
+// volatile in the emulator (see metal_kernel.py), so shapes and strides are
+// taken as volatile pointers.
+template <class T, class U>
+inline T ceildiv(T n, U d) { return (n + d - 1) / d; }
+
 template <class IdxT = int64_t>
-IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides, int ndim) {
+IdxT elem_to_loc(IdxT elem, const volatile int* shape, const volatile int64_t* strides, int ndim) {
   IdxT location = 0;
   for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
     location += IdxT(elem % shape[i]) * IdxT(strides[i]);
@@ -508,9 +525,28 @@ IdxT elem_to_loc(IdxT elem, const int* shape, const int64_t* strides, int ndim) 
 
 // ---------------------------------------------------------------------------
 // Execution model: one cooperative fiber per GPU thread of a threadgroup.
-// Fibers switch only at barriers and SIMD-group collectives, which makes
-// threadgroup memory (function-static storage, see metal_kernel.py) shared by
-// exactly the threads of the threadgroup being run.
+// Fibers switch only at barriers and SIMD-group functions. A scheduler runs
+// every ready fiber in the launch's schedule order until it blocks; when all
+// are blocked it first completes the pending SIMD-group functions (the lanes
+// waiting at the same call site form the active lanes), and else releases the
+// barrier, after checking Metal's rules for it. Threadgroup memory (static
+// storage in its own section, see metal_kernel.py) is poisoned before each
+// threadgroup. Errors abandon the launch with a message naming the rule and
+// the kernel source line.
+
+#if !defined(__clang__)
+// What GCC's __builtin_source_location points to (C++17 lacks the header).
+namespace std {
+struct source_location {
+  struct __impl {
+    const char* _M_file_name;
+    const char* _M_function_name;
+    unsigned _M_line;
+    unsigned _M_column;
+  };
+};
+}  // namespace std
+#endif
 
 namespace mlx_fm_emulator {
 
@@ -518,6 +554,35 @@ constexpr int simd_width = 32;
 constexpr int max_threads_per_threadgroup = 1024;
 constexpr size_t simd_slot_bytes = 32;
 constexpr size_t fiber_stack_bytes = 256 * 1024;
+constexpr size_t signal_stack_bytes = 64 * 1024;
+constexpr size_t threadgroup_memory_limit = 32 * 1024;
+
+// A call site in the kernel source, found through default arguments.
+struct Site {
+  const char* file;
+  int line;
+  int column;
+#if defined(__clang__)
+  Site(const char* file = __builtin_FILE(), int line = __builtin_LINE(), int column = __builtin_COLUMN())
+      : file(file), line(line), column(column) {}
+#else
+  // GCC has no __builtin_COLUMN; its source-location builtin fills this.
+  struct Location {
+    const char* file;
+    const char* function;
+    unsigned line;
+    unsigned column;
+  };
+  Site(const void* location = __builtin_source_location())
+      : file(static_cast<const Location*>(location)->file),
+        line(int(static_cast<const Location*>(location)->line)),
+        column(int(static_cast<const Location*>(location)->column)) {}
+#endif
+  Site(const char* file, int line, int column) : file(file), line(line), column(column) {}
+  bool operator==(const Site& other) const {
+    return line == other.line && column == other.column && std::strcmp(file, other.file) == 0;
+  }
+};
 
 struct ThreadAttributes {
   metal::uint3 thread_position_in_grid;
@@ -619,29 +684,36 @@ inline void prepare_fiber(FiberContext& context, char* stack_base, size_t stack_
 
 // --- threadgroup state -----------------------------------------------------
 
-struct SimdGroup {
-  alignas(16) unsigned char slots[2][simd_width][simd_slot_bytes];
-  uint32_t participants[2];  // lanes that took part in the exchange using slots[i]
-  uint32_t live_lanes;       // lanes that have not returned from the kernel
-  uint32_t arrived_lanes;
-  uint32_t generation;
-};
+enum class Wait : uint8_t { ready, barrier, simd, finished };
 
 struct Fiber {
   FiberContext context;
   ThreadAttributes attributes;
-  const uint32_t* wait_counter;  // blocked while *wait_counter == wait_value
-  uint32_t wait_value;
-  bool finished;
+  Wait wait;
+  Site site{"", 0, 0};           // of the barrier or SIMD-group function it waits at
+  bool fences_threadgroup;    // its barrier orders threadgroup memory
+  uint8_t slot_parity;        // the SimdGroup slots holding its pending value
+};
+
+struct SimdGroup {
+  alignas(16) unsigned char slots[2][simd_width][simd_slot_bytes];
+  uint32_t participants[simd_width];  // per lane: the lanes of its last exchange
+  uint8_t parity;                     // slots that the next exchange writes
 };
 
 struct Threadgroup {
   int thread_count;
-  int live_threads;
-  int barrier_arrivals;
-  uint32_t barrier_generation;
+  int finished_threads;
   SimdGroup simdgroups[max_threads_per_threadgroup / simd_width];
   Fiber fibers[max_threads_per_threadgroup];
+  int order[max_threads_per_threadgroup];
+};
+
+// What a failed launch reports besides its message; read by metal_kernel.py.
+struct Fault {
+  uint64_t address;
+  uint64_t is_write;
+  uint64_t happened;
 };
 
 struct Runtime {
@@ -652,6 +724,13 @@ struct Runtime {
   void* kernel = nullptr;
   char* stacks = nullptr;
   size_t stack_count = 0;
+  char* signal_stack = nullptr;
+  int schedule = 0;  // 0: index order, 1: reverse order, >= 2: random, seeded by it
+  uint64_t random_state = 1;
+  bool failed = false;
+  char* error = nullptr;
+  size_t error_size = 0;
+  Fault* fault = nullptr;
 };
 
 inline Runtime& runtime() {
@@ -665,32 +744,46 @@ inline SimdGroup& current_simdgroup() {
   return runtime().threadgroup.simdgroups[current_fiber().attributes.simdgroup_index_in_threadgroup];
 }
 
-inline void wait_while_unchanged(const uint32_t* counter, uint32_t value) {
+// Threadgroup variables live in this section (see metal_kernel.py).
+extern "C" char __start_mlx_fm_threadgroup[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_mlx_fm_threadgroup[] __attribute__((weak, visibility("hidden")));
+
+inline size_t threadgroup_memory_bytes() {
+  return size_t(__stop_mlx_fm_threadgroup - __start_mlx_fm_threadgroup);
+}
+
+template <class... Arguments>
+void report(const char* format, Arguments... arguments) {
   Runtime& state = runtime();
-  state.current_fiber->wait_counter = counter;
-  state.current_fiber->wait_value = value;
+  if (!state.failed) std::snprintf(state.error, state.error_size, format, arguments...);
+  state.failed = true;
+}
+
+inline void yield_to_scheduler() {
+  Runtime& state = runtime();
   switch_fiber(state.current_fiber->context, state.scheduler_context);
 }
 
-inline void release_simdgroup(SimdGroup& group) {
-  group.participants[group.generation & 1] = group.arrived_lanes;
-  group.arrived_lanes = 0;
-  ++group.generation;
+// Ends the launch from inside a thread: the scheduler sees `failed`.
+template <class... Arguments>
+[[noreturn]] void fail_thread(const char* format, Arguments... arguments) {
+  report(format, arguments...);
+  yield_to_scheduler();
+  __builtin_unreachable();
 }
 
-inline void release_barrier(Threadgroup& group) {
-  group.barrier_arrivals = 0;
-  ++group.barrier_generation;
-}
+#define MLX_FM_THREAD_FORMAT "thread (%u, %u, %u) of threadgroup (%u, %u, %u)"
+#define MLX_FM_THREAD_ARGUMENTS(a)                                                             \
+  (a).thread_position_in_threadgroup.x, (a).thread_position_in_threadgroup.y,                  \
+      (a).thread_position_in_threadgroup.z, (a).threadgroup_position_in_grid.x,                \
+      (a).threadgroup_position_in_grid.y, (a).threadgroup_position_in_grid.z
 
-inline void threadgroup_barrier() {
-  Threadgroup& group = runtime().threadgroup;
-  uint32_t generation = group.barrier_generation;
-  if (++group.barrier_arrivals == group.live_threads) {
-    release_barrier(group);
-  } else {
-    wait_while_unchanged(&group.barrier_generation, generation);
-  }
+inline void threadgroup_barrier(bool fences_threadgroup, Site site) {
+  Fiber& fiber = current_fiber();
+  fiber.wait = Wait::barrier;
+  fiber.site = site;
+  fiber.fences_threadgroup = fences_threadgroup;
+  yield_to_scheduler();
 }
 
 // The values every participating lane of the SIMD-group passed to one
@@ -705,33 +798,30 @@ struct SimdValues {
   uint32_t first_lane() const { return uint32_t(__builtin_ctz(participants)); }
 };
 
-// Slots are double-buffered by generation: a lane that has read exchange g
-// may write exchange g + 1 while slower lanes still read exchange g, but it
-// cannot reach g + 2 before all of them have arrived at g + 1.
+// The lanes that wait at the same call site when the exchange completes are
+// its active lanes (lanes elsewhere are inactive, as in divergent code).
 template <class T>
-SimdValues<T> simd_exchange(T value) {
+SimdValues<T> simd_exchange(T value, Site site) {
   static_assert(sizeof(T) <= simd_slot_bytes, "SIMD-group function argument is too large");
+  Fiber& fiber = current_fiber();
   SimdGroup& group = current_simdgroup();
-  uint32_t lane = current_fiber().attributes.thread_index_in_simdgroup;
-  uint32_t generation = group.generation;
-  unsigned char (*slots)[simd_slot_bytes] = group.slots[generation & 1];
-  std::memcpy(slots[lane], &value, sizeof(T));
-  group.arrived_lanes |= 1u << lane;
-  if (group.arrived_lanes == group.live_lanes) {
-    release_simdgroup(group);
-  } else {
-    wait_while_unchanged(&group.generation, generation);
-  }
+  uint32_t lane = fiber.attributes.thread_index_in_simdgroup;
+  uint8_t parity = group.parity;
+  std::memcpy(group.slots[parity][lane], &value, sizeof(T));
+  fiber.wait = Wait::simd;
+  fiber.site = site;
+  fiber.slot_parity = parity;
+  yield_to_scheduler();
   SimdValues<T> exchanged;
-  exchanged.participants = group.participants[generation & 1];
+  exchanged.participants = group.participants[lane];
   exchanged.lane = lane;
   for (int i = 0; i < simd_width; ++i) {
-    if (exchanged.participates(i)) std::memcpy(&exchanged.values[i], slots[i], sizeof(T));
+    if (exchanged.participates(i)) std::memcpy(&exchanged.values[i], group.slots[parity][i], sizeof(T));
   }
   return exchanged;
 }
 
-inline void simdgroup_barrier() { simd_exchange<char>(0); }
+inline void simdgroup_barrier(Site site) { simd_exchange<char>(0, site); }
 
 // Reduces lanes [first, first + width) pairwise (lane pairs at distance 1,
 // then 2, 4, ...), the ascending butterfly Apple GPUs use for simd_sum, so
@@ -758,9 +848,207 @@ T prefix_reduce(const SimdValues<T>& exchanged, uint32_t begin, uint32_t end, T 
   return accumulated;
 }
 
+// --- faults --------------------------------------------------------------------
+
+// -fsanitize=bounds calls this for an out-of-bounds index into an array
+// (private or threadgroup); the layout is GCC's and Clang's UBSan ABI.
+namespace ubsan {
+struct SourceLocation {
+  const char* file;
+  uint32_t line;
+  uint32_t column;
+};
+struct TypeDescriptor {
+  uint16_t kind;
+  uint16_t info;
+  char name[1];
+};
+struct OutOfBoundsData {
+  SourceLocation location;
+  const TypeDescriptor* array_type;
+  const TypeDescriptor* index_type;
+};
+
+inline long long index_value(const TypeDescriptor* type, uintptr_t value) {
+  unsigned bits = 1u << (type->info >> 1);
+  bool is_signed = type->info & 1;
+  if (is_signed && bits < 64) return (long long)(int64_t(value << (64 - bits)) >> (64 - bits));
+  return (long long)value;
+}
+}  // namespace ubsan
+
+inline void on_memory_fault(int signal, siginfo_t* info, void* context) {
+  Runtime& state = runtime();
+  if (!state.current_fiber) {
+    // A fault outside kernel code is the emulator's own: crash as usual.
+    ::signal(signal, SIG_DFL);
+    return;
+  }
+  state.fault->address = uintptr_t(info->si_addr);
+#if defined(__x86_64__)
+  state.fault->is_write = (static_cast<ucontext_t*>(context)->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#endif
+  state.fault->happened = 1;
+  const ThreadAttributes& a = state.current_fiber->attributes;
+  fail_thread("invalid memory access at address %p by " MLX_FM_THREAD_FORMAT, info->si_addr,
+              MLX_FM_THREAD_ARGUMENTS(a));
+}
+
+// Catches faults in kernel code for the duration of a launch.
+struct FaultHandlers {
+  struct sigaction previous_segv, previous_bus;
+  stack_t previous_stack;
+
+  FaultHandlers() {
+    Runtime& state = runtime();
+    if (!state.signal_stack) {
+      state.signal_stack = static_cast<char*>(mmap(nullptr, signal_stack_bytes, PROT_READ | PROT_WRITE,
+                                                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    }
+    stack_t stack{};
+    stack.ss_sp = state.signal_stack;
+    stack.ss_size = signal_stack_bytes;
+    sigaltstack(&stack, &previous_stack);
+    struct sigaction action {};
+    action.sa_sigaction = &on_memory_fault;
+    action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv);
+    sigaction(SIGBUS, &action, &previous_bus);
+  }
+  ~FaultHandlers() {
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+    sigaltstack(&previous_stack, nullptr);
+  }
+};
+
+// --- scheduling ------------------------------------------------------------------
+
+inline uint64_t next_random(uint64_t& state) {  // xorshift64
+  state ^= state << 13;
+  state ^= state >> 7;
+  state ^= state << 17;
+  return state;
+}
+
+template <class T>
+void shuffle(T* items, size_t count, uint64_t& random_state) {
+  for (size_t i = count; i > 1; --i) {
+    size_t j = size_t(next_random(random_state) % i);
+    T swapped = items[i - 1];
+    items[i - 1] = items[j];
+    items[j] = swapped;
+  }
+}
+
+// Fills `order` with 0..count-1 in the schedule's order.
+template <class T>
+void schedule_order(T* order, size_t count) {
+  Runtime& state = runtime();
+  for (size_t i = 0; i < count; ++i) order[i] = T(state.schedule == 1 ? count - 1 - i : i);
+  if (state.schedule >= 2) shuffle(order, count, state.random_state);
+}
+
+// Completes the SIMD-group functions the lanes of one SIMD group wait at.
+inline bool resolve_simd_functions(Threadgroup& group, int first, int lanes) {
+  Fiber* fibers = group.fibers + first;
+  SimdGroup& simd = group.simdgroups[first / simd_width];
+  uint32_t pending = 0;
+  for (int lane = 0; lane < lanes; ++lane) {
+    if (fibers[lane].wait == Wait::simd) pending |= 1u << lane;
+  }
+  for (uint32_t left = pending; left;) {
+    int lane = __builtin_ctz(left);
+    uint32_t same_site = 0;
+    for (uint32_t other = left; other; other &= other - 1) {
+      int candidate = __builtin_ctz(other);
+      if (fibers[candidate].site == fibers[lane].site) same_site |= 1u << candidate;
+    }
+    for (uint32_t member = same_site; member; member &= member - 1) {
+      simd.participants[__builtin_ctz(member)] = same_site;
+    }
+    left &= ~same_site;
+  }
+  for (uint32_t member = pending; member; member &= member - 1) {
+    fibers[__builtin_ctz(member)].wait = Wait::ready;
+  }
+  if (pending) simd.parity ^= 1;
+  return pending != 0;
+}
+
+// Runs one SIMD group until each of its lanes waits at a barrier or has
+// returned: SIMD groups progress independently between barriers.
+inline bool run_simdgroup(Threadgroup& group, int first, int lanes) {
+  Runtime& state = runtime();
+  int order[simd_width];
+  do {
+    schedule_order(order, size_t(lanes));
+    for (int k = 0; k < lanes; ++k) {
+      Fiber& fiber = group.fibers[first + order[k]];
+      if (fiber.wait != Wait::ready) continue;
+      state.current_fiber = &fiber;
+      switch_fiber(state.scheduler_context, fiber.context);
+      state.current_fiber = nullptr;
+      if (state.failed) return false;
+    }
+  } while (resolve_simd_functions(group, first, lanes));
+  return true;
+}
+
+// Metal requires every thread of a threadgroup to reach each barrier call,
+// the same number of times.
+inline bool release_barrier(Threadgroup& group) {
+  const Fiber* first = nullptr;
+  for (int i = 0; i < group.thread_count && !first; ++i) {
+    if (group.fibers[i].wait == Wait::barrier) first = &group.fibers[i];
+  }
+  const ThreadAttributes& a = first->attributes;
+  if (group.finished_threads > 0) {
+    report("threadgroup_barrier at %s:%d is reached by %d threads of threadgroup (%u, %u, %u) while %d "
+           "returned without reaching it (every thread of a threadgroup must reach each barrier)",
+           first->site.file, first->site.line, group.thread_count - group.finished_threads,
+           a.threadgroup_position_in_grid.x, a.threadgroup_position_in_grid.y,
+           a.threadgroup_position_in_grid.z, group.finished_threads);
+    return false;
+  }
+  for (int i = 0; i < group.thread_count; ++i) {
+    const Fiber& fiber = group.fibers[i];
+    if (!(fiber.site == first->site)) {
+      report("divergent threadgroup_barrier: " MLX_FM_THREAD_FORMAT " waits at %s:%d, thread index %d at "
+             "%s:%d (all threads of a threadgroup must reach the same barrier the same number of times)",
+             MLX_FM_THREAD_ARGUMENTS(a), first->site.file, first->site.line, i, fiber.site.file,
+             fiber.site.line);
+      return false;
+    }
+    if (!fiber.fences_threadgroup && threadgroup_memory_bytes() > 0) {
+      report("threadgroup_barrier at %s:%d without mem_flags::mem_threadgroup in a kernel with threadgroup "
+             "memory: it does not make threadgroup memory writes visible to the other threads",
+             fiber.site.file, fiber.site.line);
+      return false;
+    }
+  }
+  for (int i = 0; i < group.thread_count; ++i) group.fibers[i].wait = Wait::ready;
+  return true;
+}
+
+inline bool run_threadgroup(Threadgroup& group) {
+  int simdgroup_count = (group.thread_count + simd_width - 1) / simd_width;
+  while (group.finished_threads < group.thread_count) {
+    schedule_order(group.order, size_t(simdgroup_count));
+    for (int k = 0; k < simdgroup_count; ++k) {
+      int first = group.order[k] * simd_width;
+      int lanes = group.thread_count - first < simd_width ? group.thread_count - first : simd_width;
+      if (!run_simdgroup(group, first, lanes)) return false;
+    }
+    if (group.finished_threads < group.thread_count && !release_barrier(group)) return false;
+  }
+  return true;
+}
+
 // --- dispatch ----------------------------------------------------------------
 
-inline bool reserve_stacks(size_t count, char* error, size_t error_size) {
+inline bool reserve_stacks(size_t count) {
   Runtime& state = runtime();
   if (state.stack_count >= count) return true;
   if (state.stacks) munmap(state.stacks, state.stack_count * fiber_stack_bytes);
@@ -768,7 +1056,7 @@ inline bool reserve_stacks(size_t count, char* error, size_t error_size) {
   void* memory = mmap(nullptr, count * fiber_stack_bytes, PROT_READ | PROT_WRITE,
                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (memory == MAP_FAILED) {
-    std::snprintf(error, error_size, "could not map %zu fiber stacks", count);
+    report("could not map %zu fiber stacks", count);
     return false;
   }
   state.stacks = static_cast<char*>(memory);
@@ -786,84 +1074,44 @@ extern "C" __attribute__((used, visibility("hidden"))) void mlx_fm_fiber_main() 
   Runtime& state = runtime();
   Fiber& fiber = *state.current_fiber;
   state.invoke(state.kernel, fiber.attributes);
-  fiber.finished = true;
-  // A returned thread no longer counts towards barriers and collectives;
-  // its departure may complete one that the others are waiting in.
-  Threadgroup& group = state.threadgroup;
-  if (--group.live_threads > 0 && group.barrier_arrivals == group.live_threads) {
-    release_barrier(group);
-  }
-  SimdGroup& simd = group.simdgroups[fiber.attributes.simdgroup_index_in_threadgroup];
-  simd.live_lanes &= ~(1u << fiber.attributes.thread_index_in_simdgroup);
-  if (simd.arrived_lanes != 0 && simd.arrived_lanes == simd.live_lanes) release_simdgroup(simd);
+  fiber.wait = Wait::finished;
+  ++state.threadgroup.finished_threads;
   switch_fiber(fiber.context, state.scheduler_context);
-}
-
-inline bool run_fibers(Threadgroup& group, char* error, size_t error_size) {
-  Runtime& state = runtime();
-  int remaining = group.thread_count;
-  while (remaining > 0) {
-    bool progressed = false;
-    for (int i = 0; i < group.thread_count; ++i) {
-      Fiber& fiber = group.fibers[i];
-      if (fiber.finished || (fiber.wait_counter && *fiber.wait_counter == fiber.wait_value)) continue;
-      fiber.wait_counter = nullptr;
-      state.current_fiber = &fiber;
-      switch_fiber(state.scheduler_context, fiber.context);
-      progressed = true;
-      remaining -= fiber.finished;
-    }
-    if (!progressed) {
-      std::snprintf(error, error_size,
-                    "deadlock in threadgroup (%u, %u, %u): %d threads wait at barriers or SIMD-group "
-                    "functions that the other threads of their threadgroup or SIMD-group never reach",
-                    group.fibers[0].attributes.threadgroup_position_in_grid.x,
-                    group.fibers[0].attributes.threadgroup_position_in_grid.y,
-                    group.fibers[0].attributes.threadgroup_position_in_grid.z, remaining);
-      return false;
-    }
-  }
-  return true;
 }
 
 inline void start_threadgroup(Threadgroup& group, int thread_count) {
   Runtime& state = runtime();
   group.thread_count = thread_count;
-  group.live_threads = thread_count;
-  group.barrier_arrivals = 0;
-  group.barrier_generation = 0;
-  int simdgroup_count = (thread_count + simd_width - 1) / simd_width;
-  for (int s = 0; s < simdgroup_count; ++s) {
-    SimdGroup& simd = group.simdgroups[s];
-    int lanes = thread_count - s * simd_width < simd_width ? thread_count - s * simd_width : simd_width;
-    simd.live_lanes = lanes == simd_width ? ~0u : (1u << lanes) - 1u;
-    simd.arrived_lanes = 0;
-    simd.generation = 0;
-  }
+  group.finished_threads = 0;
+  for (int s = 0; s < (thread_count + simd_width - 1) / simd_width; ++s) group.simdgroups[s].parity = 0;
   for (int i = 0; i < thread_count; ++i) {
     Fiber& fiber = group.fibers[i];
-    fiber.wait_counter = nullptr;
-    fiber.finished = false;
+    fiber.wait = Wait::ready;
     prepare_fiber(fiber.context, state.stacks + i * fiber_stack_bytes, fiber_stack_bytes);
   }
+  // Poisoned: NaN for floating types, all ones for integers.
+  std::memset(__start_mlx_fm_threadgroup, 0xFF, threadgroup_memory_bytes());
 }
 
 inline uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 
 // Runs the grid as Metal's dispatchThreads does: `grid` counts threads and
 // threadgroups at the upper edges are cut to the grid (their
-// threads_per_threadgroup is the smaller, actual size).
-inline int dispatch(const uint32_t* grid, const uint32_t* threadgroup_size, bool uses_synchronization,
-                    KernelInvoker invoke, void* kernel, char* error, size_t error_size) {
+// threads_per_threadgroup is the smaller, actual size). Threadgroups run one
+// at a time, in the schedule's order.
+inline bool dispatch(const uint32_t* grid, const uint32_t* threadgroup_size) {
   Runtime& state = runtime();
-  state.invoke = invoke;
-  state.kernel = kernel;
+  if (threadgroup_memory_bytes() > threadgroup_memory_limit) {
+    report("the kernel declares %zu bytes of threadgroup memory; Metal allows %zu",
+           threadgroup_memory_bytes(), threadgroup_memory_limit);
+    return false;
+  }
   metal::uint3 grid_size(grid[0], grid[1], grid[2]);
   metal::uint3 dispatch_size(threadgroup_size[0], threadgroup_size[1], threadgroup_size[2]);
   metal::uint3 group_count(ceil_div(grid[0], threadgroup_size[0]), ceil_div(grid[1], threadgroup_size[1]),
                            ceil_div(grid[2], threadgroup_size[2]));
   uint32_t dispatch_threads = dispatch_size.x * dispatch_size.y * dispatch_size.z;
-  if (uses_synchronization && !reserve_stacks(dispatch_threads, error, error_size)) return 1;
+  if (!reserve_stacks(dispatch_threads)) return false;
 
   ThreadAttributes a{};
   a.threads_per_grid = grid_size;
@@ -874,40 +1122,64 @@ inline int dispatch(const uint32_t* grid, const uint32_t* threadgroup_size, bool
   a.threads_per_simdgroup = simd_width;
   a.grid_origin = metal::uint3(0u);
   Threadgroup& group = state.threadgroup;
-  for (uint32_t gz = 0; gz < group_count.z; ++gz) {
-    for (uint32_t gy = 0; gy < group_count.y; ++gy) {
-      for (uint32_t gx = 0; gx < group_count.x; ++gx) {
-        metal::uint3 origin(gx * dispatch_size.x, gy * dispatch_size.y, gz * dispatch_size.z);
-        metal::uint3 size = metal::min(dispatch_size, grid_size - origin);
-        uint32_t thread_count = size.x * size.y * size.z;
-        a.threadgroup_position_in_grid = metal::uint3(gx, gy, gz);
-        a.threads_per_threadgroup = size;
-        a.simdgroups_per_threadgroup = ceil_div(thread_count, simd_width);
-        a.quadgroups_per_threadgroup = ceil_div(thread_count, 4);
-        if (uses_synchronization) start_threadgroup(group, int(thread_count));
-        for (uint32_t index = 0; index < thread_count; ++index) {
-          metal::uint3 local(index % size.x, (index / size.x) % size.y, index / (size.x * size.y));
-          a.thread_position_in_threadgroup = local;
-          a.thread_position_in_grid = origin + local;
-          a.thread_index_in_threadgroup = index;
-          a.thread_index_in_simdgroup = index % simd_width;
-          a.simdgroup_index_in_threadgroup = index / simd_width;
-          a.thread_index_in_quadgroup = index % 4;
-          a.quadgroup_index_in_threadgroup = index / 4;
-          if (uses_synchronization) {
-            group.fibers[index].attributes = a;
-          } else {
-            invoke(kernel, a);
-          }
-        }
-        if (uses_synchronization && !run_fibers(group, error, error_size)) return 1;
-      }
+  size_t total_groups = size_t(group_count.x) * group_count.y * group_count.z;
+  uint32_t* group_order = new uint32_t[total_groups];
+  schedule_order(group_order, total_groups);
+  bool succeeded = true;
+  for (size_t k = 0; k < total_groups && succeeded; ++k) {
+    uint32_t linear = group_order[k];
+    uint32_t gx = linear % group_count.x, gy = (linear / group_count.x) % group_count.y,
+             gz = linear / (group_count.x * group_count.y);
+    metal::uint3 origin(gx * dispatch_size.x, gy * dispatch_size.y, gz * dispatch_size.z);
+    metal::uint3 size = metal::min(dispatch_size, grid_size - origin);
+    uint32_t thread_count = size.x * size.y * size.z;
+    a.threadgroup_position_in_grid = metal::uint3(gx, gy, gz);
+    a.threads_per_threadgroup = size;
+    a.simdgroups_per_threadgroup = ceil_div(thread_count, simd_width);
+    a.quadgroups_per_threadgroup = ceil_div(thread_count, 4);
+    start_threadgroup(group, int(thread_count));
+    for (uint32_t index = 0; index < thread_count; ++index) {
+      metal::uint3 local(index % size.x, (index / size.x) % size.y, index / (size.x * size.y));
+      a.thread_position_in_threadgroup = local;
+      a.thread_position_in_grid = origin + local;
+      a.thread_index_in_threadgroup = index;
+      a.thread_index_in_simdgroup = index % simd_width;
+      a.simdgroup_index_in_threadgroup = index / simd_width;
+      a.thread_index_in_quadgroup = index % 4;
+      a.quadgroup_index_in_threadgroup = index / 4;
+      group.fibers[index].attributes = a;
     }
+    succeeded = run_threadgroup(group);
   }
-  return 0;
+  delete[] group_order;
+  return succeeded;
+}
+
+inline int launch(const uint32_t* grid, const uint32_t* threadgroup_size, int schedule, KernelInvoker invoke,
+                  void* kernel, char* error, size_t error_size, Fault* fault) {
+  Runtime& state = runtime();
+  state.invoke = invoke;
+  state.kernel = kernel;
+  state.schedule = schedule;
+  state.random_state = 0x9E3779B97F4A7C15ull * uint64_t(schedule + 1);
+  state.failed = false;
+  state.error = error;
+  state.error_size = error_size;
+  state.fault = fault;
+  FaultHandlers handlers;
+  return dispatch(grid, threadgroup_size) ? 0 : 1;
 }
 
 }  // namespace mlx_fm_emulator
+
+extern "C" __attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds(
+    mlx_fm_emulator::ubsan::OutOfBoundsData* data, uintptr_t index) {
+  const mlx_fm_emulator::ThreadAttributes& a = mlx_fm_emulator::current_fiber().attributes;
+  mlx_fm_emulator::fail_thread("index %lld out of bounds for type %s at %s:%u by " MLX_FM_THREAD_FORMAT,
+                               mlx_fm_emulator::ubsan::index_value(data->index_type, index),
+                               data->array_type->name, data->location.file, data->location.line,
+                               MLX_FM_THREAD_ARGUMENTS(a));
+}
 
 // ---------------------------------------------------------------------------
 // Synchronization, SIMD-group functions and atomics as kernels see them.
@@ -923,10 +1195,16 @@ enum class mem_flags : uint32_t {
 };
 inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(uint32_t(a) | uint32_t(b)); }
 
-// Memory is shared and threads switch only at these calls, so synchronizing
-// execution also orders all memory accesses, whatever the flags.
-inline void threadgroup_barrier(mem_flags) { mlx_fm_emulator::threadgroup_barrier(); }
-inline void simdgroup_barrier(mem_flags) { mlx_fm_emulator::simdgroup_barrier(); }
+using mlx_fm_emulator::Site;
+
+// Threads switch only at these calls, so memory is always ordered across
+// them; a barrier without mem_threadgroup is refused in a kernel with
+// threadgroup memory instead (see release_barrier).
+inline void threadgroup_barrier(mem_flags flags, Site site = Site()) {
+  bool fences_threadgroup = (uint32_t(flags) & uint32_t(mem_flags::mem_threadgroup)) != 0;
+  mlx_fm_emulator::threadgroup_barrier(fences_threadgroup, site);
+}
+inline void simdgroup_barrier(mem_flags, Site site = Site()) { mlx_fm_emulator::simdgroup_barrier(site); }
 
 namespace simd_detail {
 using mlx_fm_emulator::simd_exchange;
@@ -944,22 +1222,41 @@ uint32_t group_base(const SimdValues<T>& exchanged, uint32_t width) {
   return exchanged.lane & ~(width - 1u);
 }
 
+template <class T>
+struct scalar_of {
+  using type = T;
+};
+template <class T, int N>
+struct scalar_of<vec<T, N>> {
+  using type = T;
+};
+
+// Metal's SIMD-group reductions and scans take 8-, 16- and 32-bit types only.
+template <class T>
+constexpr void check_reduction_type() {
+  static_assert(sizeof(typename scalar_of<T>::type) <= 4 && !std::is_same_v<typename scalar_of<T>::type, double>,
+                "Metal SIMD-group reductions take 8-, 16- or 32-bit types (no long, ulong or double)");
+}
+
 template <class T, class Op>
-T group_reduce(T value, uint32_t width, T identity, Op op) {
-  SimdValues<T> exchanged = simd_exchange(value);
+T group_reduce(T value, uint32_t width, T identity, Op op, Site site) {
+  check_reduction_type<T>();
+  SimdValues<T> exchanged = simd_exchange(value, site);
   return mlx_fm_emulator::tree_reduce(exchanged, group_base(exchanged, width), width, identity, op);
 }
 
 // For max, min, and, or: absent lanes may repeat any present value.
 template <class T, class Op>
-T group_reduce_idempotent(T value, uint32_t width, Op op) {
-  SimdValues<T> exchanged = simd_exchange(value);
+T group_reduce_idempotent(T value, uint32_t width, Op op, Site site) {
+  check_reduction_type<T>();
+  SimdValues<T> exchanged = simd_exchange(value, site);
   return mlx_fm_emulator::tree_reduce(exchanged, group_base(exchanged, width), width, value, op);
 }
 
 template <class T, class Op>
-T group_prefix(T value, uint32_t width, uint32_t inclusive, T identity, Op op) {
-  SimdValues<T> exchanged = simd_exchange(value);
+T group_prefix(T value, uint32_t width, uint32_t inclusive, T identity, Op op, Site site) {
+  check_reduction_type<T>();
+  SimdValues<T> exchanged = simd_exchange(value, site);
   return mlx_fm_emulator::prefix_reduce(exchanged, group_base(exchanged, width), exchanged.lane + inclusive,
                                         identity, op);
 }
@@ -976,73 +1273,73 @@ inline const auto bit_xor = [](auto a, auto b) { return a ^ b; };
 }  // namespace simd_detail
 
 #define MLX_FM_GROUP_FUNCTIONS(prefix, width)                                                 \
-  template <class T> T prefix##_sum(T x) {                                                    \
-    return simd_detail::group_reduce(x, width, T(0), simd_detail::add);                       \
+  template <class T> T prefix##_sum(T x, Site site = Site()) {                                                    \
+    return simd_detail::group_reduce(x, width, T(0), simd_detail::add, site);                       \
   }                                                                                           \
-  template <class T> T prefix##_product(T x) {                                                \
-    return simd_detail::group_reduce(x, width, T(1), simd_detail::multiply);                  \
+  template <class T> T prefix##_product(T x, Site site = Site()) {                                                \
+    return simd_detail::group_reduce(x, width, T(1), simd_detail::multiply, site);                  \
   }                                                                                           \
-  template <class T> T prefix##_max(T x) {                                                    \
-    return simd_detail::group_reduce_idempotent(x, width, simd_detail::maximum);              \
+  template <class T> T prefix##_max(T x, Site site = Site()) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::maximum, site);              \
   }                                                                                           \
-  template <class T> T prefix##_min(T x) {                                                    \
-    return simd_detail::group_reduce_idempotent(x, width, simd_detail::minimum);              \
+  template <class T> T prefix##_min(T x, Site site = Site()) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::minimum, site);              \
   }                                                                                           \
-  template <class T> T prefix##_and(T x) {                                                    \
-    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_and);              \
+  template <class T> T prefix##_and(T x, Site site = Site()) {                                                    \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_and, site);              \
   }                                                                                           \
-  template <class T> T prefix##_or(T x) {                                                     \
-    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_or);               \
+  template <class T> T prefix##_or(T x, Site site = Site()) {                                                     \
+    return simd_detail::group_reduce_idempotent(x, width, simd_detail::bit_or, site);               \
   }                                                                                           \
-  template <class T> T prefix##_xor(T x) {                                                    \
-    return simd_detail::group_reduce(x, width, T(0), simd_detail::bit_xor);                   \
+  template <class T> T prefix##_xor(T x, Site site = Site()) {                                                    \
+    return simd_detail::group_reduce(x, width, T(0), simd_detail::bit_xor, site);                   \
   }                                                                                           \
-  template <class T> T prefix##_shuffle(T x, ushort lane) {                                   \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_shuffle(T x, ushort lane, Site site = Site()) {                                   \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + lane % (width)); \
   }                                                                                           \
-  template <class T> T prefix##_broadcast(T x, ushort lane) { return prefix##_shuffle(x, lane); } \
-  template <class T> T prefix##_shuffle_xor(T x, ushort mask) {                               \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_broadcast(T x, ushort lane, Site site = Site()) { return prefix##_shuffle(x, lane, site); } \
+  template <class T> T prefix##_shuffle_xor(T x, ushort mask, Site site = Site()) {                               \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     return simd_detail::value_of_lane(exchanged, exchanged.lane ^ (mask & ((width) - 1u)));   \
   }                                                                                           \
-  template <class T> T prefix##_shuffle_up(T x, ushort delta) {                               \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_shuffle_up(T x, ushort delta, Site site = Site()) {                               \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     if (exchanged.lane % (width) < delta) return x;                                           \
     return simd_detail::value_of_lane(exchanged, exchanged.lane - delta);                     \
   }                                                                                           \
-  template <class T> T prefix##_shuffle_down(T x, ushort delta) {                             \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_shuffle_down(T x, ushort delta, Site site = Site()) {                             \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     if (exchanged.lane % (width) + delta >= (width)) return x;                                \
     return simd_detail::value_of_lane(exchanged, exchanged.lane + delta);                     \
   }                                                                                           \
-  template <class T> T prefix##_shuffle_rotate_up(T x, ushort delta) {                        \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_shuffle_rotate_up(T x, ushort delta, Site site = Site()) {                        \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     uint32_t position = (exchanged.lane + (width) - delta % (width)) % (width);               \
     return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + position); \
   }                                                                                           \
-  template <class T> T prefix##_shuffle_rotate_down(T x, ushort delta) {                      \
-    auto exchanged = simd_detail::simd_exchange(x);                                           \
+  template <class T> T prefix##_shuffle_rotate_down(T x, ushort delta, Site site = Site()) {                      \
+    auto exchanged = simd_detail::simd_exchange(x, site);                                           \
     uint32_t position = (exchanged.lane + delta) % (width);                                   \
     return simd_detail::value_of_lane(exchanged, simd_detail::group_base(exchanged, width) + position); \
   }                                                                                           \
-  template <class T> T prefix##_prefix_inclusive_sum(T x) {                                   \
-    return simd_detail::group_prefix(x, width, 1, T(0), simd_detail::add);                    \
+  template <class T> T prefix##_prefix_inclusive_sum(T x, Site site = Site()) {                                   \
+    return simd_detail::group_prefix(x, width, 1, T(0), simd_detail::add, site);                    \
   }                                                                                           \
-  template <class T> T prefix##_prefix_exclusive_sum(T x) {                                   \
-    return simd_detail::group_prefix(x, width, 0, T(0), simd_detail::add);                    \
+  template <class T> T prefix##_prefix_exclusive_sum(T x, Site site = Site()) {                                   \
+    return simd_detail::group_prefix(x, width, 0, T(0), simd_detail::add, site);                    \
   }                                                                                           \
-  template <class T> T prefix##_prefix_inclusive_product(T x) {                               \
-    return simd_detail::group_prefix(x, width, 1, T(1), simd_detail::multiply);               \
+  template <class T> T prefix##_prefix_inclusive_product(T x, Site site = Site()) {                               \
+    return simd_detail::group_prefix(x, width, 1, T(1), simd_detail::multiply, site);               \
   }                                                                                           \
-  template <class T> T prefix##_prefix_exclusive_product(T x) {                               \
-    return simd_detail::group_prefix(x, width, 0, T(1), simd_detail::multiply);               \
+  template <class T> T prefix##_prefix_exclusive_product(T x, Site site = Site()) {                               \
+    return simd_detail::group_prefix(x, width, 0, T(1), simd_detail::multiply, site);               \
   }                                                                                           \
-  inline bool prefix##_all(bool predicate) {                                                  \
-    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_and);  \
+  inline bool prefix##_all(bool predicate, Site site = Site()) {                                                  \
+    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_and, site);  \
   }                                                                                           \
-  inline bool prefix##_any(bool predicate) {                                                  \
-    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_or);   \
+  inline bool prefix##_any(bool predicate, Site site = Site()) {                                                  \
+    return simd_detail::group_reduce_idempotent(predicate, width, simd_detail::logical_or, site);   \
   }
 
 MLX_FM_GROUP_FUNCTIONS(simd, 32u)
@@ -1050,13 +1347,13 @@ MLX_FM_GROUP_FUNCTIONS(quad, 4u)
 #undef MLX_FM_GROUP_FUNCTIONS
 
 template <class T>
-T simd_broadcast_first(T x) {
-  auto exchanged = simd_detail::simd_exchange(x);
+T simd_broadcast_first(T x, Site site = Site()) {
+  auto exchanged = simd_detail::simd_exchange(x, site);
   return exchanged.values[exchanged.first_lane()];
 }
 
-inline bool simd_is_first() {
-  auto exchanged = simd_detail::simd_exchange(false);
+inline bool simd_is_first(Site site = Site()) {
+  auto exchanged = simd_detail::simd_exchange(false, site);
   return exchanged.lane == exchanged.first_lane();
 }
 
@@ -1067,8 +1364,8 @@ struct simd_vote {
   bool any() const { return mask != 0; }
 };
 
-inline simd_vote simd_ballot(bool predicate) {
-  auto exchanged = simd_detail::simd_exchange(predicate);
+inline simd_vote simd_ballot(bool predicate, Site site = Site()) {
+  auto exchanged = simd_detail::simd_exchange(predicate, site);
   uint64_t mask = 0;
   for (int i = 0; i < simd_detail::simd_width; ++i) {
     if (exchanged.participates(i) && exchanged.values[i]) mask |= uint64_t(1) << i;
@@ -1076,7 +1373,7 @@ inline simd_vote simd_ballot(bool predicate) {
   return simd_vote{mask};
 }
 
-inline simd_vote simd_active_threads_mask() { return simd_ballot(true); }
+inline simd_vote simd_active_threads_mask(Site site = Site()) { return simd_ballot(true, site); }
 
 // Atomics: atomic<T> has the layout of T; operations use the compiler's
 // atomic built-ins (floating-point read-modify-write by compare-exchange).
@@ -1084,6 +1381,9 @@ enum memory_order { memory_order_relaxed, memory_order_seq_cst };
 
 template <class T>
 struct atomic {
+  static_assert(std::is_same_v<T, int> || std::is_same_v<T, uint> || std::is_same_v<T, bool> ||
+                    std::is_same_v<T, float> || std::is_same_v<T, ulong>,
+                "Metal atomics hold int, uint, bool, float or ulong");
   T value;
 };
 using atomic_int = atomic<int>;

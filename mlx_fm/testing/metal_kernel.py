@@ -25,13 +25,16 @@ and the compiler flags; ``$CXX`` names the compiler (default g++).
 
 import ctypes
 import hashlib
+import mmap
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,22 +45,33 @@ __all__ = [
     "MetalKernelEmulator",
     "UnsupportedMetalFeature",
     "MetalKernelCompileError",
+    "MetalLanguageError",
+    "MetalKernelError",
+    "ScheduleDependentResult",
 ]
 
-MAX_THREADS_PER_THREADGROUP = 1024
+# Metal's hard limit; a pipeline's own limit (MLX checks it at launch) is
+# often lower for register-heavy kernels, hence the emulator's default.
+METAL_MAX_THREADS_PER_THREADGROUP = 1024
+DEFAULT_MAX_THREADS_PER_THREADGROUP = 896
+# Launches run under this many schedules (see `metal_kernel`).
+DEFAULT_SCHEDULES = 3
 # MLX passes inputs with fewer elements in the constant address space.
 _MAX_CONSTANT_ARRAY_SIZE = 8
 _COMPAT_HEADER = Path(__file__).with_name("metal_compat.h")
 _COMPILE_FLAGS = (
     "-std=c++17",
     "-O2",
-    "-shared",
     "-fPIC",
     "-fvisibility=hidden",
     # Metal has no double: unsuffixed literals such as 0.5 are float.
     "-fsingle-precision-constant",
     "-fno-math-errno",
-    "-w",
+    # Indexing past the end of a private or threadgroup array is reported
+    # (handler in metal_compat.h); variable-length arrays are not Metal.
+    "-fsanitize=bounds",
+    "-Werror=vla",
+    "-Wno-attributes",  # Metal's [[buffer(i)]] and the like
 )
 
 
@@ -67,6 +81,18 @@ class UnsupportedMetalFeature(ValueError):
 
 class MetalKernelCompileError(RuntimeError):
     """g++ rejected the generated kernel source."""
+
+
+class MetalLanguageError(ValueError):
+    """The kernel uses something the Metal compiler would reject."""
+
+
+class MetalKernelError(RuntimeError):
+    """A launch broke a rule of Metal's execution model, or faulted."""
+
+
+class ScheduleDependentResult(MetalKernelError):
+    """Two schedules of one launch wrote different outputs: a race."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +162,10 @@ _UNSUPPORTED_FEATURES = (
     (re.compile(r"\b(raytracing|intersector|acceleration_structure)\b"), "ray tracing"),
     (re.compile(r"\b\d+(\.\d*)?h\b"), "half literals with the 'h' suffix"),
 )
-_SYNCHRONIZATION = re.compile(r"\b(threadgroup_barrier|simdgroup_barrier|simd_\w+|quad_\w+)\s*\(")
 _METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>\s*$", re.MULTILINE)
 _THREADGROUP_QUALIFIER = re.compile(r"\bthreadgroup\b")
+_CONSTANT_QUALIFIER = re.compile(r"\bconstant\b")
+_THREADGROUP_STORAGE = 'static __attribute__((section("mlx_fm_threadgroup")))'
 _DECLARATOR_END = re.compile(r"[;,=){]")
 _ARRAY_EXTENT = re.compile(r"\[[^\]]*\]")
 
@@ -158,14 +185,30 @@ def metal_kernel(
     ensure_row_contiguous: bool = True,
     atomic_outputs: bool = False,
     compile_options: dict[str, str] | None = None,
+    *,
+    schedules: int = DEFAULT_SCHEDULES,
+    max_threads_per_threadgroup: int = DEFAULT_MAX_THREADS_PER_THREADGROUP,
 ) -> "MetalKernelEmulator":
     """Drop-in for ``mx.fast.metal_kernel`` that runs the kernel on the CPU.
 
     ``compile_options`` is accepted for compatibility; the CPU math is always
-    the precise one.
+    the precise one. Each launch runs under ``schedules`` schedules (thread
+    and threadgroup order: index, reverse, then random) and fails with
+    `ScheduleDependentResult` where their outputs differ (outputs of
+    ``atomic_outputs`` kernels are not compared). Threadgroups larger than
+    ``max_threads_per_threadgroup`` are refused, as a Metal pipeline with
+    that limit would.
     """
     return MetalKernelEmulator(
-        name, input_names, output_names, source, header, ensure_row_contiguous, atomic_outputs
+        name,
+        input_names,
+        output_names,
+        source,
+        header,
+        ensure_row_contiguous,
+        atomic_outputs,
+        schedules=schedules,
+        max_threads_per_threadgroup=max_threads_per_threadgroup,
     )
 
 
@@ -195,10 +238,20 @@ class MetalKernelEmulator:
         header: str,
         ensure_row_contiguous: bool,
         atomic_outputs: bool,
+        *,
+        schedules: int = DEFAULT_SCHEDULES,
+        max_threads_per_threadgroup: int = DEFAULT_MAX_THREADS_PER_THREADGROUP,
     ) -> None:
         if not output_names:
             raise ValueError("[metal_kernel] Must specify at least one output.")
+        if not 1 <= max_threads_per_threadgroup <= METAL_MAX_THREADS_PER_THREADGROUP:
+            raise ValueError(
+                f"max_threads_per_threadgroup must be in 1..{METAL_MAX_THREADS_PER_THREADGROUP}"
+            )
         _reject_unsupported_features(header + source)
+        check_metal_language(name, header, source)
+        self.schedules = max(1, schedules)
+        self.max_threads_per_threadgroup = max_threads_per_threadgroup
         self.name = name
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -207,7 +260,6 @@ class MetalKernelEmulator:
         self.ensure_row_contiguous = ensure_row_contiguous
         self.atomic_outputs = atomic_outputs
         self.attributes = [(attr, kind) for attr, kind in _METAL_ATTRIBUTES if attr in source]
-        self.uses_synchronization = bool(_SYNCHRONIZATION.search(header + source))
 
     def __call__(
         self,
@@ -223,7 +275,9 @@ class MetalKernelEmulator:
         stream: object = None,
     ) -> list[mx.array]:
         self._check_counts(inputs, output_shapes, output_dtypes)
-        grid, threadgroup = _checked_launch_shape(grid, threadgroup)
+        grid, threadgroup = _checked_launch_shape(
+            grid, threadgroup, self.max_threads_per_threadgroup
+        )
         arrays = [_as_mlx_array(x) for x in inputs]
         slots = [self._input_slot(name, x) for name, x in zip(self.input_names, arrays)]
         output_types = [_dtype_info(dtype).metal_type for dtype in output_dtypes]
@@ -234,18 +288,49 @@ class MetalKernelEmulator:
         if verbose:
             print(f"Generated source code for `{self.name}`:\n```\n{kernel_source}\n```")
 
-        launch = _compiled_launcher(
-            self._cpp_source(kernel_name, kernel_source, parameters, template_args)
-        )
-        buffers = [self._input_buffer(x) for x in arrays]
-        outputs = [
-            _output_buffer(shape, dtype, init_value)
-            for shape, dtype in zip(output_shapes, output_dtypes)
+        launch = _compiled_launcher(self._cpp_source(kernel_name, parameters, template_args))
+        buffers = [
+            _GuardedBuffer.holding(name, self._input_buffer(x))
+            for name, x in zip(self.input_names, arrays)
         ]
-        launch(
-            _pointer_table(slots, buffers, outputs), grid, threadgroup, self.uses_synchronization
-        )
-        return [_to_mlx(buffer, dtype) for buffer, dtype in zip(outputs, output_dtypes)]
+        results = []
+        for schedule in range(self.schedules):
+            outputs = [
+                _GuardedBuffer.holding(
+                    name, _output_buffer(shape, dtype, init_value), writable=True
+                )
+                for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes)
+            ]
+            launch(
+                _pointer_table(slots, buffers, outputs),
+                grid,
+                threadgroup,
+                schedule,
+                buffers + outputs,
+                self.name,
+            )
+            for output in outputs:
+                output.check_slack(self.name)
+            results.append([output.array for output in outputs])
+            if not self.atomic_outputs:
+                self._check_same_outputs(results[0], results[-1], schedule)
+        return [_to_mlx(buffer, dtype) for buffer, dtype in zip(results[0], output_dtypes)]
+
+    def _check_same_outputs(
+        self, first: list[np.ndarray], other: list[np.ndarray], schedule: int
+    ) -> None:
+        for name, a, b in zip(self.output_names, first, other):
+            bits = np.dtype(f"u{a.itemsize}")
+            differing = np.flatnonzero(a.reshape(-1).view(bits) != b.reshape(-1).view(bits))
+            if differing.size:
+                index = int(differing[0])
+                raise ScheduleDependentResult(
+                    f"[metal_kernel emulator] {self.name}: output `{name}` depends on the schedule: "
+                    f"element {index} is {a.reshape(-1)[index]!r} in {_schedule_name(0)} and "
+                    f"{b.reshape(-1)[index]!r} in {_schedule_name(schedule)} ({differing.size} "
+                    "elements differ). Threads race: a missing threadgroup_barrier, threadgroups "
+                    "reading each other's writes, or a non-atomic update from several threads."
+                )
 
     def _check_counts(
         self,
@@ -311,11 +396,18 @@ class MetalKernelEmulator:
         kernel_name: str,
         parameters: list["_BufferParameter"],
         template_args: list[TemplateParameter],
+        line_markers: bool = False,
     ) -> str:
-        """The kernel source exactly as MLX generates it for Metal."""
+        """The kernel source exactly as MLX generates it for Metal; with
+        `line_markers`, #line directives make compiler and emulator messages
+        name lines as `NAME:header:LINE` and `NAME:source:LINE`."""
         declarations = [parameter.declaration(index) for index, parameter in enumerate(parameters)]
         declarations += [f"  {kind} {attr} [[{attr}]]" for attr, kind in self.attributes]
-        text = self.header
+
+        def marker(part: str) -> str:
+            return f'#line 1 "{self.name}:{part}"\n' if line_markers else ""
+
+        text = marker("header") + self.header + ("\n" if line_markers else "") + marker("generated")
         if template_args:
             text += (
                 "template <"
@@ -323,7 +415,7 @@ class MetalKernelEmulator:
                 + ">\n"
             )
         text += f"[[kernel]] void {kernel_name}(\n" + ",\n".join(declarations) + ") {\n"
-        text += self.source + "\n}\n"
+        text += marker("source") + self.source + "\n" + marker("generated") + "}\n"
         if template_args:
             instance = kernel_name + _template_list(template_args)
             text += f'\ntemplate [[host_name("{kernel_name}")]] [[kernel]] decltype({instance}) {instance};\n'
@@ -332,7 +424,6 @@ class MetalKernelEmulator:
     def _cpp_source(
         self,
         kernel_name: str,
-        kernel_source: str,
         parameters: list["_BufferParameter"],
         template_args: list[TemplateParameter],
     ) -> str:
@@ -345,6 +436,7 @@ class MetalKernelEmulator:
         arguments += [f"a.{_ATTRIBUTE_ALIASES.get(attr, attr)}" for attr, _ in self.attributes]
         call = kernel_name + (_template_list(template_args) if template_args else "")
         argument_text = ",\n      ".join(arguments)
+        kernel_source = self._metal_source(kernel_name, parameters, template_args, True)
         return f"""#include "metal_compat.h"
 namespace metal::kernel_scope {{
 {_prepare_for_cpp(kernel_source)}
@@ -356,10 +448,10 @@ static void mlx_fm_invoke_kernel(void* context, const mlx_fm_emulator::ThreadAtt
 }}  // namespace metal::kernel_scope
 
 extern "C" __attribute__((visibility("default"))) int mlx_fm_launch(
-    void** buffers, const uint32_t* grid, const uint32_t* group_size, int uses_synchronization,
-    char* error, size_t error_size) {{
-  return mlx_fm_emulator::dispatch(grid, group_size, uses_synchronization != 0,
-                                   &metal::kernel_scope::mlx_fm_invoke_kernel, buffers, error, error_size);
+    void** buffers, const uint32_t* grid, const uint32_t* group_size, int schedule,
+    char* error, size_t error_size, mlx_fm_emulator::Fault* fault) {{
+  return mlx_fm_emulator::launch(grid, group_size, schedule, &metal::kernel_scope::mlx_fm_invoke_kernel,
+                                 buffers, error, error_size, fault);
 }}
 """
 
@@ -389,7 +481,7 @@ def _reject_unsupported_features(code: str) -> None:
 
 
 def _checked_launch_shape(
-    grid: Sequence[int], threadgroup: Sequence[int]
+    grid: Sequence[int], threadgroup: Sequence[int], max_threads: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     for what, dims in (("grid", grid), ("threadgroup", threadgroup)):
         if len(dims) != 3 or any(int(d) < 1 for d in dims):
@@ -397,10 +489,10 @@ def _checked_launch_shape(
                 f"[metal_kernel emulator] {what} must be three positive sizes, got {tuple(dims)}"
             )
     threads = int(np.prod(threadgroup))
-    if threads > MAX_THREADS_PER_THREADGROUP:
+    if threads > max_threads:
         raise UnsupportedMetalFeature(
             f"[metal_kernel emulator] Thread group size ({threads}) is greater than the maximum allowed "
-            f"threads per threadgroup ({MAX_THREADS_PER_THREADGROUP})."
+            f"threads per threadgroup ({max_threads})."
         )
     # As MLX does, a threadgroup larger than the grid shrinks to the grid.
     clamped = tuple(min(int(t), int(g)) for t, g in zip(threadgroup, grid))
@@ -454,22 +546,155 @@ def _kernel_name(
     return kernel_name
 
 
+def _declarator(code: str, qualifier: re.Match[str]) -> tuple[str, str]:
+    """The declarator after a qualifier (array extents removed), and the
+    character that ends it."""
+    rest = code[qualifier.end() :]
+    end = _DECLARATOR_END.search(rest)
+    text = _ARRAY_EXTENT.sub("", rest[: end.start() if end else len(rest)])
+    return text, end.group(0) if end else ""
+
+
+def _is_pointer_or_reference(declarator: str) -> bool:
+    return "*" in declarator or "&" in declarator
+
+
 def _prepare_for_cpp(code: str) -> str:
-    """Turns Metal-only constructs into their emulated C++ form.
+    """Turns Metal-only constructs into their emulated C++ form, line for line.
 
-    Threadgroup variable declarations become function-static storage, which
-    the fibers of the running threadgroup share; `threadgroup` qualifying a
-    pointer or reference is dropped by the header's empty macro.
+    Threadgroup variable declarations become static storage in a section of
+    their own, which the fibers of the running threadgroup share and the
+    runtime poisons and measures. A `constant` pointer or reference becomes
+    `volatile`, so that, as in Metal, it does not convert to a `device` one
+    (other uses of `threadgroup` and `constant` are dropped by the header's
+    empty macros).
     """
+    code = _METAL_INCLUDE.sub(lambda match: "\n" * match.group(0).count("\n"), code)
 
-    def storage_or_pointer(match: re.Match[str]) -> str:
-        rest = code[match.end() :]
-        end = _DECLARATOR_END.search(rest)
-        declarator = _ARRAY_EXTENT.sub("", rest[: end.start() if end else len(rest)])
-        return match.group(0) if "*" in declarator or "&" in declarator else "static"
+    def threadgroup(match: re.Match[str]) -> str:
+        declarator, _ = _declarator(code, match)
+        return match.group(0) if _is_pointer_or_reference(declarator) else _THREADGROUP_STORAGE
 
-    code = _METAL_INCLUDE.sub("", code)
-    return _THREADGROUP_QUALIFIER.sub(storage_or_pointer, code)
+    code = _THREADGROUP_QUALIFIER.sub(threadgroup, code)
+
+    def constant(match: re.Match[str]) -> str:
+        declarator, _ = _declarator(code, match)
+        return "volatile" if _is_pointer_or_reference(declarator) else match.group(0)
+
+    return _CONSTANT_QUALIFIER.sub(constant, code)
+
+
+# --- the Metal language ----------------------------------------------------------
+
+_NOT_METAL = (
+    (re.compile(r"\bstd\s*::"), "the C++ standard library (std::) does not exist in Metal"),
+    (re.compile(r"\bdouble\b"), "Metal has no double"),
+    (
+        re.compile(
+            r"\b(printf|fprintf|sprintf|snprintf|puts|malloc|calloc|realloc|free|abort|exit|assert"
+            r"|memcpy|memset|memmove|strlen|rand|srand)\s*\("
+        ),
+        "C library functions do not exist in Metal",
+    ),
+    (
+        re.compile(r"\b(erfc?|expm1|lgamma|tgamma|cbrt|hypot|remainder|remquo|nan)\s*\("),
+        "not a function of the Metal standard library",
+    ),
+    (
+        re.compile(
+            r"\b(exp|exp2|expm1|log|log2|log10|log1p|pow|sqrt|sin|cos|tan|asin|acos|atan|atan2|sinh"
+            r"|cosh|tanh|floor|ceil|round|trunc|fabs|fmod|fmax|fmin|fma|erf|erfc|lgamma|tgamma|cbrt"
+            r"|hypot|ldexp|frexp|modf|copysign|nearbyint|rint|lround|llround)[fl]\s*\("
+        ),
+        "C's suffixed math functions do not exist in Metal (its functions are overloaded)",
+    ),
+    (
+        re.compile(
+            r"\b(new|delete|throw|try|catch|goto|virtual|dynamic_cast|typeid|thread_local)\b"
+        ),
+        "a C++ feature Metal does not have",
+    ),
+)
+_STATIC_LOCAL = re.compile(r"\bstatic\b(?!\s+(constexpr|constant|inline)\b)")
+_POINTER_DECLARATION = re.compile(
+    r"\b(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|bool"
+    r"|u?int(?:8|16|32|64)_t|float16_t|bfloat16_t)[234]?\s*\*\s*(?:const\s+)?[A-Za-z_]\w*\s*[=;,)\[]"
+)
+_ADDRESS_SPACE = re.compile(r"\b(device|constant|threadgroup|thread|object_data|ray_data)\b")
+_FUNCTION_DEFINITION = re.compile(r"\b([A-Za-z_]\w*)\s*\([^;{}]*\)\s*(?:const\s*)?\{")
+_CONTROL_KEYWORDS = {"if", "for", "while", "switch", "catch", "return", "sizeof", "defined"}
+_COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"', re.DOTALL)
+
+
+def _without_comments(code: str) -> str:
+    """Comments blanked (newlines kept) and string literals emptied."""
+
+    def blank(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return '""' if text.startswith('"') else "\n" * text.count("\n")
+
+    return _COMMENT_OR_STRING.sub(blank, code)
+
+
+def check_metal_language(name: str, header: str, source: str) -> None:
+    """Raises `MetalLanguageError` for constructs the Metal compiler rejects
+    but g++ would accept, naming the kernel, the rule and the line."""
+    for part, code in (("header", header), ("source", source)):
+        code = _without_comments(code)
+        problems = [
+            (match, rule) for pattern, rule in _NOT_METAL for match in pattern.finditer(code)
+        ]
+        problems += _unqualified_pointers(code) + _threadgroup_initializers(code)
+        if part == "source":
+            rule = "static local variables do not exist in Metal"
+            problems += [(match, rule) for match in _STATIC_LOCAL.finditer(code)]
+        else:
+            problems += _recursive_functions(code)
+        if problems:
+            match, rule = min(problems, key=lambda problem: problem[0].start())
+            line = code.count("\n", 0, match.start()) + 1
+            raise MetalLanguageError(
+                f"[metal_kernel emulator] {name}:{part}:{line}: {rule}: `{match.group(0).strip()}`"
+            )
+
+
+def _unqualified_pointers(code: str) -> list[tuple[re.Match[str], str]]:
+    problems = []
+    for match in _POINTER_DECLARATION.finditer(code):
+        statement_start = max(code.rfind(c, 0, match.start()) for c in ";{}(,\n")
+        if not _ADDRESS_SPACE.search(code, statement_start + 1, match.start()):
+            problems.append(
+                (
+                    match,
+                    "a Metal pointer needs an address space (device, constant, threadgroup, thread)",
+                )
+            )
+    return problems
+
+
+def _threadgroup_initializers(code: str) -> list[tuple[re.Match[str], str]]:
+    problems = []
+    for match in _THREADGROUP_QUALIFIER.finditer(code):
+        declarator, end = _declarator(code, match)
+        if not _is_pointer_or_reference(declarator) and end in ("=", "{"):
+            problems.append((match, "threadgroup variables cannot have initializers"))
+    return problems
+
+
+def _recursive_functions(code: str) -> list[tuple[re.Match[str], str]]:
+    problems = []
+    for match in _FUNCTION_DEFINITION.finditer(code):
+        name = match.group(1)
+        if name in _CONTROL_KEYWORDS:
+            continue
+        depth, end = 0, match.end() - 1
+        for end in range(match.end() - 1, len(code)):
+            depth += {"{": 1, "}": -1}.get(code[end], 0)
+            if depth == 0:
+                break
+        if re.search(rf"\b{name}\s*\(", code[match.end() : end]):
+            problems.append((match, f"recursion (`{name}` calls itself) is not allowed in Metal"))
+    return problems
 
 
 def _output_buffer(shape: Sequence[int], dtype: mx.Dtype, init_value: float | None) -> np.ndarray:
@@ -485,8 +710,114 @@ def _output_buffer(shape: Sequence[int], dtype: mx.Dtype, init_value: float | No
     return buffer
 
 
+class _Fault(ctypes.Structure):
+    _fields_ = [
+        ("address", ctypes.c_uint64),
+        ("is_write", ctypes.c_uint64),
+        ("happened", ctypes.c_uint64),
+    ]
+
+
+_PAGE = mmap.PAGESIZE
+_GUARD_BYTES = 64 * 1024  # unmapped on either side of each buffer
+_SLACK_BYTE = 0xA5
+_PROT_NONE = 0
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+@dataclass
+class _GuardedBuffer:
+    """A kernel buffer in its own mapping, between two 64 KB guards (so that
+    accesses up to 64 KB past its end fault), its end at most 15 bytes of
+    slack from the guard after it (writes to the slack are reported after the
+    launch); inputs are read-only."""
+
+    name: str
+    array: np.ndarray
+    writable: bool
+    data_address: int  # the first byte the array spans
+    data_bytes: int
+    mapping_range: tuple[int, int]
+    slack: np.ndarray
+
+    @classmethod
+    def holding(cls, name: str, source: np.ndarray, writable: bool = False) -> "_GuardedBuffer":
+        low, high = _byte_span(source)
+        span = high - low
+        padded = -(-span // 16) * 16
+        data_pages = max(1, -(-padded // _PAGE))
+        mapping = mmap.mmap(-1, data_pages * _PAGE + 2 * _GUARD_BYTES)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        data_offset = _GUARD_BYTES + data_pages * _PAGE - padded
+        ctypes.memmove(base + data_offset, source.ctypes.data + low, span)
+        slack = np.frombuffer(mapping, np.uint8, count=padded - span, offset=data_offset + span)
+        slack[...] = _SLACK_BYTE
+        array = np.ndarray(
+            source.shape,
+            source.dtype,
+            buffer=mapping,
+            offset=data_offset - low,
+            strides=source.strides,
+        )
+        _protect(base, _GUARD_BYTES, _PROT_NONE)
+        _protect(base + _GUARD_BYTES + data_pages * _PAGE, _GUARD_BYTES, _PROT_NONE)
+        if not writable:
+            _protect(base + _GUARD_BYTES, data_pages * _PAGE, mmap.PROT_READ)
+        return cls(
+            name, array, writable, base + data_offset, span, (base, base + len(mapping)), slack
+        )
+
+    def check_slack(self, kernel_name: str) -> None:
+        if np.any(self.slack != _SLACK_BYTE):
+            raise MetalKernelError(
+                f"[metal_kernel emulator] {kernel_name}: wrote past the end of output `{self.name}`"
+            )
+
+    def describe(self, address: int, is_write: bool) -> str | None:
+        """What an access to `address` is, if it falls in this buffer's mapping."""
+        if not self.mapping_range[0] <= address < self.mapping_range[1]:
+            return None
+        access = "write" if is_write else "access"
+        element = (address - self.data_address) // self.array.itemsize
+        where = f"`{self.name}` ({self.array.size} elements, at element {element})"
+        if address >= self.data_address + self.data_bytes:
+            return f"{access} past the end of {where}"
+        if address < self.data_address:
+            return f"{access} before the start of {where}"
+        return f"write to the input {where}"
+
+
+def _protect(address: int, size: int, protection: int) -> None:
+    if _libc.mprotect(address, size, protection) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect failed for an emulated kernel buffer")
+
+
+def _byte_span(array: np.ndarray) -> tuple[int, int]:
+    """Byte offsets, from the array's first element, of the memory it spans."""
+    if array.size == 0:
+        return 0, 0
+    extents = [(n - 1) * stride for n, stride in zip(array.shape, array.strides)]
+    low = sum(extent for extent in extents if extent < 0)
+    return low, sum(extent for extent in extents if extent > 0) + array.itemsize
+
+
+def _describe_fault(fault: _Fault, buffers: list[_GuardedBuffer]) -> str:
+    for buffer in buffers:
+        description = buffer.describe(fault.address, bool(fault.is_write))
+        if description:
+            return description
+    return "outside every buffer (a wild pointer, or an index far out of bounds)"
+
+
+def _schedule_name(schedule: int) -> str:
+    if schedule < 2:
+        return ("index order", "reverse order")[schedule]
+    return f"random order (seed {schedule})"
+
+
 def _pointer_table(
-    slots: list[_InputSlot], buffers: list[np.ndarray], outputs: list[np.ndarray]
+    slots: list[_InputSlot], buffers: list[_GuardedBuffer], outputs: list[_GuardedBuffer]
 ) -> ctypes.Array[ctypes.c_void_p]:
     """The kernel's buffer arguments in signature order, as void pointers.
 
@@ -495,19 +826,20 @@ def _pointer_table(
     pointers = []
     keep_alive = []
     for slot, buffer in zip(slots, buffers):
-        pointers.append(buffer.ctypes.data)
+        array = buffer.array
+        pointers.append(array.ctypes.data)
         extras = []
         if slot.passes_shape:
-            extras.append(np.array(buffer.shape, np.int32))
+            extras.append(np.array(array.shape, np.int32))
         if slot.passes_strides:
-            extras.append(np.array([s // buffer.itemsize for s in buffer.strides], np.int64))
+            extras.append(np.array([s // array.itemsize for s in array.strides], np.int64))
         if slot.passes_ndim:
-            extras.append(np.array(buffer.ndim, np.int32))
+            extras.append(np.array(array.ndim, np.int32))
         keep_alive += extras
         pointers += [extra.ctypes.data for extra in extras]
-    pointers += [output.ctypes.data for output in outputs]
+    pointers += [output.array.ctypes.data for output in outputs]
     table = (ctypes.c_void_p * len(pointers))(*pointers)
-    table.keep_alive = (keep_alive, buffers)
+    table.keep_alive = (keep_alive, buffers, outputs)
     return table
 
 
@@ -521,12 +853,34 @@ def _to_mlx(buffer: np.ndarray, dtype: mx.Dtype) -> mx.array:
 _launchers: dict[str, "_Launcher"] = {}
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+@cache
+def _compiler_identity(compiler: str) -> str:
+    """The compiler's path and version, part of the cache key."""
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        version = "unavailable"
+    return f"{shutil.which(compiler) or compiler}\0{version}"
+
+
 def _compiled_launcher(cpp_source: str) -> "_Launcher":
+    compiler = _compiler()
     key = hashlib.sha256(
-        "\0".join((cpp_source, _COMPAT_HEADER.read_text(), " ".join(_COMPILE_FLAGS))).encode()
+        "\0".join(
+            (
+                cpp_source,
+                _COMPAT_HEADER.read_text(),
+                " ".join(_COMPILE_FLAGS),
+                _compiler_identity(compiler),
+            )
+        ).encode()
     ).hexdigest()[:40]
     if key not in _launchers:
-        library = ctypes.CDLL(str(_shared_library(key, cpp_source)))
+        library = ctypes.CDLL(str(_shared_library(key, cpp_source, compiler)))
         entry = library.mlx_fm_launch
         entry.restype = ctypes.c_int
         entry.argtypes = [
@@ -536,6 +890,7 @@ def _compiled_launcher(cpp_source: str) -> "_Launcher":
             ctypes.c_int,
             ctypes.c_char_p,
             ctypes.c_size_t,
+            ctypes.POINTER(_Fault),
         ]
         _launchers[key] = _Launcher(library, entry)
     return _launchers[key]
@@ -553,20 +908,29 @@ class _Launcher:
         buffer_table: ctypes.Array[ctypes.c_void_p],
         grid: tuple[int, ...],
         threadgroup: tuple[int, ...],
-        uses_synchronization: bool,
+        schedule: int,
+        buffers: list[_GuardedBuffer],
+        kernel_name: str,
     ) -> None:
-        error = ctypes.create_string_buffer(512)
+        error = ctypes.create_string_buffer(1024)
+        fault = _Fault()
         with self.lock:
             status = self.entry(
                 buffer_table,
                 (ctypes.c_uint32 * 3)(*grid),
                 (ctypes.c_uint32 * 3)(*threadgroup),
-                int(uses_synchronization),
+                schedule,
                 error,
                 len(error),
+                ctypes.byref(fault),
             )
         if status != 0:
-            raise RuntimeError(f"[metal_kernel emulator] {error.value.decode()}")
+            message = error.value.decode(errors="replace")
+            if fault.happened:
+                message += ": " + _describe_fault(fault, buffers)
+            raise MetalKernelError(
+                f"[metal_kernel emulator] {kernel_name} ({_schedule_name(schedule)}): {message}"
+            )
 
 
 def _cache_directory() -> Path:
@@ -581,11 +945,13 @@ def _cache_directory() -> Path:
         return directory
 
 
-def _shared_library(key: str, cpp_source: str) -> Path:
+def _shared_library(key: str, cpp_source: str, compiler: str) -> Path:
     """Path of the compiled kernel, building it unless already cached.
 
     Builds go to unique temporary names and are renamed into place, so
     concurrent processes compiling the same kernel never see partial files.
+    The object is linked without the sanitizer runtime: metal_compat.h
+    defines the one handler -fsanitize=bounds calls.
     """
     directory = _cache_directory()
     library = directory / f"{key}.so"
@@ -594,21 +960,25 @@ def _shared_library(key: str, cpp_source: str) -> Path:
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         source_file = Path(scratch) / "kernel.cpp"
         source_file.write_text(cpp_source)
+        built_object = Path(scratch) / "kernel.o"
         built = Path(scratch) / "kernel.so"
-        compiler = os.environ.get("CXX", "g++")
-        command = [
-            compiler,
-            *_COMPILE_FLAGS,
-            f"-I{_COMPAT_HEADER.parent}",
-            str(source_file),
-            "-o",
-            str(built),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise MetalKernelCompileError(
-                f"[metal_kernel emulator] g++ failed to compile the kernel:\n{result.stderr}\n"
-                f"--- generated source ---\n{cpp_source}"
-            )
+        for command in (
+            [
+                compiler,
+                *_COMPILE_FLAGS,
+                f"-I{_COMPAT_HEADER.parent}",
+                "-c",
+                str(source_file),
+                "-o",
+                str(built_object),
+            ],
+            [compiler, "-shared", str(built_object), "-o", str(built)],
+        ):
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise MetalKernelCompileError(
+                    f"[metal_kernel emulator] {compiler} failed to compile the kernel:\n"
+                    f"{result.stderr}\n--- generated source ---\n{cpp_source}"
+                )
         os.replace(built, library)
     return library
