@@ -193,7 +193,8 @@ class FMModelProvider(ModelProvider):
     errors, the plain chat template when the tokenizer has none)."""
 
     def _load(self, model_path, adapter_path=None, draft_model_path=None) -> None:
-        self.reset()
+        # Unlike mlx-lm's, the model served so far stays until the new one has loaded: a
+        # request naming a model that fails to load leaves the server as it was.
         model, tokenizer = load(
             model_path, tokenizer_config=self._tokenizer_config, adapter_path=adapter_path
         )
@@ -264,7 +265,8 @@ class FMAPIHandler(APIHandler):
                     f"{self.max_request_bytes} (--max-request-bytes)",
                 )
             body = self.rfile.read(int(length))
-            if problem := _body_problem(self.path, body):
+            vocab_size = self.response_generator.model_provider.model.args.vocab_size
+            if problem := _body_problem(self.path, body, vocab_size):
                 return self._refuse(400, problem)
             self.rfile = io.BytesIO(body)  # for mlx-lm's handler, which reads it again
         try:
@@ -288,7 +290,7 @@ class FMAPIHandler(APIHandler):
         self.wfile.write(json.dumps(response).encode())
 
 
-def _body_problem(path: str, body: bytes) -> Optional[str]:
+def _body_problem(path: str, body: bytes, vocab_size: int) -> Optional[str]:
     """Why a completion request's body cannot be served, or None."""
     try:
         request = json.loads(body.decode("utf-8"))
@@ -301,6 +303,10 @@ def _body_problem(path: str, body: bytes) -> Optional[str]:
     stop = request.get("stop")
     if not (stop is None or isinstance(stop, str) or _strings(stop)):
         return "stop must be a string or a list of strings"
+    bias = request.get("logit_bias")
+    if not (bias is None or isinstance(bias, dict) and all(_token_id(k, vocab_size) for k in bias)):
+        # An index past the logits would be written out of bounds, killing the server.
+        return f"logit_bias must map token ids (0 to {vocab_size - 1}) to numbers"
     if path == COMPLETION_PATHS[0]:
         prompt = request.get("prompt")
         if not isinstance(prompt, str) or not prompt:
@@ -316,23 +322,26 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
+def _token_id(text: str, vocab_size: int) -> bool:
+    return text.isdigit() and int(text) < vocab_size
+
+
 def _is_message(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("role"), str)
 
 
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def byte_size(text: str) -> int:
     """A number of bytes, with an optional K, M or G (binary units): 512M, 2G."""
-    number, unit = text.strip(), ""
-    if number[-1:].upper() in _SIZE_UNITS:
-        number, unit = number[:-1], number[-1].upper()
+    text = text.strip()
+    scale = _SIZE_UNITS.get(text[-1:].upper())
     try:
-        size = float(number) * _SIZE_UNITS[unit]
+        size = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
         size = -1
-    if not size >= 0:
+    if not 0 <= size < float(1 << 63):
         raise argparse.ArgumentTypeError(f"must be a size in bytes such as 512M, got {text!r}")
     return int(size)
 

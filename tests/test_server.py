@@ -271,6 +271,7 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server, server
         ("/v1/completions", b'{"prompt": ""}', "prompt must be a non-empty string"),
         ("/v1/completions", b'{"prompt": "hi", "stop": 5}', "stop must be"),
         ("/v1/completions", b'{"prompt": "hi", "max_tokens": -3}', "max_tokens"),
+        ("/v1/completions", b'{"prompt": "hi", "logit_bias": {"999999": 1}}', "logit_bias"),
         ("/v1/chat/completions", b'{"messages": []}', "messages must be"),
         ("/v1/chat/completions", b'{"messages": ["hi"]}', "messages must be"),
     ],
@@ -279,6 +280,12 @@ def test_malformed_requests_get_a_clear_400(server, reference, path, body, messa
     status, answer = post(server, path, body)
     assert status == 400
     assert message in answer["error"]
+    assert serves_correctly(server, reference)
+
+
+def test_a_model_that_fails_to_load_leaves_the_served_one(server, reference, tmp_path):
+    status, answer = post(server, "/v1/completions", {"prompt": "hi", "model": str(tmp_path)})
+    assert status == 404 and "config.json" in answer["error"]
     assert serves_correctly(server, reference)
 
 
