@@ -15,8 +15,9 @@ import socket
 from collections import OrderedDict
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
+import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache, make_prompt_cache
 from mlx_lm.server import APIHandler, ModelProvider, ResponseGenerator, get_system_fingerprint
 from mlx_lm.utils import load as mlx_lm_load
@@ -40,23 +41,32 @@ DEFAULT_MAX_REQUEST_BYTES = 16 << 20
 COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions", "/chat/completions")
 
 
-def snapshot(prompt_cache: list) -> list:
+def snapshot(prompt_cache: list, copy_arrays: bool = False) -> list:
     """A copy of each cache that the original's later updates leave unchanged, sharing its
-    arrays: MLX arrays are immutable, and caches update by rebinding them in their lists."""
-    return [_with_containers_copied(cache) for cache in prompt_cache]
+    arrays (MLX arrays are immutable, and caches update by rebinding them in their lists),
+    or with copies of them (`copy_arrays`: a row extracted from a batch is a view that keeps
+    the whole batch's buffer alive)."""
+    copy = mx.array if copy_arrays else _same
+    return [_with_containers_copied(cache, copy) for cache in prompt_cache]
 
 
-def _with_containers_copied(value: Any) -> Any:
+def _same(array: mx.array) -> mx.array:
+    return array
+
+
+def _with_containers_copied(value: Any, copy: Callable[[mx.array], mx.array]) -> Any:
+    if isinstance(value, mx.array):
+        return copy(value)
     if isinstance(value, list):
-        return [_with_containers_copied(item) for item in value]
+        return [_with_containers_copied(item, copy) for item in value]
     if isinstance(value, tuple):
-        return tuple(_with_containers_copied(item) for item in value)
+        return tuple(_with_containers_copied(item, copy) for item in value)
     if isinstance(value, dict):
-        return {key: _with_containers_copied(item) for key, item in value.items()}
+        return {key: _with_containers_copied(item, copy) for key, item in value.items()}
     if isinstance(value, _BaseCache):  # CacheList holds caches
-        copy = value.__class__.__new__(value.__class__)
-        copy.__dict__ = _with_containers_copied(vars(value))
-        return copy
+        cache = value.__class__.__new__(value.__class__)
+        cache.__dict__ = _with_containers_copied(vars(value), copy)
+        return cache
     return value
 
 
@@ -65,6 +75,10 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
         if x != y:
             return position
     return min(len(a), len(b))
+
+
+def _nbytes(prompt_cache: list) -> int:
+    return sum(cache.nbytes for cache in prompt_cache)
 
 
 @dataclass
@@ -146,7 +160,7 @@ class PrefixStateCache:
         key = (model, tuple(tokens))
         if key in self._snapshots:
             self._nbytes -= self._snapshots.pop(key).nbytes
-        entry = _Snapshot(snapshot(prompt_cache), sum(cache.nbytes for cache in prompt_cache))
+        entry = _Snapshot(snapshot(prompt_cache, copy_arrays=True), _nbytes(prompt_cache))
         self._snapshots[key] = entry
         self._nbytes += entry.nbytes
         self.trim_to(n_sequences=self.max_size, n_bytes=self.max_bytes)

@@ -2,6 +2,7 @@
 mlx-lm's generation's, and a request sharing a prefix with an earlier one reuses its state."""
 
 import contextlib
+import gc
 import http.client
 import json
 import socket
@@ -341,6 +342,21 @@ def test_a_snapshot_shares_arrays_and_ignores_later_updates():
     assert copy[0][0] is live[0][0]
     live[0][0] = mx.zeros((1, 2, 4, 8))
     assert copy[0][0].sum().item() == 64
+
+
+def test_a_stored_row_of_a_batch_does_not_keep_the_batch_alive():
+    before = mx.get_active_memory()
+    batch = mx.zeros((16, 512, 1024)) + 1  # 32 MiB; a row is 2 MiB
+    cache = ArraysCache(size=1)
+    cache[0] = batch[3:4]
+    mx.eval(cache[0])
+    stored = PrefixStateCache(max_size=10, max_bytes=1 << 30)
+    stored.insert_cache("m", [1, 2], [cache])
+    mx.eval(stored.fetch_nearest_cache("m", [1, 2, 3])[0][0][0])
+    del batch, cache
+    gc.collect()
+    assert stored.nbytes == 2 << 20
+    assert mx.get_active_memory() - before < 8 << 20
 
 
 def test_prefix_cache_serves_the_longest_prefix_and_evicts_by_bytes():
