@@ -285,8 +285,8 @@ class FMAPIHandler(APIHandler):
             self.rfile = io.BytesIO(body)  # for mlx-lm's handler, which reads it again
         try:
             super().do_POST()
-        except (BrokenPipeError, ConnectionResetError):
-            logging.info("client disconnected during the response")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            logging.info("client disconnected (or stopped reading) during the response")
 
     def log_message(self, format: str, *args) -> None:
         logging.info(f"{self.address_string()} {format % args}")  # under --log-level
