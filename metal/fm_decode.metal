@@ -64,8 +64,9 @@ const float eta = mask[batch]
     : 0.0f;
 const float mu = 1.0f / (1.0f + exp(-(float(merge_logits[head_row]) + float(mu_bias[head]))));
 
-const device float* head_state = state + head_row * M * width;
-device float* head_new_state = new_state + head_row * M * width;
+// `auto`: MLX passes an input of fewer than 8 elements as a `constant` buffer.
+auto head_state = state + ulong(head_row) * M * width;
+device float* head_new_state = new_state + ulong(head_row) * M * width;
 for (uint first_column = 0; first_column < width; first_column += COLUMNS) {
   const uint column = first_column + column_lane;
   float read = 0.0f;

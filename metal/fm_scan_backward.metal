@@ -41,7 +41,7 @@ uint parity = 0;
 float adjoint[SLOTS_PER_LANE];
 for (int j = 0; j < SLOTS_PER_LANE; ++j) {
   const uint i = lane + 32 * j;
-  adjoint[j] = i < M ? d_final_state[(head_row * M + i) * width + column] : 0.0f;
+  adjoint[j] = i < M ? d_final_state[(ulong(head_row) * M + i) * width + column] : 0.0f;
 }
 // history[q] is the state after the chunk's q-th token; history[0] entering it.
 float history[CHUNK + 1][SLOTS_PER_LANE];
@@ -49,13 +49,15 @@ float history[CHUNK + 1][SLOTS_PER_LANE];
 for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
   const uint start = chunk * CHUNK;
   const uint end = min(start + CHUNK, length);
-  const device float* checkpoint = checkpoints + ((head_row * chunks + chunk) * width + column) * M;
+  // `auto`: MLX passes an input of fewer than 8 elements as a `constant` buffer.
+  auto checkpoint = checkpoints + ((ulong(head_row) * chunks + chunk) * width + column) * M;
   for (int j = 0; j < SLOTS_PER_LANE; ++j) {
     const uint i = lane + 32 * j;
     history[0][j] = i < M ? checkpoint[i] : 0.0f;
   }
   for (uint t = start; t < end; ++t) {
-    const uint token = (batch * length + t) * heads + head;
+    // 64-bit: B·T·H·M passes 2^32 from about a million tokens.
+    const ulong token = (ulong(batch) * length + t) * heads + head;
     const float eta_t = eta[token];
     const float value = float(x[token * width + column]);
     for (int j = 0; j < SLOTS_PER_LANE; ++j) {
@@ -67,7 +69,7 @@ for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
 
   for (uint t = end; t-- > start;) {
     const uint q = t - start;
-    const uint token = (batch * length + t) * heads + head;
+    const ulong token = (ulong(batch) * length + t) * heads + head;
     const float eta_t = eta[token];
     const float value = float(x[token * width + column]);
     const float d_read = d_reads[token * width + column];
@@ -114,6 +116,6 @@ for (int chunk = int(chunks) - 1; chunk >= 0; --chunk) {
 for (int j = 0; j < SLOTS_PER_LANE; ++j) {
   const uint i = lane + 32 * j;
   if (i < M) {
-    d_state[(head_row * M + i) * width + column] = adjoint[j];
+    d_state[(ulong(head_row) * M + i) * width + column] = adjoint[j];
   }
 }

@@ -23,12 +23,13 @@ const uint chunks = (length + CHUNK - 1) / CHUNK;
 float slot_state[SLOTS_PER_LANE];
 for (int j = 0; j < SLOTS_PER_LANE; ++j) {
   const uint i = lane + 32 * j;
-  slot_state[j] = i < M ? state[(head_row * M + i) * width + column] : 0.0f;
+  slot_state[j] = i < M ? state[(ulong(head_row) * M + i) * width + column] : 0.0f;
 }
 
 for (uint t = 0; t < length; ++t) {
   if (t % CHUNK == 0) {
-    device float* checkpoint = checkpoints + ((head_row * chunks + t / CHUNK) * width + column) * M;
+    device float* checkpoint =
+        checkpoints + ((ulong(head_row) * chunks + t / CHUNK) * width + column) * M;
     for (int j = 0; j < SLOTS_PER_LANE; ++j) {
       const uint i = lane + 32 * j;
       if (i < M) {
@@ -36,7 +37,8 @@ for (uint t = 0; t < length; ++t) {
       }
     }
   }
-  const uint token = (batch * length + t) * heads + head;
+  // 64-bit: B·T·H·M passes 2^32 from about a million tokens.
+  const ulong token = (ulong(batch) * length + t) * heads + head;
   const float eta_t = eta[token];
   const float value = float(x[token * width + column]);
   float read = 0.0f;
@@ -58,6 +60,6 @@ for (uint t = 0; t < length; ++t) {
 for (int j = 0; j < SLOTS_PER_LANE; ++j) {
   const uint i = lane + 32 * j;
   if (i < M) {
-    final_state[(head_row * M + i) * width + column] = slot_state[j];
+    final_state[(ulong(head_row) * M + i) * width + column] = slot_state[j];
   }
 }

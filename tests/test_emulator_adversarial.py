@@ -34,7 +34,7 @@ class Case:
     threadgroup: int = THREADS
     input_size: int = THREADS
     output_size: int = THREADS
-    options: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # launch options, as init_value or template
 
 
 CASES = [
@@ -119,6 +119,28 @@ CASES = [
         out[i] = total;""",
         "flagged",
         match=r"threadgroup_barrier at .*:source:6",
+    ),
+    Case(
+        "mem_none barrier in a templated kernel",
+        """threadgroup float shared[M];
+        uint i = thread_position_in_grid.x;
+        shared[i] = x[i];
+        threadgroup_barrier(mem_flags::mem_none);
+        out[i] = shared[M - 1 - i];""",
+        "flagged",
+        match=r"without mem_flags::mem_threadgroup",
+        options={"template": [("M", 64)]},
+    ),
+    Case(
+        "64 KB of threadgroup memory in a templated kernel",
+        """threadgroup float big[M];
+        uint i = thread_position_in_grid.x;
+        big[i] = x[i];
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        out[i] = big[i];""",
+        "flagged",
+        match=r"65536 bytes of threadgroup memory; Metal allows 32768",
+        options={"template": [("M", 16384)]},
     ),
     Case(
         "mem_none barrier for a threadgroup exchange",

@@ -85,6 +85,63 @@ def test_decode_matches_ops(emulated, width, slots, top_k):
     assert relative_error(state, expected_state) < FLOAT32_TOLERANCE
 
 
+def test_inputs_under_eight_elements_reach_the_kernels_as_constant_buffers(emulated):
+    """One head of width 1 and 4 slots: the states and checkpoints have fewer
+    than 8 elements, so MLX passes them in the constant address space."""
+    inputs = mix_inputs(1, 1, 1, 1, 4)
+    (out, state), (expected_out, expected_state) = both_mixes(
+        emulated, inputs, top_k=2, temperature=0.7
+    )
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+    assert relative_error(state, expected_state) < FLOAT32_TOLERANCE
+    scan = scan_inputs(1, 1, 1, 1, 4, 2)
+    grads = mx.grad(scan_loss(emulated.scan), argnums=(0, 1, 2, 3))(*scan)
+    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=(0, 1, 2, 3))(*scan)
+    for grad, expected_grad in zip(grads, expected):
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
+
+
+def test_kernels_fit_a_lower_thread_limit():
+    limit = 64
+    kernels = metal.FMKernels(
+        metal_kernel=partial(metal_kernel, max_threads_per_threadgroup=limit),
+        scan_chunk=SCAN_CHUNK,
+        max_threads=limit,
+    )
+    inputs = scan_inputs(1, 5, 1, 20, 12, 3)
+    grads = mx.grad(scan_loss(kernels.scan), argnums=(0, 1, 2, 3))(*inputs)
+    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=(0, 1, 2, 3))(*inputs)
+    for grad, expected_grad in zip(grads, expected):
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
+    (out, _), (expected_out, _) = both_mixes(
+        kernels, mix_inputs(1, 1, 1, 100, 8), top_k=8, temperature=1.0
+    )
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("kernel,slots", [("decode", 3969), ("scan backward", 4096)])
+def test_threadgroup_memory_past_32_kb_is_refused_clearly(emulated, kernel, slots):
+    with pytest.raises(ValueError, match=f"FM {kernel} kernel needs .* Metal allows 32768"):
+        if kernel == "decode":
+            x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state = mix_inputs(
+                1, 1, 1, 64, slots
+            )
+            emulated.decode(
+                x[:, 0],
+                router_logits[:, 0],
+                update_logits[:, 0],
+                merge_logits[:, 0],
+                eta_bias,
+                mu_bias,
+                state,
+                top_k=4,
+                temperature=1.0,
+            )
+        else:
+            x, slot_weights, eta, state = scan_inputs(1, 1, 1, 1, slots, 4)
+            emulated._scan_backward(x, slot_weights, eta, state[:, :, None], x, state)
+
+
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
 def test_decode_half_inputs_match_ops(emulated, dtype):
     inputs = mix_inputs(2, 1, 2, 20, 40, dtype=dtype)

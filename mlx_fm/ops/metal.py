@@ -40,6 +40,12 @@ FORWARD_COLUMNS = 8  # SIMD groups, one per value column, per threadgroup
 BACKWARD_COLUMNS = 16
 # The backward's threadgroup scratch is 2 · columns · m floats: at most 16 KB.
 BACKWARD_SCRATCH_FLOATS = 4096
+THREADGROUP_MEMORY_BYTES = 32 * 1024  # Metal's limit
+# MLX refuses a threadgroup above the pipeline's own limit (1024 at most,
+# lower for register-heavy kernels) when the graph is evaluated, too late to
+# fall back; the kernels stay at or below this many threads, and
+# `FMKernels(max_threads=...)` lowers it.
+MAX_THREADS = 512
 
 
 def use_kernels() -> bool:
@@ -61,10 +67,16 @@ class FMKernels:
     (`mx.fast.metal_kernel` unless given, e.g. the CPU emulator in tests)."""
 
     def __init__(
-        self, metal_kernel: KernelBuilder | None = None, scan_chunk: int = SCAN_CHUNK
+        self,
+        metal_kernel: KernelBuilder | None = None,
+        scan_chunk: int = SCAN_CHUNK,
+        max_threads: int = MAX_THREADS,
     ) -> None:
+        if max_threads < SIMD_WIDTH:
+            raise ValueError(f"max_threads must be at least {SIMD_WIDTH}, got {max_threads}")
         self._metal_kernel = metal_kernel or mx.fast.metal_kernel
         self.scan_chunk = scan_chunk
+        self.max_threads = max_threads
         self._scan_with_checkpoints = self._differentiable_scan()
 
     def _build(self, name: str, input_names: list[str], output_names: list[str]) -> KernelLauncher:
@@ -129,8 +141,10 @@ class FMKernels:
         slots = router_logits.shape[-1]
         if mask is None:
             mask = mx.ones((batch,), mx.bool_)
-        columns = min(width, DECODE_THREADS)
-        row_groups = max(1, min(slots, DECODE_THREADS // columns))
+        threads = min(DECODE_THREADS, self.max_threads)
+        columns = min(width, threads)
+        row_groups = max(1, min(slots, threads // columns))
+        _check_threadgroup_memory("decode", (2 * slots + columns * row_groups) * 4, slots)
         out, new_state = self._decode_kernel(
             inputs=[
                 x,
@@ -207,7 +221,11 @@ class FMKernels:
             inputs=[x, slot_weights, eta, state],
             template=[("M", slots), ("CHUNK", self.scan_chunk)],
             grid=(SIMD_WIDTH, width, batch * heads),
-            threadgroup=(SIMD_WIDTH, min(width, FORWARD_COLUMNS), 1),
+            threadgroup=(
+                SIMD_WIDTH,
+                min(width, FORWARD_COLUMNS, self.max_threads // SIMD_WIDTH),
+                1,
+            ),
             output_shapes=[x.shape, state.shape, (batch, heads, chunks, width, slots)],
             output_dtypes=[mx.float32] * 3,
         )
@@ -223,7 +241,16 @@ class FMKernels:
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         batch, length, heads, width = x.shape
         slots = slot_weights.shape[-1]
-        columns = max(1, min(width, BACKWARD_COLUMNS, BACKWARD_SCRATCH_FLOATS // (2 * slots)))
+        columns = max(
+            1,
+            min(
+                width,
+                BACKWARD_COLUMNS,
+                self.max_threads // SIMD_WIDTH,
+                BACKWARD_SCRATCH_FLOATS // (2 * slots),
+            ),
+        )
+        _check_threadgroup_memory("scan backward", (2 * columns * slots + 2 * columns) * 4, slots)
         blocks = -(-width // columns)
         d_x, d_slot_weights_partial, d_eta_partial, d_state = self._backward_kernel(
             inputs=[x, slot_weights, eta, checkpoints, d_reads, d_final_state],
@@ -239,6 +266,14 @@ class FMKernels:
             output_dtypes=[mx.float32] * 4,
         )
         return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
+
+
+def _check_threadgroup_memory(kernel: str, size: int, slots: int) -> None:
+    if size > THREADGROUP_MEMORY_BYTES:
+        raise ValueError(
+            f"the FM {kernel} kernel needs {size} bytes of threadgroup memory for {slots} slots; "
+            f"Metal allows {THREADGROUP_MEMORY_BYTES} (run with MLX_FM_OPS_ONLY=1 for this model)"
+        )
 
 
 @cache

@@ -530,8 +530,7 @@ IdxT elem_to_loc(IdxT elem, const volatile int* shape, const volatile int64_t* s
 // are blocked it first completes the pending SIMD-group functions (the lanes
 // waiting at the same call site form the active lanes), and else releases the
 // barrier, after checking Metal's rules for it. Threadgroup memory (static
-// storage in its own section, see metal_kernel.py) is poisoned before each
-// threadgroup. Errors abandon the launch with a message naming the rule and
+// storage, see metal_kernel.py) is poisoned for each threadgroup. Errors abandon the launch with a message naming the rule and
 // the kernel source line.
 
 #if !defined(__clang__)
@@ -709,6 +708,15 @@ struct Threadgroup {
   int order[max_threads_per_threadgroup];
 };
 
+// A threadgroup variable (static storage, see metal_kernel.py), poisoned
+// by the first thread of each threadgroup that reaches its declaration.
+struct ThreadgroupVariable {
+  void* address;
+  size_t bytes;
+  uint64_t poisoned_in;
+};
+constexpr int max_threadgroup_variables = 64;
+
 // What a failed launch reports besides its message; read by metal_kernel.py.
 struct Fault {
   uint64_t address;
@@ -731,6 +739,10 @@ struct Runtime {
   char* error = nullptr;
   size_t error_size = 0;
   Fault* fault = nullptr;
+  ThreadgroupVariable threadgroup_variables[max_threadgroup_variables];
+  int threadgroup_variable_count = 0;
+  size_t threadgroup_bytes = 0;
+  uint64_t threadgroup_serial = 0;  // counts the threadgroups started
 };
 
 inline Runtime& runtime() {
@@ -744,19 +756,44 @@ inline SimdGroup& current_simdgroup() {
   return runtime().threadgroup.simdgroups[current_fiber().attributes.simdgroup_index_in_threadgroup];
 }
 
-// Threadgroup variables live in this section (see metal_kernel.py).
-extern "C" char __start_mlx_fm_threadgroup[] __attribute__((weak, visibility("hidden")));
-extern "C" char __stop_mlx_fm_threadgroup[] __attribute__((weak, visibility("hidden")));
-
-inline size_t threadgroup_memory_bytes() {
-  return size_t(__stop_mlx_fm_threadgroup - __start_mlx_fm_threadgroup);
-}
+inline size_t threadgroup_memory_bytes() { return runtime().threadgroup_bytes; }
 
 template <class... Arguments>
 void report(const char* format, Arguments... arguments) {
   Runtime& state = runtime();
   if (!state.failed) std::snprintf(state.error, state.error_size, format, arguments...);
   state.failed = true;
+}
+
+inline void yield_to_scheduler();
+template <class... Arguments>
+[[noreturn]] void fail_thread(const char* format, Arguments... arguments);
+
+// Called where a threadgroup variable is declared: poisons it (NaN for
+// floating types, all ones for integers) once per threadgroup, and keeps the
+// kernel within Metal's threadgroup memory.
+inline void threadgroup_variable(void* address, size_t bytes) {
+  Runtime& state = runtime();
+  ThreadgroupVariable* variable = nullptr;
+  for (int i = 0; i < state.threadgroup_variable_count; ++i) {
+    if (state.threadgroup_variables[i].address == address) variable = &state.threadgroup_variables[i];
+  }
+  if (!variable) {
+    if (state.threadgroup_variable_count == max_threadgroup_variables) {
+      fail_thread("more than %d threadgroup variables", max_threadgroup_variables);
+    }
+    variable = &state.threadgroup_variables[state.threadgroup_variable_count++];
+    *variable = ThreadgroupVariable{address, bytes, 0};
+    state.threadgroup_bytes += bytes;
+  }
+  if (state.threadgroup_bytes > threadgroup_memory_limit) {
+    fail_thread("the kernel declares %zu bytes of threadgroup memory; Metal allows %zu",
+                state.threadgroup_bytes, threadgroup_memory_limit);
+  }
+  if (variable->poisoned_in != state.threadgroup_serial) {
+    std::memset(address, 0xFF, bytes);
+    variable->poisoned_in = state.threadgroup_serial;
+  }
 }
 
 inline void yield_to_scheduler() {
@@ -1089,8 +1126,7 @@ inline void start_threadgroup(Threadgroup& group, int thread_count) {
     fiber.wait = Wait::ready;
     prepare_fiber(fiber.context, state.stacks + i * fiber_stack_bytes, fiber_stack_bytes);
   }
-  // Poisoned: NaN for floating types, all ones for integers.
-  std::memset(__start_mlx_fm_threadgroup, 0xFF, threadgroup_memory_bytes());
+  ++state.threadgroup_serial;
 }
 
 inline uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
@@ -1101,11 +1137,6 @@ inline uint32_t ceil_div(uint32_t a, uint32_t b) { return (a + b - 1) / b; }
 // at a time, in the schedule's order.
 inline bool dispatch(const uint32_t* grid, const uint32_t* threadgroup_size) {
   Runtime& state = runtime();
-  if (threadgroup_memory_bytes() > threadgroup_memory_limit) {
-    report("the kernel declares %zu bytes of threadgroup memory; Metal allows %zu",
-           threadgroup_memory_bytes(), threadgroup_memory_limit);
-    return false;
-  }
   metal::uint3 grid_size(grid[0], grid[1], grid[2]);
   metal::uint3 dispatch_size(threadgroup_size[0], threadgroup_size[1], threadgroup_size[2]);
   metal::uint3 group_count(ceil_div(grid[0], threadgroup_size[0]), ceil_div(grid[1], threadgroup_size[1]),

@@ -165,7 +165,8 @@ _UNSUPPORTED_FEATURES = (
 _METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>\s*$", re.MULTILINE)
 _THREADGROUP_QUALIFIER = re.compile(r"\bthreadgroup\b")
 _CONSTANT_QUALIFIER = re.compile(r"\bconstant\b")
-_THREADGROUP_STORAGE = 'static __attribute__((section("mlx_fm_threadgroup")))'
+_THREADGROUP_DECLARATION = re.compile(r"\bthreadgroup\b([^;]*);")
+_DECLARED_NAME = re.compile(r"([A-Za-z_]\w*)\s*(?:\[|$)")
 _DECLARATOR_END = re.compile(r"[;,=){]")
 _ARRAY_EXTENT = re.compile(r"\[[^\]]*\]")
 
@@ -562,9 +563,10 @@ def _is_pointer_or_reference(declarator: str) -> bool:
 def _prepare_for_cpp(code: str) -> str:
     """Turns Metal-only constructs into their emulated C++ form, line for line.
 
-    Threadgroup variable declarations become static storage in a section of
-    their own, which the fibers of the running threadgroup share and the
-    runtime poisons and measures. A `constant` pointer or reference becomes
+    Threadgroup variable declarations become static storage, which the
+    fibers of the running threadgroup share, followed (on the same line) by a
+    call that lets the runtime poison and measure it. A `constant` pointer or
+    reference becomes
     `volatile`, so that, as in Metal, it does not convert to a `device` one
     (other uses of `threadgroup` and `constant` are dropped by the header's
     empty macros).
@@ -572,10 +574,16 @@ def _prepare_for_cpp(code: str) -> str:
     code = _METAL_INCLUDE.sub(lambda match: "\n" * match.group(0).count("\n"), code)
 
     def threadgroup(match: re.Match[str]) -> str:
-        declarator, _ = _declarator(code, match)
-        return match.group(0) if _is_pointer_or_reference(declarator) else _THREADGROUP_STORAGE
+        declarator = _ARRAY_EXTENT.sub("", match.group(1).split("=")[0])
+        if _is_pointer_or_reference(declarator):
+            return match.group(0)
+        name = _DECLARED_NAME.search(match.group(1).strip()).group(1)
+        return (
+            f"static{match.group(1)}; "
+            f"::mlx_fm_emulator::threadgroup_variable(&{name}, sizeof({name}));"
+        )
 
-    code = _THREADGROUP_QUALIFIER.sub(threadgroup, code)
+    code = _THREADGROUP_DECLARATION.sub(threadgroup, code)
 
     def constant(match: re.Match[str]) -> str:
         declarator, _ = _declarator(code, match)
