@@ -2,25 +2,49 @@
 
 ``metal_kernel`` is a drop-in stand-in for ``mx.fast.metal_kernel``: it builds
 the kernel source the way MLX does (signature, template parameters, shape and
-stride parameters, Metal thread attributes), compiles it as C++ with g++ on top
-of ``metal_compat.h`` and runs it with Metal's execution model: the grid counts
+stride parameters, Metal thread attributes, inputs of fewer than 8 elements
+in the ``constant`` address space), compiles it as C++ with g++ on top of
+``metal_compat.h`` and runs it with Metal's execution model: the grid counts
 threads, edge threadgroups are cut to the grid, the threads of a threadgroup
 run as cooperative fibers that meet at ``threadgroup_barrier`` and at SIMD-group
-functions (width 32), and ``threadgroup`` variables are shared by the threads
-of one threadgroup.
+functions (width 32; the lanes at the same call site are the active lanes),
+and ``threadgroup`` variables are shared by the threads of one threadgroup.
 
-Differences from the GPU: calls run eagerly (not inside ``mx.compile``) on one
-CPU thread, threadgroup after threadgroup; math functions are the correctly
-rounded CPU ones; outputs without ``init_value`` start as NaN (floating types)
-or all-ones bits (integers) so that unwritten elements stand out; a SIMD-group
-function reading a lane that does not take part (past the grid's edge, or
-returned) gets the reader's own value; and an out-of-bounds access may crash
-the process. In an edge threadgroup, ``threads_per_threadgroup`` and the
-thread and SIMD-group indices follow the threadgroup's actual (cut) size.
+What a GPU would punish is reported rather than run by luck:
+- races: every launch runs under several schedules (threads, SIMD groups and
+  threadgroups in index order, in reverse, then in random orders; SIMD groups
+  progress independently between barriers) and `ScheduleDependentResult` is
+  raised where the outputs differ;
+- barrier rules (`MetalKernelError`): every thread of a threadgroup must reach
+  the same barrier call the same number of times, and a barrier without
+  ``mem_threadgroup`` is refused in a kernel with threadgroup memory;
+- memory: device buffers are guarded (accesses up to 64 KB past either end
+  fault, inputs are read-only), private and threadgroup arrays are bounds
+  checked (``-fsanitize=bounds``), errors name the buffer or the source line and
+  the index; threadgroup memory is poisoned (NaN) for each threadgroup and
+  limited to Metal's 32 KB; threadgroups above ``max_threads_per_threadgroup``
+  (896 by default, as a register-heavy pipeline's limit may be) are refused;
+- the language (`MetalLanguageError`, or a compile error from a static
+  assertion): ``std::``, ``double``, the C library, suffixed and missing math
+  functions, static locals, recursion, pointers without an address space,
+  initialized threadgroup variables, variable-length arrays, atomics and SIMD
+  reductions of types Metal lacks; ``constant`` pointers do not convert to
+  ``device`` ones; ``min``/``max`` of floats ignore a NaN as Metal's do.
+
+Differences from the GPU that remain: calls run eagerly (not inside
+``mx.compile``) on one CPU thread; math functions are the correctly rounded CPU
+ones; outputs without ``init_value`` start as NaN (floating types) or all-ones
+bits (integers) so that unwritten elements stand out; threads switch only at
+barriers and SIMD-group functions, so a race inside one read-modify-write
+(``out[0] += x`` from many threads) shows only where the order of the updates
+changes the result; accesses beyond the 64 KB guards, and pointers derived
+from a `constant` input through a cast, are not checked; outputs of
+``atomic_outputs`` kernels are not compared between schedules.
 
 Compiled kernels are cached under ``$XDG_CACHE_HOME/mlx_fm/metal_emulator``
-(default ``~/.cache``), keyed by a hash of the generated source, the header
-and the compiler flags; ``$CXX`` names the compiler (default g++).
+(default ``~/.cache``), keyed by a hash of the generated source, the header,
+the compiler flags and the compiler's path and version; ``$CXX`` names the
+compiler (default g++).
 """
 
 import ctypes
