@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from . import load
+from .cache import FMCache
 from .cli import (
+    add_adapter_argument,
     add_model_argument,
     add_sampling_arguments,
     escape_undecodable_stdin,
@@ -56,9 +58,7 @@ class ChatSession:
         self.reset()
 
     def reset(self):
-        from mlx_lm.models.cache import make_prompt_cache
-
-        self.cache = make_prompt_cache(self.model)
+        self.cache = self.model.make_cache(max_undo=0)  # a chat never rewinds
         self.messages = (
             []
             if self.system_prompt is None
@@ -152,6 +152,8 @@ class ChatSession:
             c[0] is None or tuple(c[0].shape[1:]) != state_shape for c in cache
         ):
             raise ValueError(f"{path} was saved from a different model")
+        if not all(isinstance(c, FMCache) for c in cache):
+            raise ValueError(f"{path} was saved by an older mlx_fm: start a new conversation")
         self.cache, self.messages, self.consumed = cache, messages, consumed
         return path
 
@@ -160,6 +162,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.chat", description=__doc__.split("\n")[0])
     add_model_argument(parser)
     parser.add_argument("--system-prompt", default=None)
+    add_adapter_argument(parser)
     add_sampling_arguments(parser, max_tokens=256)
     parser.add_argument("--load-state", default=None, help="Continue a saved conversation")
     parser.add_argument(
@@ -235,7 +238,7 @@ def main(argv=None):
     system_prompt = args.system_prompt and valid_utf8(args.system_prompt, "--system-prompt")
     if args.seed is not None:
         mx.random.seed(args.seed)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     sampler = make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
     session = ChatSession(
         model, tokenizer, system_prompt, args.max_tokens, sampler, args.prefill_step_size

@@ -104,6 +104,11 @@ def _checked(kind: type, test: Callable, what: str) -> Callable:
 
 
 positive_int = _checked(int, lambda v: v >= 1, "an integer of at least 1")
+boolean = _checked(
+    lambda text: {"true": True, "t": True, "false": False, "f": False}.get(text.lower()),
+    lambda v: True,
+    "true or false",
+)
 non_negative_int = _checked(int, lambda v: v >= 0, "an integer of at least 0")
 non_negative_float = _checked(float, lambda v: v >= 0, "a number of at least 0")
 probability = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -131,4 +136,23 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> 
         type=positive_int,
         default=2048,
         help="Prompt tokens per forward pass",
+    )
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """--verbose [true|false], as mlx-lm's: the text, then the speeds and peak memory."""
+    parser.add_argument(
+        "--verbose",
+        type=boolean,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Also print prompt and generation speed and peak memory (--verbose or "
+        "--verbose true; default false)",
+    )
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter-path", default=None, help="Directory of LoRA/DoRA adapters to apply"
     )

@@ -29,6 +29,9 @@ def build_parser():
         help="Replace a non-empty --save-path (never one that holds the model or the adapters)",
     )
     parser.add_argument("--dequantize", action="store_true")
+    parser.add_argument(
+        "--upload-repo", default=None, help="Hugging Face repo to upload the fused model to"
+    )
     return parser
 
 
@@ -48,13 +51,15 @@ def fuse(model, dequantize: bool = False):
 
 @fail_cleanly
 def main(argv=None):
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import upload_to_hub
+
     args = build_parser().parse_args(argv)
     model_path = resolve_model_path(args.model)
     check_destination(Path(args.save_path), [model_path, args.adapter_path], args.force)
+    model, tokenizer, config = load(model_path, return_config=True)
     try:
-        model, tokenizer, config = load(
-            model_path, adapter_path=args.adapter_path, return_config=True
-        )
+        model = load_adapters(model, args.adapter_path)
     except (KeyError, ValueError) as error:
         raise ValueError(
             f"adapters in {args.adapter_path} do not fit {args.model}: {error}"
@@ -65,6 +70,8 @@ def main(argv=None):
         config.pop("quantization_config", None)
     save_pretrained(args.save_path, model, tokenizer, extra_config=config)
     print(f"fused model written to {args.save_path}")
+    if args.upload_repo is not None:
+        upload_to_hub(args.save_path, args.upload_repo)
 
 
 if __name__ == "__main__":

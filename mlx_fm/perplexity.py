@@ -162,7 +162,10 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.perplexity", description=__doc__.split("\n")[0])
     add_model_argument(parser)
     parser.add_argument(
-        "--data", required=True, help='A text file, or jsonl with {"text": ...} per line'
+        "--data",
+        "--data-path",
+        required=True,
+        help='A text file, or jsonl with {"text": ...} per line (--data-path: mlx-lm\'s name)',
     )
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="Evaluate only the first N tokens"

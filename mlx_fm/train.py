@@ -16,7 +16,8 @@ from .cli import fail_cleanly
 from .models.factorization_memory import ModelArgs
 from .training.config import TrainConfig
 
-SHORT_FLAGS = {"output": ["-o"]}
+# Other names an option answers to: short ones, and mlx-lm's (mlx_lm.lora's --iters).
+FLAG_ALIASES = {"output": ["-o"], "steps": ["--iters"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def _add_option(parser, option: dataclasses.Field, dest: Optional[str] = None) -
         parsing = dict(type=kind, metavar=name.upper())
     parser.add_argument(
         "--" + name.replace("_", "-"),
-        *SHORT_FLAGS.get(name, []),
+        *FLAG_ALIASES.get(name, []),
         default=None,
         help=_help(option),
         dest=dest or name,

@@ -118,7 +118,8 @@ class TrainConfig:
     )
     val_every: int = field(default=100, metadata={"help": "steps between validations"})
     val_batches: int = field(
-        default=16, metadata={"help": "batches of batch_size sequences per validation (0: all)"}
+        default=16,
+        metadata={"help": "batches of batch_size sequences per validation (0 or -1: all)"},
     )
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept"})
@@ -146,6 +147,8 @@ class TrainConfig:
             )
         if self.architecture == MODEL_TYPE:
             self.model = DEFAULT_MODEL | self.model
+        if self.val_batches == -1:  # mlx-lm's "all"
+            self.val_batches = 0
         self._validate()
 
     def _validate(self):
