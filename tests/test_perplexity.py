@@ -275,3 +275,9 @@ def test_lazy_load_database_and_rda_file():
         r_int(2 | 1 << 10) + r_int(1) + r_chars("emma") + r_strings(novels["emma"]) + r_int(254)
     )
     assert books.rda_objects(zlib.compress(rda, wbits=31)) == {"emma": novels["emma"]}
+
+
+def test_data_path_is_mlx_lm_s_name_for_data():
+    from mlx_fm.perplexity import build_parser
+
+    assert build_parser().parse_args(["--data-path", "book.txt"]).data == "book.txt"
