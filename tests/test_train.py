@@ -388,9 +388,9 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
 def test_mlx_lm_option_names_are_accepted(tmp_path):
     from mlx_fm.train import build_parser, config_from_args
 
-    argv = ["--data", "corpus.txt", "--output", str(tmp_path / "run"), "--iters", "7"]
+    argv = ["--data", "corpus.txt", "--output", str(tmp_path / "run"), "--iters", "700"]
     args = build_parser().parse_args([*argv, "--val-batches", "-1"])
     del args.force  # as main() does: an instruction for the command, not the run's config
     config = config_from_args(args)
-    assert config.steps == 7
+    assert config.steps == 700
     assert config.val_batches == 0  # mlx-lm's -1, "all", is our 0
