@@ -7,7 +7,9 @@
 // eta (B, T, H) float32, zero for padding; state (B, H, M, P) float32.
 // Outputs: reads (B, T, H, P); final_state (B, H, M, P); checkpoints
 // (B, H, N, P, M) with N = ceil(T / CHUNK): the state entering each chunk,
-// slot-minor so that the lanes' stores are contiguous.
+// slot-minor so that the lanes' stores are contiguous. The header defines
+// FM_SCAN_CHECKPOINTS: 0 builds the inference variant, without the
+// checkpoints output and its writes.
 
 constexpr int SLOTS_PER_LANE = (M + 31) / 32;
 const uint lane = thread_index_in_simdgroup;
@@ -18,7 +20,6 @@ const uint heads = x_shape[2];
 const uint width = x_shape[3];
 const uint batch = head_row / heads;
 const uint head = head_row % heads;
-const uint chunks = (length + CHUNK - 1) / CHUNK;
 
 float slot_state[SLOTS_PER_LANE];
 for (int j = 0; j < SLOTS_PER_LANE; ++j) {
@@ -27,7 +28,9 @@ for (int j = 0; j < SLOTS_PER_LANE; ++j) {
 }
 
 for (uint t = 0; t < length; ++t) {
+#if FM_SCAN_CHECKPOINTS
   if (t % CHUNK == 0) {
+    const uint chunks = (length + CHUNK - 1) / CHUNK;
     device float* checkpoint =
         checkpoints + ((ulong(head_row) * chunks + t / CHUNK) * width + column) * M;
     for (int j = 0; j < SLOTS_PER_LANE; ++j) {
@@ -37,6 +40,7 @@ for (uint t = 0; t < length; ++t) {
       }
     }
   }
+#endif
   // 64-bit: B·T·H·M passes 2^32 from about a million tokens.
   const ulong token = (ulong(batch) * length + t) * heads + head;
   const float eta_t = eta[token];

@@ -224,6 +224,39 @@ def test_prefill_with_padding_and_state_matches_ops(emulated, dtype):
     assert relative_error(state, expected_state) < tolerance
 
 
+@pytest.mark.parametrize("length,slots,top_k", [(1, 12, 12), (13, 40, 10), (8, 64, 64)])
+def test_inference_scan_matches_the_checkpointing_scan_bit_for_bit(emulated, length, slots, top_k):
+    x, slot_weights, eta, state = scan_inputs(2, length, 2, 20, slots, top_k)
+    reads, final_state = emulated.scan(x, slot_weights, eta, state, keep_checkpoints=False)
+    kept_reads, kept_state = emulated.scan(x, slot_weights, eta, state)
+    expected_reads, expected_state = ops.fm_chunked(x, slot_weights, eta, state)
+    assert np.array_equal(np.array(reads), np.array(kept_reads))
+    assert np.array_equal(np.array(final_state), np.array(kept_state))
+    assert relative_error(reads, expected_reads) < FLOAT32_TOLERANCE
+    assert relative_error(final_state, expected_state) < FLOAT32_TOLERANCE
+
+
+def test_fm_mix_without_checkpoints_never_runs_the_checkpointing_forward(emulated, monkeypatch):
+    inputs = mix_inputs(2, 9, 2, 20, 12)
+    (_, expected_state) = ops.fm_mix(*inputs[:-1], state=inputs[-1], top_k=4, temperature=0.7)
+
+    def refused(*args):
+        raise AssertionError("the forward wrote checkpoints")
+
+    monkeypatch.setattr(emulated, "_scan_forward", refused)
+    _, state = ops.fm_mix(
+        *inputs[:-1],
+        state=inputs[-1],
+        top_k=4,
+        temperature=0.7,
+        kernels=emulated,
+        keep_checkpoints=False,
+    )
+    assert relative_error(state, expected_state) < FLOAT32_TOLERANCE
+    with pytest.raises(AssertionError, match="wrote checkpoints"):
+        ops.fm_mix(*inputs[:-1], state=inputs[-1], top_k=4, temperature=0.7, kernels=emulated)
+
+
 def scan_loss(scan):
     """A scalar loss of the reads and the final state, with cotangents that
     vary from token to token and column to column."""
@@ -243,6 +276,17 @@ def test_scan_gradients_match_chunked(emulated, length, slots, top_k):
     expected = mx.grad(scan_loss(ops.fm_chunked), argnums=arguments)(*inputs)
     for name, grad, expected_grad in zip(("x", "slot_weights", "eta", "state"), grads, expected):
         assert grad.shape == expected_grad.shape, name
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
+
+
+@pytest.mark.parametrize("length,slots,top_k", [(9, 12, 1), (6, 64, 64)])
+def test_inference_scan_gradients_recompute_the_checkpoints(emulated, length, slots, top_k):
+    inputs = scan_inputs(2, length, 2, 20, slots, top_k)
+    arguments = (0, 1, 2, 3)
+    inference_scan = partial(emulated.scan, keep_checkpoints=False)
+    grads = mx.grad(scan_loss(inference_scan), argnums=arguments)(*inputs)
+    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=arguments)(*inputs)
+    for name, grad, expected_grad in zip(("x", "slot_weights", "eta", "state"), grads, expected):
         assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
 
 

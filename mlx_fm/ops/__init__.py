@@ -44,6 +44,7 @@ def fm_mix(
     state: mx.array | None = None,
     mask: mx.array | None = None,
     kernels: FMKernels | None = None,
+    keep_checkpoints: bool = True,
 ) -> tuple[mx.array, mx.array]:
     """One FM mixer over T tokens.
 
@@ -55,6 +56,9 @@ def fm_mix(
     Runs on `kernels` if given, else on the default Metal kernels where they run
     (`metal.use_kernels()`, MLX_FM_OPS_ONLY=1 opts out), else on MLX ops. A single
     token with a state takes the decode step, anything else the scan.
+    `keep_checkpoints=False` (inference) runs the scan without saving the
+    states its backward needs: still differentiable, at the cost of a
+    second forward in the backward.
     """
     if kernels is None and metal.use_kernels():
         kernels = metal.default_kernels()
@@ -85,7 +89,7 @@ def fm_mix(
         mask=mask,
     )
     if kernels is not None:
-        read, state = kernels.scan(x, slot_weights, eta, state)
+        read, state = kernels.scan(x, slot_weights, eta, state, keep_checkpoints=keep_checkpoints)
     elif decoding:
         read, state = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
         read = read[:, None]
@@ -107,6 +111,7 @@ def fm_mix_keeping(
     state: mx.array | None = None,
     mask: mx.array | None = None,
     keep: int = 0,
+    keep_checkpoints: bool = True,
 ) -> tuple[mx.array, list[mx.array | None]]:
     """`fm_mix`, also returning the states before each of the last `keep` tokens: the output
     and keep + 1 states, the last the final state (the first is `state` when keep is T).
@@ -133,6 +138,7 @@ def fm_mix_keeping(
             temperature=temperature,
             state=state,
             mask=mask,
+            keep_checkpoints=keep_checkpoints,
         )
 
     outs, states = [], []

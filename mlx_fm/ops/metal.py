@@ -12,7 +12,9 @@ stand in for, against which they are tested:
   (fm_scan_forward.metal) runs the step recurrence with each head's state in
   registers and saves the state entering every chunk of `scan_chunk` tokens;
   the backward kernel (fm_scan_backward.metal) walks the chunks in reverse,
-  recomputing each from its saved state. Routing and gates stay MLX ops, so
+  recomputing each from its saved state. With `keep_checkpoints=False` the
+  forward is the same source built without the checkpoints, and a gradient
+  reruns the checkpointing forward first. Routing and gates stay MLX ops, so
   their gradients are MLX's.
 
 `use_kernels()` says whether `fm_mix` runs on them; `default_kernels()` are the
@@ -79,9 +81,20 @@ class FMKernels:
         self.max_threads = max_threads
         self._scan_with_checkpoints = self._differentiable_scan()
 
-    def _build(self, name: str, input_names: list[str], output_names: list[str]) -> KernelLauncher:
+    def _build(
+        self,
+        name: str,
+        input_names: list[str],
+        output_names: list[str],
+        source: str | None = None,
+        header: str = "",
+    ) -> KernelLauncher:
         return self._metal_kernel(
-            name=name, input_names=input_names, output_names=output_names, source=_source(name)
+            name=name,
+            input_names=input_names,
+            output_names=output_names,
+            source=_source(source or name),
+            header=header,
         )
 
     @cached_property
@@ -108,6 +121,18 @@ class FMKernels:
             "fm_scan_forward",
             ["x", "slot_weights", "eta", "state"],
             ["reads", "final_state", "checkpoints"],
+            header="#define FM_SCAN_CHECKPOINTS 1\n",
+        )
+
+    @cached_property
+    def _inference_forward_kernel(self) -> KernelLauncher:
+        # Its own name: MLX caches a kernel's library by name.
+        return self._build(
+            "fm_scan_forward_inference",
+            ["x", "slot_weights", "eta", "state"],
+            ["reads", "final_state"],
+            source="fm_scan_forward",
+            header="#define FM_SCAN_CHECKPOINTS 0\n",
         )
 
     @cached_property
@@ -171,19 +196,35 @@ class FMKernels:
         return out, new_state
 
     def scan(
-        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None
+        self,
+        x: mx.array,
+        slot_weights: mx.array,
+        eta: mx.array,
+        state: mx.array | None = None,
+        *,
+        keep_checkpoints: bool = True,
     ) -> tuple[mx.array, mx.array]:
         """The scan over T tokens, as `fm_chunked`: x (B, T, H, P),
         slot_weights (B, T, H, m), eta (B, T, H), state (B, H, m, P) or None.
 
         Returns the reads r (B, T, H, P) and the final state, float32.
+        Differentiable either way: `keep_checkpoints` saves the backward's
+        checkpoints in the forward (training); without, the forward writes
+        none and a gradient recomputes them (inference, and prompts).
         """
         batch, _, heads, width = x.shape
         if state is None:
             state = mx.zeros((batch, heads, slot_weights.shape[-1], width), mx.float32)
-        reads, final_state, _ = self._scan_with_checkpoints(
-            x, slot_weights.astype(mx.float32), eta.astype(mx.float32), state.astype(mx.float32)
+        arguments = (
+            x,
+            slot_weights.astype(mx.float32),
+            eta.astype(mx.float32),
+            state.astype(mx.float32),
         )
+        if keep_checkpoints:
+            reads, final_state, _ = self._scan_with_checkpoints(*arguments)
+        else:
+            reads, final_state = self._scan_recomputing_checkpoints(*arguments)
         return reads, final_state
 
     def _differentiable_scan(self) -> Callable[..., list[mx.array]]:
@@ -211,6 +252,49 @@ class FMKernels:
 
         return scan
 
+    @cached_property
+    def _scan_recomputing_checkpoints(self) -> Callable[..., list[mx.array]]:
+        """The inference forward kernel; its vector-Jacobian product reruns the
+        forward with checkpoints, then the backward kernel."""
+
+        @mx.custom_function
+        def scan(
+            x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+        ) -> list[mx.array]:
+            return self._scan_forward_inference(x, slot_weights, eta, state)
+
+        @scan.vjp
+        def scan_vjp(
+            primals: tuple[mx.array, ...],
+            cotangents: tuple[mx.array, ...],
+            outputs: tuple[mx.array, ...],
+        ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+            x, slot_weights, eta, state = primals
+            d_reads, d_final_state = cotangents
+            checkpoints = self._scan_forward(x, slot_weights, eta, state)[2]
+            d_x, d_slot_weights, d_eta, d_state = self._scan_backward(
+                x, slot_weights, eta, checkpoints, d_reads, d_final_state
+            )
+            return d_x.astype(x.dtype), d_slot_weights, d_eta, d_state
+
+        return scan
+
+    def _scan_forward_inference(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+    ) -> list[mx.array]:
+        batch, _, heads, width = x.shape
+        return self._inference_forward_kernel(
+            inputs=[x, slot_weights, eta, state],
+            template=[("M", slot_weights.shape[-1])],
+            grid=(SIMD_WIDTH, width, batch * heads),
+            threadgroup=self._forward_threadgroup(width),
+            output_shapes=[x.shape, state.shape],
+            output_dtypes=[mx.float32] * 2,
+        )
+
+    def _forward_threadgroup(self, width: int) -> tuple[int, int, int]:
+        return (SIMD_WIDTH, min(width, FORWARD_COLUMNS, self.max_threads // SIMD_WIDTH), 1)
+
     def _scan_forward(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
     ) -> list[mx.array]:
@@ -221,11 +305,7 @@ class FMKernels:
             inputs=[x, slot_weights, eta, state],
             template=[("M", slots), ("CHUNK", self.scan_chunk)],
             grid=(SIMD_WIDTH, width, batch * heads),
-            threadgroup=(
-                SIMD_WIDTH,
-                min(width, FORWARD_COLUMNS, self.max_threads // SIMD_WIDTH),
-                1,
-            ),
+            threadgroup=self._forward_threadgroup(width),
             output_shapes=[x.shape, state.shape, (batch, heads, chunks, width, slots)],
             output_dtypes=[mx.float32] * 3,
         )
