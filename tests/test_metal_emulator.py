@@ -276,6 +276,76 @@ ROTATE_SOURCE = """
 """
 
 
+# --- simdgroup_matrix -----------------------------------------------------------
+
+SIMDGROUP_MATMUL = """
+    // Two SIMD groups, each computing its own 8 x 8 block of out (8 x 16):
+    // out[:, 8g:8g+8] = a[:, 8g:8g+8] @ b^T + 2 * c, with a (8 x 16), b (8 x 8).
+    const uint group = simdgroup_index_in_threadgroup;
+    simdgroup_matrix<T, 8, 8> left, right, twice_c, product;
+    simdgroup_load(left, a, 16, ulong2(8 * group, 0));
+    simdgroup_load(right, b, 8, ulong2(0, 0), true);
+    simdgroup_load(twice_c, c);
+    simdgroup_multiply(twice_c, simdgroup_matrix<T, 8, 8>(T(2)), twice_c);
+    simdgroup_multiply_accumulate(product, left, right, twice_c);
+    threadgroup T staged[64 * 2];
+    simdgroup_store(product, staged + 64 * group, 8);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const uint lane = thread_index_in_simdgroup;
+    for (uint i = lane; i < 64; i += 32) {
+      out[(i / 8) * 16 + 8 * (1 - group) + i % 8] = staged[64 * (1 - group) + i];
+    }
+"""
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16], ids=["float", "half"])
+def test_simdgroup_matrix_products_match_numpy(dtype):
+    kernel = metal_kernel("simdgroup_matmul", ["a", "b", "c"], ["out"], SIMDGROUP_MATMUL)
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(shape).astype(np.float32) for shape in [(8, 16), (8, 8), (8, 8)])
+    (out,) = run(
+        kernel,
+        [mx.array(a).astype(dtype), mx.array(b).astype(dtype), mx.array(c).astype(dtype)],
+        (32, 2, 1),
+        (32, 2, 1),
+        [((8, 16), dtype)],
+        template=[("T", dtype)],
+    )
+    rounded = [np.array(mx.array(v).astype(dtype).astype(mx.float32)) for v in (a, b, c)]
+    expected = np.concatenate(
+        [block @ rounded[1].T + 2 * rounded[2] for block in np.split(rounded[0], 2, axis=1)], axis=1
+    )
+    tolerance = 1e-5 if dtype == mx.float32 else 1e-2
+    np.testing.assert_allclose(
+        np.array(out.astype(mx.float32)), expected, rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        (
+            "simdgroup_float8x8 m; if (thread_index_in_simdgroup < 16) { simdgroup_load(m, x, 8); }",
+            r"simdgroup_load at simdgroup_lanes:source:1 is called by lanes 0x0000ffff .* every lane",
+        ),
+        (
+            "simdgroup_float8x8 m; simdgroup_load(m, x, 8, ulong2(thread_index_in_simdgroup % 2, 0));",
+            r"simdgroup_load at simdgroup_lanes:source:1: lanes 0 and 1 pass different pointers",
+        ),
+        (
+            "simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);"
+            " if (thread_index_in_simdgroup != 3) { simdgroup_multiply(m, m, m); }",
+            r"simdgroup_multiply .* lanes 0xfffffff7",
+        ),
+    ],
+    ids=["divergent", "lane_dependent_origin", "one_lane_missing"],
+)
+def test_simdgroup_matrix_functions_need_the_whole_simdgroup_and_one_matrix(source, message):
+    kernel = metal_kernel("simdgroup_lanes", ["x"], ["out"], source + " out[0] = 0;")
+    with pytest.raises(emulator.MetalKernelError, match=message):
+        run(kernel, [mx.zeros((80,))], (32, 1, 1), (32, 1, 1), [((1,), mx.float32)])
+
+
 def test_threadgroup_memory_is_exchanged_across_barriers():
     kernel = metal_kernel("rotate_in_threadgroup", ["inp"], ["out"], ROTATE_SOURCE)
     values = mx.arange(200).astype(mx.float32)
@@ -518,7 +588,7 @@ def test_a_hundred_thousand_threads_with_barriers_reuse_the_compiled_kernel(monk
 @pytest.mark.parametrize(
     "source, feature",
     [
-        ("simdgroup_float8x8 m; simdgroup_load(m, x, 8);", "simdgroup_matrix"),
+        ("imageblock<float> block;", "imageblocks"),
         ("texture2d<float> t;", "textures"),
         ("half y = 1.5h;", "half literals"),
     ],

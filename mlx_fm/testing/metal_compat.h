@@ -1406,6 +1406,163 @@ inline simd_vote simd_ballot(bool predicate, Site site = Site()) {
 
 inline simd_vote simd_active_threads_mask(Site site = Site()) { return simd_ballot(true, site); }
 
+// simdgroup_matrix: an 8x8 matrix spread over the 32 lanes of a SIMD group,
+// lane l holding the elements 2l and 2l + 1 in row-major order (Apple's layout
+// differs; kernels could see it only through thread_elements(), not provided).
+// Loads, stores and products are SIMD-group functions: every lane of the SIMD
+// group must call them together, loads and stores with the same arguments, and
+// each lane computes its own elements from what the others pass.
+template <class T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "the emulator supports 8x8 simdgroup matrices only");
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, half> || std::is_same_v<T, bfloat>,
+                "simdgroup_matrix holds float, half or bfloat");
+  T elements[2];
+
+  simdgroup_matrix() = default;
+  // A diagonal matrix, as Metal's constructor from one value.
+  explicit simdgroup_matrix(T diagonal) {
+    uint32_t lane = mlx_fm_emulator::current_fiber().attributes.thread_index_in_simdgroup;
+    for (int k = 0; k < 2; ++k) {
+      uint32_t index = 2 * lane + k;
+      elements[k] = index / 8 == index % 8 ? diagonal : T(0);
+    }
+  }
+};
+using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
+using simdgroup_half8x8 = simdgroup_matrix<half, 8, 8>;
+using simdgroup_bfloat8x8 = simdgroup_matrix<bfloat, 8, 8>;
+
+template <class T, int Cols, int Rows>
+simdgroup_matrix<T, Cols, Rows> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, Cols, Rows> filled;
+  filled.elements[0] = filled.elements[1] = value;
+  return filled;
+}
+
+namespace simdgroup_matrix_detail {
+using mlx_fm_emulator::fail_thread;
+using mlx_fm_emulator::SimdValues;
+
+// Where a load reads or a store writes, as every lane must pass it: the
+// address of the matrix's origin, the source's row length, the transposition.
+struct Access {
+  const void* origin;
+  ulong elements_per_row;
+  bool transpose;
+
+  bool operator==(const Access& other) const {
+    return origin == other.origin && elements_per_row == other.elements_per_row && transpose == other.transpose;
+  }
+};
+
+// Exchanges `value` among the lanes; fails unless every lane of the SIMD group takes part.
+template <class V>
+SimdValues<V> collective(V value, const char* function, Site site) {
+  SimdValues<V> exchanged = simd_detail::simd_exchange(value, site);
+  const auto& a = mlx_fm_emulator::current_fiber().attributes;
+  uint32_t first = a.simdgroup_index_in_threadgroup * 32;
+  uint32_t lanes = mlx_fm_emulator::runtime().threadgroup.thread_count - first;
+  uint32_t all = lanes >= 32 ? 0xFFFFFFFFu : (1u << lanes) - 1u;
+  if (exchanged.participants != all) {
+    fail_thread("%s at %s:%d is called by lanes 0x%08x of SIMD group %u, whose lanes are 0x%08x (simdgroup_matrix "
+                "functions need every lane of the SIMD group)",
+                function, site.file, site.line, exchanged.participants, a.simdgroup_index_in_threadgroup, all);
+  }
+  return exchanged;
+}
+
+inline void check_uniform(const SimdValues<Access>& exchanged, const char* function, Site site) {
+  for (uint32_t lane = 0; lane < 32; ++lane) {
+    if (exchanged.participates(lane) && !(exchanged.values[lane] == exchanged.values[exchanged.first_lane()])) {
+      fail_thread("%s at %s:%d: lanes %u and %u pass different pointers, strides, origins or transposition "
+                  "(a simdgroup_matrix load or store takes one matrix for the whole SIMD group)",
+                  function, site.file, site.line, exchanged.first_lane(), lane);
+    }
+  }
+}
+
+// The offset of element (row, column) of the matrix from its origin.
+inline ulong offset(const Access& access, uint32_t row, uint32_t column) {
+  return access.transpose ? column * access.elements_per_row + row : row * access.elements_per_row + column;
+}
+
+template <class T>
+Access access_of(const T* pointer, ulong elements_per_row, ulong2 origin, bool transpose) {
+  return Access{pointer + origin.y * elements_per_row + origin.x, elements_per_row, transpose};
+}
+
+// Every lane's two elements of a and b, gathered by all the lanes.
+template <class T>
+struct Operands {
+  T a[2];
+  T b[2];
+};
+
+template <class T, int Cols, int Rows>
+void multiply_into(simdgroup_matrix<T, Cols, Rows>& d, const simdgroup_matrix<T, Cols, Rows>& a,
+                   const simdgroup_matrix<T, Cols, Rows>& b, const simdgroup_matrix<T, Cols, Rows>* c,
+                   const char* function, Site site) {
+  Operands<T> mine{{a.elements[0], a.elements[1]}, {b.elements[0], b.elements[1]}};
+  SimdValues<Operands<T>> exchanged = collective(mine, function, site);
+  auto element = [&](bool of_a, uint32_t index) {
+    const Operands<T>& owner = exchanged.values[index / 2];
+    return float(of_a ? owner.a[index % 2] : owner.b[index % 2]);
+  };
+  T result[2];
+  for (int k = 0; k < 2; ++k) {
+    uint32_t index = 2 * exchanged.lane + k;
+    uint32_t row = index / 8, column = index % 8;
+    float sum = c ? float(c->elements[k]) : 0.0f;
+    for (uint32_t inner = 0; inner < 8; ++inner) sum += element(true, row * 8 + inner) * element(false, inner * 8 + column);
+    result[k] = T(sum);
+  }
+  d.elements[0] = result[0];
+  d.elements[1] = result[1];
+}
+}  // namespace simdgroup_matrix_detail
+
+template <class T, int Cols, int Rows>
+void simdgroup_load(simdgroup_matrix<T, Cols, Rows>& d, const T* source, ulong elements_per_row = Cols,
+                    ulong2 matrix_origin = 0, bool transpose_matrix = false, Site site = Site()) {
+  using namespace simdgroup_matrix_detail;
+  Access access = access_of(source, elements_per_row, matrix_origin, transpose_matrix);
+  SimdValues<Access> exchanged = collective(access, "simdgroup_load", site);
+  check_uniform(exchanged, "simdgroup_load", site);
+  for (int k = 0; k < 2; ++k) {
+    uint32_t index = 2 * exchanged.lane + k;
+    d.elements[k] = static_cast<const T*>(access.origin)[offset(access, index / 8, index % 8)];
+  }
+}
+
+template <class T, int Cols, int Rows>
+void simdgroup_store(const simdgroup_matrix<T, Cols, Rows>& matrix, T* destination, ulong elements_per_row = Cols,
+                     ulong2 matrix_origin = 0, bool transpose_matrix = false, Site site = Site()) {
+  using namespace simdgroup_matrix_detail;
+  Access access = access_of<T>(destination, elements_per_row, matrix_origin, transpose_matrix);
+  SimdValues<Access> exchanged = collective(access, "simdgroup_store", site);
+  check_uniform(exchanged, "simdgroup_store", site);
+  for (int k = 0; k < 2; ++k) {
+    uint32_t index = 2 * exchanged.lane + k;
+    const_cast<T*>(static_cast<const T*>(access.origin))[offset(access, index / 8, index % 8)] = matrix.elements[k];
+  }
+}
+
+// d = a · b + c, accumulated in float.
+template <class T, int Cols, int Rows>
+void simdgroup_multiply_accumulate(simdgroup_matrix<T, Cols, Rows>& d,
+                                   const simdgroup_matrix<T, Cols, Rows>& a,
+                                   const simdgroup_matrix<T, Cols, Rows>& b,
+                                   const simdgroup_matrix<T, Cols, Rows>& c, Site site = Site()) {
+  simdgroup_matrix_detail::multiply_into(d, a, b, &c, "simdgroup_multiply_accumulate", site);
+}
+
+template <class T, int Cols, int Rows>
+void simdgroup_multiply(simdgroup_matrix<T, Cols, Rows>& d, const simdgroup_matrix<T, Cols, Rows>& a,
+                        const simdgroup_matrix<T, Cols, Rows>& b, Site site = Site()) {
+  simdgroup_matrix_detail::multiply_into<T, Cols, Rows>(d, a, b, nullptr, "simdgroup_multiply", site);
+}
+
 // Atomics: atomic<T> has the layout of T; operations use the compiler's
 // atomic built-ins (floating-point read-modify-write by compare-exchange).
 enum memory_order { memory_order_relaxed, memory_order_seq_cst };

@@ -9,6 +9,13 @@ threads, edge threadgroups are cut to the grid, the threads of a threadgroup
 run as cooperative fibers that meet at ``threadgroup_barrier`` and at SIMD-group
 functions (width 32; the lanes at the same call site are the active lanes),
 and ``threadgroup`` variables are shared by the threads of one threadgroup.
+``simdgroup_matrix<T, 8, 8>`` (float, half, bfloat) is spread over the lanes of
+a SIMD group, two elements each; ``simdgroup_load``, ``simdgroup_store``,
+``simdgroup_multiply`` and ``simdgroup_multiply_accumulate`` are SIMD-group
+functions that each lane computes from the elements the others pass, and that
+fail unless every lane of the SIMD group calls them, loads and stores with
+one matrix origin, row length and transposition (``matrix_origin`` is the
+(column, row) of the matrix's first element in the source, either way).
 
 What a GPU would punish is reported rather than run by luck:
 - races: every launch runs under several schedules (threads, SIMD groups and
@@ -39,7 +46,9 @@ barriers and SIMD-group functions, so a race inside one read-modify-write
 (``out[0] += x`` from many threads) shows only where the order of the updates
 changes the result; accesses beyond the 64 KB guards, and pointers derived
 from a `constant` input through a cast, are not checked; outputs of
-``atomic_outputs`` kernels are not compared between schedules.
+``atomic_outputs`` kernels are not compared between schedules; simdgroup
+matrices are 8x8 only, without ``thread_elements()`` (their lane layout is not
+Apple's), and their products accumulate in float in index order.
 
 Compiled kernels are cached under ``$XDG_CACHE_HOME/mlx_fm/metal_emulator``
 (default ``~/.cache``), keyed by a hash of the generated source, the header,
@@ -172,12 +181,6 @@ _ATTRIBUTE_ALIASES = {
 }
 
 _UNSUPPORTED_FEATURES = (
-    (
-        re.compile(
-            r"\bsimdgroup_(matrix|(half|float|bfloat)8x8|load|store|multiply(_accumulate)?)\b"
-        ),
-        "simdgroup_matrix",
-    ),
     (
         re.compile(r"\b(texture(1d|2d|3d|cube|_buffer)\w*|depth(2d|cube)\w*|sampler)\b"),
         "textures and samplers",
