@@ -257,6 +257,83 @@ def test_fm_mix_without_checkpoints_never_runs_the_checkpointing_forward(emulate
         ops.fm_mix(*inputs[:-1], state=inputs[-1], top_k=4, temperature=0.7, kernels=emulated)
 
 
+# --- chunkwise scan ---------------------------------------------------------------
+
+CHUNKWISE_CASES = [  # (length, width, slots, top_k): chunks of 8 tokens, tiles of 8 columns
+    (1, 20, 12, 12),
+    (8, 20, 64, 16),
+    (13, 20, 40, 10),
+    (17, 9, 5, 2),  # neither m nor P a multiple of 8
+    (29, 40, 40, 40),  # k = m; more column tiles than a threadgroup holds
+]
+
+
+@pytest.mark.parametrize("length,width,slots,top_k", CHUNKWISE_CASES)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "state"])
+def test_chunkwise_scan_matches_chunked(emulated, length, width, slots, top_k, with_state):
+    x, slot_weights, eta, state = scan_inputs(2, length, 2, width, slots, top_k)
+    if not with_state:
+        state = mx.zeros_like(state)
+    reads, final_state = emulated._scan_chunkwise(x, slot_weights, eta, state)
+    expected_reads, expected_state = ops.fm_chunked(x, slot_weights, eta, state)
+    assert relative_error(reads, expected_reads) < FLOAT32_TOLERANCE
+    assert relative_error(final_state, expected_state) < FLOAT32_TOLERANCE
+
+
+@pytest.fixture
+def chunkwise_from_two_tokens(emulated, monkeypatch):
+    """The chunkwise scan taken from T = 2, the step recurrence refused."""
+
+    def refused(*args):
+        raise AssertionError("ran the step recurrence")
+
+    monkeypatch.setattr(metal, "CHUNKWISE_MIN_LENGTH", 2)
+    monkeypatch.setattr(emulated, "_scan_sequential_inference", refused)
+    return emulated
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_chunkwise_prefill_with_padding_matches_ops(chunkwise_from_two_tokens, dtype):
+    inputs = mix_inputs(3, 10, 2, 20, 40, dtype=dtype)
+    mask = mx.arange(10)[None, :] >= (10 - mx.array([10, 7, 3]))[:, None]
+    *arguments, state = inputs
+    options = dict(top_k=10, temperature=0.7, mask=mask, state=state)
+    out, new_state = ops.fm_mix(
+        *arguments, kernels=chunkwise_from_two_tokens, keep_checkpoints=False, **options
+    )
+    expected_out, expected_state = ops.fm_mix(*arguments, **options)
+    assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
+    assert relative_error(new_state, expected_state) < FLOAT32_TOLERANCE
+
+
+def test_chunkwise_scan_gradients_recompute_the_checkpoints(chunkwise_from_two_tokens):
+    inputs = scan_inputs(2, 11, 2, 20, 12, 4)
+    inference_scan = partial(chunkwise_from_two_tokens.scan, keep_checkpoints=False)
+    grads = mx.grad(scan_loss(inference_scan), argnums=(0, 1, 2, 3))(*inputs)
+    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=(0, 1, 2, 3))(*inputs)
+    for grad, expected_grad in zip(grads, expected):
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "length,slots,kernel",
+    [
+        (metal.CHUNKWISE_MIN_LENGTH, 12, "_scan_chunkwise"),
+        (metal.CHUNKWISE_MIN_LENGTH - 1, 12, "_scan_sequential_inference"),
+        (metal.CHUNKWISE_MIN_LENGTH, 208, "_scan_sequential_inference"),  # past 32 KB
+    ],
+)
+def test_inference_scan_takes_the_chunkwise_kernel_from_the_threshold_where_it_fits(
+    emulated, monkeypatch, length, slots, kernel
+):
+    calls = []
+    for name in ("_scan_chunkwise", "_scan_sequential_inference"):
+        monkeypatch.setattr(emulated, name, lambda *args, name=name: calls.append(name) or args[:2])
+    x, slot_weights, eta, state = scan_inputs(1, length, 1, 8, slots, 4)
+    emulated.scan(x, slot_weights, eta, state, keep_checkpoints=False)
+    assert calls == [kernel]
+
+
 def scan_loss(scan):
     """A scalar loss of the reads and the final state, with cotangents that
     vary from token to token and column to column."""

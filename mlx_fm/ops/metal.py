@@ -13,8 +13,10 @@ stand in for, against which they are tested:
   registers and saves the state entering every chunk of `scan_chunk` tokens;
   the backward kernel (fm_scan_backward.metal) walks the chunks in reverse,
   recomputing each from its saved state. With `keep_checkpoints=False` the
-  forward is the same source built without the checkpoints, and a gradient
-  reruns the checkpointing forward first. Routing and gates stay MLX ops, so
+  forward is the same source built without the checkpoints, or from
+  `CHUNKWISE_MIN_LENGTH` tokens the chunkwise-parallel fm_scan_chunkwise.metal
+  (8 × 8 simdgroup_matrix products per chunk of 8 tokens); a gradient reruns
+  the checkpointing forward first. Routing and gates stay MLX ops, so
   their gradients are MLX's.
 
 `use_kernels()` says whether `fm_mix` runs on them; `default_kernels()` are the
@@ -48,6 +50,12 @@ THREADGROUP_MEMORY_BYTES = 32 * 1024  # Metal's limit
 # fall back; the kernels stay at or below this many threads, and
 # `FMKernels(max_threads=...)` lowers it.
 MAX_THREADS = 512
+# The chunkwise scan (fm_scan_chunkwise.metal): chunks of 8 tokens, tiles of 8
+# value columns, up to this many tiles (SIMD groups) per threadgroup.
+CHUNKWISE_COLUMN_TILES = 4
+# Prompts from this many tokens (8 chunks) take the chunkwise scan; see the
+# threshold in metal/README.md.
+CHUNKWISE_MIN_LENGTH = 64
 
 
 def use_kernels() -> bool:
@@ -133,6 +141,12 @@ class FMKernels:
             ["reads", "final_state"],
             source="fm_scan_forward",
             header="#define FM_SCAN_CHECKPOINTS 0\n",
+        )
+
+    @cached_property
+    def _chunkwise_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_scan_chunkwise", ["x", "slot_weights", "eta", "state"], ["reads", "final_state"]
         )
 
     @cached_property
@@ -282,6 +296,39 @@ class FMKernels:
     def _scan_forward_inference(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
     ) -> list[mx.array]:
+        """The chunkwise kernel for long prompts where it fits, else the step recurrence."""
+        length = x.shape[1]
+        slots = slot_weights.shape[-1]
+        fits = _chunkwise_threadgroup_bytes(slots, self._chunkwise_tiles(x.shape[-1]))
+        if length >= CHUNKWISE_MIN_LENGTH and fits <= THREADGROUP_MEMORY_BYTES:
+            return self._scan_chunkwise(x, slot_weights, eta, state)
+        return self._scan_sequential_inference(x, slot_weights, eta, state)
+
+    def _chunkwise_tiles(self, width: int) -> int:
+        return min(-(-width // 8), CHUNKWISE_COLUMN_TILES, self.max_threads // SIMD_WIDTH)
+
+    def _scan_chunkwise(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+    ) -> list[mx.array]:
+        batch, _, heads, width = x.shape
+        slots = slot_weights.shape[-1]
+        tiles = self._chunkwise_tiles(width)
+        _check_threadgroup_memory(
+            "chunkwise scan", _chunkwise_threadgroup_bytes(slots, tiles), slots
+        )
+        groups = -(-width // (8 * tiles))
+        return self._chunkwise_kernel(
+            inputs=[x, slot_weights, eta, state],
+            template=[("M", slots), ("SLOTS", -(-slots // 8) * 8), ("COLUMN_TILES", tiles)],
+            grid=(SIMD_WIDTH, groups * tiles, batch * heads),
+            threadgroup=(SIMD_WIDTH, tiles, 1),
+            output_shapes=[x.shape, state.shape],
+            output_dtypes=[mx.float32] * 2,
+        )
+
+    def _scan_sequential_inference(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+    ) -> list[mx.array]:
         batch, _, heads, width = x.shape
         return self._inference_forward_kernel(
             inputs=[x, slot_weights, eta, state],
@@ -346,6 +393,12 @@ class FMKernels:
             output_dtypes=[mx.float32] * 4,
         )
         return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
+
+
+def _chunkwise_threadgroup_bytes(slots: int, tiles: int) -> int:
+    """Five 8 × m tiles, the 8 × 8 scores, and two 8 × 8 tiles per SIMD group."""
+    padded = -(-slots // 8) * 8
+    return (40 * padded + 64 + 128 * tiles) * 4
 
 
 def _check_threadgroup_memory(kernel: str, size: int, slots: int) -> None:

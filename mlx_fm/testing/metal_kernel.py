@@ -48,7 +48,10 @@ changes the result; accesses beyond the 64 KB guards, and pointers derived
 from a `constant` input through a cast, are not checked; outputs of
 ``atomic_outputs`` kernels are not compared between schedules; simdgroup
 matrices are 8x8 only, without ``thread_elements()`` (their lane layout is not
-Apple's), and their products accumulate in float in index order.
+Apple's), and their products accumulate in float in index order; every
+SIMD-group function orders memory among its lanes, so a missing
+``simdgroup_barrier`` between lanes' threadgroup writes and a
+``simdgroup_load`` of them goes unnoticed.
 
 Compiled kernels are cached under ``$XDG_CACHE_HOME/mlx_fm/metal_emulator``
 (default ``~/.cache``), keyed by a hash of the generated source, the header,
@@ -599,6 +602,8 @@ def _prepare_for_cpp(code: str) -> str:
     empty macros).
     """
     code = _METAL_INCLUDE.sub(lambda match: "\n" * match.group(0).count("\n"), code)
+    # A comment mentioning threadgroup memory is not a declaration.
+    code = _COMMENT_OR_STRING.sub(_blank_comment, code)
 
     def threadgroup(match: re.Match[str]) -> str:
         declarator = _ARRAY_EXTENT.sub("", match.group(1).split("=")[0])
@@ -659,6 +664,11 @@ _ADDRESS_SPACE = re.compile(r"\b(device|constant|threadgroup|thread|object_data|
 _FUNCTION_DEFINITION = re.compile(r"\b([A-Za-z_]\w*)\s*\([^;{}]*\)\s*(?:const\s*)?\{")
 _CONTROL_KEYWORDS = {"if", "for", "while", "switch", "catch", "return", "sizeof", "defined"}
 _COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"', re.DOTALL)
+
+
+def _blank_comment(match: re.Match[str]) -> str:
+    text = match.group(0)
+    return text if text.startswith('"') else "\n" * text.count("\n")
 
 
 def _without_comments(code: str) -> str:
