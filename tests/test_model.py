@@ -5,6 +5,7 @@ from mlx_fm.ops import fm_recurrent
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_map
 from mlx_lm.generate import batch_generate, generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
@@ -105,6 +106,26 @@ def test_prefill_in_steps_then_decode_equals_full_forward(overrides):
     pieces = [model(tokens[:, :64], cache=cache), model(tokens[:, 64:128], cache=cache)]
     pieces += [model(tokens[:, t : t + 1], cache=cache) for t in range(128, 150)]
     assert relative_error(mx.concatenate(pieces, axis=1), full) < 1e-4
+
+
+def test_compiled_decode_equals_layer_by_layer_decode_and_follows_new_weights():
+    model = tiny_model(top_k=4)
+    prompt = mx.array([[5, 80, 31, 7, 99], [1, 2, 3, 4, 6]])
+    compiled, layer_by_layer = make_prompt_cache(model), make_prompt_cache(model)
+    for cache in (compiled, layer_by_layer):
+        model(prompt, cache=cache)
+    for step, token in enumerate(([[9], [10]], [[11], [12]], [[13], [14]])):
+        if step == 2:
+            model.update(tree_map(lambda p: p * 1.25, model.parameters()))
+        token = mx.array(token)
+        fast = model(token, cache=compiled)  # a decode step: the compiled graph
+        # input embeddings take the per-layer path, with the step recurrence
+        slow = model(token, cache=layer_by_layer, input_embeddings=model.backbone.embeddings(token))
+        assert relative_error(fast, slow) < 1e-6
+        for c_fast, c_slow in zip(compiled, layer_by_layer):
+            for a, b in zip(c_fast.cache, c_slow.cache):
+                assert relative_error(a, b) < 1e-6
+            assert c_fast.trimmable_tokens == c_slow.trimmable_tokens
 
 
 def test_cache_state_is_float32_and_does_not_grow():

@@ -14,10 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 
-from ..cache import DEFAULT_MAX_UNDO, FMCache
+from ..cache import DEFAULT_MAX_UNDO, Contents, FMCache
 from ..layout import MODEL_TYPE, model_settings, with_conv_layout
 from ..ops import fm_mix_keeping
 from ..ops.activations import silu
+from ..ops.metal import use_kernels
 
 
 @dataclass
@@ -75,19 +76,17 @@ class FactorizationMemory(nn.Module):
         self.out_proj = nn.Linear(inner, args.hidden_size, bias=False)
 
     def _conv(
-        self, x: mx.array, cache: Optional[FMCache], mask: Optional[mx.array], keep: int
+        self, x: mx.array, contents: Optional[Contents], lengths: Optional[mx.array], keep: int
     ) -> tuple[mx.array, list[list[mx.array]]]:
         """SiLU(causal depthwise conv) over time; and the last K−1 inputs, which the cache
         carries, as they are before each of the last `keep` tokens and after the last one
-        (keep + 1 lists, empty when the cache carries none)."""
+        (keep + 1 lists, empty when no cache carries them)."""
         if self.conv_kernel == 0:
             return silu(x), [[] for _ in range(keep + 1)]
-        if mask is not None:
-            x = mx.where(mask[..., None], x, 0)
         carry = self.conv_kernel - 1
-        cached = cache is not None and carry > 0
-        if cached and cache[1] is not None:
-            history = cache[1]
+        cached = contents is not None and carry > 0
+        if cached and contents[1] is not None:
+            history = contents[1]
         else:
             history = mx.zeros((x.shape[0], carry, x.shape[-1]), x.dtype)
         window = mx.concatenate([history, x], axis=1)
@@ -97,20 +96,40 @@ class FactorizationMemory(nn.Module):
         length = x.shape[1]
         # Before the first token, what the cache held (None in a fresh one).
         before = [
-            [cache[1]] if t == 0 else [window[:, t : t + carry]]
+            [contents[1]] if t == 0 else [window[:, t : t + carry]]
             for t in range(length - keep, length)
         ]
-        return out, before + [[_last_inputs(window, carry, cache.lengths)]]
+        return out, before + [[_last_inputs(window, carry, lengths)]]
 
     def __call__(
         self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
     ) -> mx.array:
+        if cache is None:
+            return self.mix(u, mask)[0]
+        length = u.shape[1]
+        out, contents = self.mix(u, mask, cache.cache, cache.lengths, cache.snapshots_for(length))
+        cache.record(contents, length)
+        cache.advance(length)
+        return out
+
+    def mix(
+        self,
+        u: mx.array,
+        mask: Optional[mx.array] = None,
+        contents: Optional[Contents] = None,
+        lengths: Optional[mx.array] = None,
+        keep: int = 0,
+    ) -> tuple[mx.array, list[Contents]]:
+        """The mixer on a cache's contents [state, last conv inputs] (None: no cache), with
+        rows right-padded to `lengths`: the output, and the contents before each of the
+        last `keep` tokens and after the last one."""
         batch, length, _ = u.shape
         z, x, router_logits, update_logits, merge_logits = mx.split(
             self.in_proj(u), self.splits, axis=-1
         )
-        keep = cache.snapshots_for(length) if cache is not None else 0
-        x, carried = self._conv(x, cache, mask, keep)
+        if mask is not None and self.conv_kernel > 0:
+            x = mx.where(mask[..., None], x, 0)
+        x, carried = self._conv(x, contents, lengths, keep)
         heads = self.num_heads
         out, states = fm_mix_keeping(
             x.reshape(batch, length, heads, self.head_dim),
@@ -121,15 +140,13 @@ class FactorizationMemory(nn.Module):
             self.mu_bias,
             top_k=self.top_k,
             temperature=self.temperature,
-            state=cache[0] if cache is not None else None,
+            state=contents[0] if contents is not None else None,
             mask=mask,
             keep=keep,
         )
-        if cache is not None:
-            cache.record([[state, *conv] for state, conv in zip(states, carried)], length)
-            cache.advance(length)
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
-        return self.out_proj(self.norm(_gate(out, z)))
+        out = self.out_proj(self.norm(_gate(out, z)))
+        return out, [[state, *conv] for state, conv in zip(states, carried)]
 
 
 @mx.compile
@@ -180,7 +197,16 @@ class Block(nn.Module):
     def __call__(
         self, h: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
     ) -> mx.array:
-        h = h + self.mixer(self.norm(h), mask, cache)
+        return self._with_mlp(h + self.mixer(self.norm(h), mask, cache))
+
+    def step(
+        self, h: mx.array, mask: Optional[mx.array], contents: Contents
+    ) -> tuple[mx.array, Contents]:
+        """One token through the block on a cache's contents: (h, the contents after it)."""
+        out, (contents,) = self.mixer.mix(self.norm(h), mask, contents)
+        return self._with_mlp(h + out), contents
+
+    def _with_mlp(self, h: mx.array) -> mx.array:
         if "mlp" in self:
             h = h + self.mlp(self.mlp_norm(h))
         return h
@@ -214,6 +240,7 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.backbone = Backbone(args)
+        self._compiled_step = None
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -223,10 +250,38 @@ class Model(nn.Module):
         cache: Optional[list[FMCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
-        h = self.backbone(inputs, cache, input_embeddings)
+        if input_embeddings is None and _decodes_compiled(inputs, cache):
+            return self._decode(inputs, cache)
+        return self._head(self.backbone(inputs, cache, input_embeddings))
+
+    def _head(self, h: mx.array) -> mx.array:
         if self.args.tie_word_embeddings:
             return self.backbone.embeddings.as_linear(h)
         return self.lm_head(h)
+
+    def _decode(self, inputs: mx.array, cache: list[FMCache]) -> mx.array:
+        """One token per row, as one compiled graph over every layer: per-op dispatch, not
+        arithmetic, is most of a decode step's cost. The caches are its inputs and outputs."""
+        if self._compiled_step is None:
+            self._compiled_step = mx.compile(self._step, inputs=self.state)
+        mask = create_ssm_mask(inputs, cache[0])
+        masks = () if mask is None else (mask,)
+        logits, contents = self._compiled_step(inputs, [c.cache for c in cache], *masks)
+        for layer_cache, after in zip(cache, contents):
+            keep = layer_cache.snapshots_for(1)
+            layer_cache.record([layer_cache.cache, after][1 - keep :], 1)
+            layer_cache.advance(1)
+        return logits
+
+    def _step(
+        self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array] = None
+    ) -> tuple[mx.array, list[Contents]]:
+        h = self.backbone.embeddings(inputs)
+        after = []
+        for layer, layer_contents in zip(self.layers, contents):
+            h, layer_contents = layer.step(h, mask, layer_contents)
+            after.append(layer_contents)
+        return self._head(self.backbone.norm_f(h)), after
 
     @property
     def layers(self) -> list[Block]:
@@ -243,3 +298,15 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights
+
+
+def _decodes_compiled(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:
+    """Whether a forward is a decode step the compiled graph takes: one token per row, on
+    caches that hold a state and conv inputs for every row, on MLX ops."""
+    return (
+        cache is not None
+        and inputs.ndim == 2
+        and inputs.shape[1] == 1
+        and not use_kernels()
+        and all(c.lengths is None and all(a is not None for a in c.cache) for c in cache)
+    )
