@@ -1,9 +1,11 @@
 """The FM language model as an mlx-lm model: config, weights, cache, generation."""
 
 from mlx_fm import ModelArgs, load
+from mlx_fm.models import factorization_memory
 from mlx_fm.ops import fm_recurrent
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 from mlx.utils import tree_map
 from mlx_lm.generate import batch_generate, generate
@@ -126,6 +128,16 @@ def test_compiled_decode_equals_layer_by_layer_decode_and_follows_new_weights():
             for a, b in zip(c_fast.cache, c_slow.cache):
                 assert relative_error(a, b) < 1e-6
             assert c_fast.trimmable_tokens == c_slow.trimmable_tokens
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(tied, monkeypatch):
+    model = tiny_model(hidden_size=64, intermediate_size=64, tie_word_embeddings=tied)
+    nn.quantize(model, group_size=32, bits=4)
+    tokens = mx.random.randint(0, 257, (2, 40))
+    dequantized = model(tokens)
+    monkeypatch.setattr(factorization_memory, "_DEQUANTIZE_FROM_TOKENS", 10**9)
+    assert relative_error(dequantized, model(tokens)) < 1e-5
 
 
 def test_cache_state_is_float32_and_does_not_grow():

@@ -125,7 +125,7 @@ class FactorizationMemory(nn.Module):
         last `keep` tokens and after the last one."""
         batch, length, _ = u.shape
         z, x, router_logits, update_logits, merge_logits = mx.split(
-            self.in_proj(u), self.splits, axis=-1
+            _project(self.in_proj, u), self.splits, axis=-1
         )
         if mask is not None and self.conv_kernel > 0:
             x = mx.where(mask[..., None], x, 0)
@@ -145,7 +145,7 @@ class FactorizationMemory(nn.Module):
             keep=keep,
         )
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
-        out = self.out_proj(self.norm(_gate(out, z)))
+        out = _project(self.out_proj, self.norm(_gate(out, z)))
         return out, [[state, *conv] for state, conv in zip(states, carried)]
 
 
@@ -174,6 +174,41 @@ def _last_inputs(window: mx.array, keep: int, lengths: Optional[mx.array]) -> mx
     return mx.take_along_axis(window, positions[..., None], axis=1)
 
 
+# From this many tokens a quantized layer multiplies by its dequantized weight on the CPU.
+_DEQUANTIZE_FROM_TOKENS = 16
+
+
+def _dequantizes(layer: nn.Module, x: mx.array) -> bool:
+    """Whether `layer` (quantized) multiplies `x` by its dequantized weight: on MLX's CPU
+    back-end a quantized matmul over a prompt's many tokens runs several times slower than
+    dequantizing the weight and a BLAS GEMM; a decode step's few tokens stay quantized."""
+    return (
+        isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        and x.size // x.shape[-1] >= _DEQUANTIZE_FROM_TOKENS
+        and mx.default_device() == mx.cpu
+    )
+
+
+def _dequantized(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
+    weight = mx.dequantize(
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
+    return weight.astype(dtype)
+
+
+def _project(layer: nn.Module, x: mx.array) -> mx.array:
+    """layer(x) for a Linear or a QuantizedLinear (see `_dequantizes`)."""
+    if not _dequantizes(layer, x):
+        return layer(x)
+    out = x @ _dequantized(layer, x.dtype).T
+    return out + layer["bias"] if "bias" in layer else out
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -182,7 +217,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = silu(_project(self.gate_proj, x)) * _project(self.up_proj, x)
+        return _project(self.down_proj, hidden)
 
 
 class Block(nn.Module):
@@ -255,9 +291,12 @@ class Model(nn.Module):
         return self._head(self.backbone(inputs, cache, input_embeddings))
 
     def _head(self, h: mx.array) -> mx.array:
-        if self.args.tie_word_embeddings:
-            return self.backbone.embeddings.as_linear(h)
-        return self.lm_head(h)
+        if not self.args.tie_word_embeddings:
+            return _project(self.lm_head, h)
+        embeddings = self.backbone.embeddings
+        if _dequantizes(embeddings, h):
+            return h @ _dequantized(embeddings, h.dtype).T
+        return embeddings.as_linear(h)
 
     def _decode(self, inputs: mx.array, cache: list[FMCache]) -> mx.array:
         """One token per row, as one compiled graph over every layer: per-op dispatch, not
