@@ -1,6 +1,6 @@
 """The FM scan: step recurrence and chunked form held to the same numbers."""
 
-from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, route
+from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, fm_token, route
 
 import mlx.core as mx
 import numpy as np
@@ -89,6 +89,14 @@ def test_route_sparse_keeps_exactly_top_k_and_renormalizes():
     kept = np.argsort(-np.array(dense), axis=-1)[..., :4]
     assert (np.take_along_axis(np.array(sparse), kept, -1) > 0).all()
     assert mx.allclose(dense, mx.softmax(logits / 0.7, axis=-1), atol=1e-6).item()
+
+
+def test_one_token_layout_is_the_step_recurrence_bit_for_bit():
+    x, slot_weights, eta, state = random_scan_inputs(2, 1, 3, 8, 16, 4)
+    read, after = fm_token(x, slot_weights, eta, state)
+    step_read, step_after = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
+    assert np.array_equal(np.array(read[:, 0]), np.array(step_read))
+    assert np.array_equal(np.array(after), np.array(step_after))
 
 
 def test_unselected_slots_are_bit_for_bit_unchanged():

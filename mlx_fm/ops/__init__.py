@@ -16,7 +16,7 @@ import mlx.core as mx
 from . import metal
 from .chunk import fm_chunked
 from .metal import FMKernels
-from .recurrent import fm_recurrent, fm_step
+from .recurrent import fm_recurrent, fm_step, fm_token
 from .router import gates, merge, prepare, route
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "fm_chunked",
     "fm_recurrent",
     "fm_step",
+    "fm_token",
     "route",
     "gates",
     "FMKernels",
@@ -91,8 +92,7 @@ def fm_mix(
     if kernels is not None:
         read, state = kernels.scan(x, slot_weights, eta, state, keep_checkpoints=keep_checkpoints)
     elif decoding:
-        read, state = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
-        read = read[:, None]
+        read, state = fm_token(x, slot_weights, eta, state)
     else:
         read, state = fm_chunked(x, slot_weights, eta, state)
     return merge(read, x, mu), state

@@ -17,6 +17,21 @@ def fm_step(
     return read, state
 
 
+def fm_token(
+    x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+) -> tuple[mx.array, mx.array]:
+    """`fm_step` on one token laid out as the scans take it: x (B, 1, H, P), slot_weights
+    (B, 1, H, m), eta (B, 1, H); returns r (B, 1, H, P). The same arithmetic, with one
+    reshape per operand: every shape change is a graph node, and a decode step runs this
+    once per layer."""
+    batch, _, heads, width = x.shape
+    num_slots = slot_weights.shape[-1]
+    theta = eta.reshape(batch, heads, 1, 1) * slot_weights.reshape(batch, heads, num_slots, 1)
+    state = (1 - theta) * state + theta * x.reshape(batch, heads, 1, width)
+    read = slot_weights.reshape(batch, heads, 1, num_slots) @ state
+    return read.reshape(batch, 1, heads, width), state
+
+
 def fm_recurrent(
     x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
