@@ -205,3 +205,22 @@ def test_batch_cache_merge_filter_extract():
     for a, b in zip(extracted, merged):
         for x, y in zip(a.cache, b.cache):
             assert mx.array_equal(x, y).item()
+
+
+def test_only_training_asks_the_scan_for_backward_checkpoints(monkeypatch):
+    asked = []
+
+    def recording(*args, keep_checkpoints, **kwargs):
+        asked.append(keep_checkpoints)
+        return fm_mix_keeping(*args, keep_checkpoints=keep_checkpoints, **kwargs)
+
+    fm_mix_keeping = factorization_memory.fm_mix_keeping
+    monkeypatch.setattr(factorization_memory, "fm_mix_keeping", recording)
+    model = tiny_model()
+    tokens = mx.array([[1, 2, 3, 4]])
+    model.train()
+    model(tokens)
+    model.eval()
+    model(tokens)
+    layers = len(model.layers)
+    assert asked == [True] * layers + [False] * layers

@@ -143,6 +143,7 @@ class FactorizationMemory(nn.Module):
             state=contents[0] if contents is not None else None,
             mask=mask,
             keep=keep,
+            keep_checkpoints=self.training,  # a Metal scan's backward needs them; inference not
         )
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
         out = _project(self.out_proj, self.norm(_gate(out, z)))
