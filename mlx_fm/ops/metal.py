@@ -87,7 +87,6 @@ class FMKernels:
         self._metal_kernel = metal_kernel or mx.fast.metal_kernel
         self.scan_chunk = scan_chunk
         self.max_threads = max_threads
-        self._scan_with_checkpoints = self._differentiable_scan()
 
     def _build(
         self,
@@ -241,14 +240,20 @@ class FMKernels:
             reads, final_state = self._scan_recomputing_checkpoints(*arguments)
         return reads, final_state
 
-    def _differentiable_scan(self) -> Callable[..., list[mx.array]]:
-        """The forward kernel, with the backward kernel as its vector-Jacobian product."""
+    def _custom_scan(
+        self,
+        forward: Callable[..., list[mx.array]],
+        checkpoints_of: Callable[[tuple[mx.array, ...], tuple[mx.array, ...]], mx.array],
+    ) -> Callable[..., list[mx.array]]:
+        """`forward` made differentiable: its vector-Jacobian product runs the backward
+        kernel on the checkpoints that `checkpoints_of(primals, outputs)` gives. (The
+        callers pass lambdas so that each call looks the kernels up anew.)"""
 
         @mx.custom_function
         def scan(
             x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
         ) -> list[mx.array]:
-            return self._scan_forward(x, slot_weights, eta, state)
+            return forward(x, slot_weights, eta, state)
 
         @scan.vjp
         def scan_vjp(
@@ -257,41 +262,27 @@ class FMKernels:
             outputs: tuple[mx.array, ...],
         ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
             x, slot_weights, eta, _ = primals
-            d_reads, d_final_state, _ = cotangents
-            checkpoints = outputs[2]
+            d_reads, d_final_state = cotangents[:2]
             d_x, d_slot_weights, d_eta, d_state = self._scan_backward(
-                x, slot_weights, eta, checkpoints, d_reads, d_final_state
+                x, slot_weights, eta, checkpoints_of(primals, outputs), d_reads, d_final_state
             )
             return d_x.astype(x.dtype), d_slot_weights, d_eta, d_state
 
         return scan
 
     @cached_property
+    def _scan_with_checkpoints(self) -> Callable[..., list[mx.array]]:
+        """The forward kernel, saving the checkpoints its backward reads (training)."""
+        return self._custom_scan(lambda *arrays: self._scan_forward(*arrays), lambda _, out: out[2])
+
+    @cached_property
     def _scan_recomputing_checkpoints(self) -> Callable[..., list[mx.array]]:
-        """The inference forward kernel; its vector-Jacobian product reruns the
+        """The inference forward, writing no checkpoints; a gradient reruns the
         forward with checkpoints, then the backward kernel."""
-
-        @mx.custom_function
-        def scan(
-            x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
-        ) -> list[mx.array]:
-            return self._scan_forward_inference(x, slot_weights, eta, state)
-
-        @scan.vjp
-        def scan_vjp(
-            primals: tuple[mx.array, ...],
-            cotangents: tuple[mx.array, ...],
-            outputs: tuple[mx.array, ...],
-        ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-            x, slot_weights, eta, state = primals
-            d_reads, d_final_state = cotangents
-            checkpoints = self._scan_forward(x, slot_weights, eta, state)[2]
-            d_x, d_slot_weights, d_eta, d_state = self._scan_backward(
-                x, slot_weights, eta, checkpoints, d_reads, d_final_state
-            )
-            return d_x.astype(x.dtype), d_slot_weights, d_eta, d_state
-
-        return scan
+        return self._custom_scan(
+            lambda *arrays: self._scan_forward_inference(*arrays),
+            lambda primals, _: self._scan_forward(*primals)[2],
+        )
 
     def _scan_forward_inference(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
