@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import tiny_model
+from conftest import TINY, tiny_model
 from mlx_fm_convert.checkpoint import convert
 from mlx_fm_convert.cli import main as convert_main
 from mlx_fm_convert.weights import read_weights
 
 # hidden 32, inner 64, MLP 64: every Linear input size is a multiple of the group size 32.
-SOURCE = dict(
-    vocab_size=BYTE_VOCAB_SIZE + 1,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_heads=2,
-    num_slots=8,
-    top_k=3,
-    intermediate_size=64,
-    tie_word_embeddings=False,
-)
+SOURCE = TINY | dict(intermediate_size=64)
 CONFIGS = {
     "sparse": {},
     "dense": {"top_k": None},
