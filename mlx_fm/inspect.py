@@ -51,6 +51,10 @@ SEGMENT = 2048
 PASSAGE_TOKENS = 48
 # Bin 0 is [0, 1e-6); then 4 bins per decade up to 1 (a rate of 1e-6 forgets over ~1M tokens).
 HISTOGRAM_EDGES = np.concatenate([[0.0], np.geomspace(1e-6, 1.0, 25)])
+# The per-head statistics that layer_summary gives as [min, max] over heads, and their format.
+SUMMARY_FORMATS = dict(
+    balance=".3f", max_over_mean=".2f", top_k_mass=".3f", eta_mean=".3g", mu_mean=".2f"
+)
 PLOT_FILES = ("slot_usage.png", "lifetimes.png", "routing_map.png")
 
 
@@ -283,6 +287,45 @@ def format_report(stats: RoutingStats) -> str:
     return "\n".join(lines)
 
 
+def layer_summary(stats: RoutingStats) -> list:
+    """Per layer, over its heads: [min, max] of balance, max_over_mean, top_k_mass, eta_mean and
+    mu_mean, the count of dead slots, and [min, median, max] of the live slots' lifetimes."""
+    summaries = []
+    for layer in range(stats.balance.shape[0]):
+        live = stats.lifetime[layer][~stats.dead[layer]]
+        summary = {
+            name: [
+                float(getattr(stats, name)[layer].min()),
+                float(getattr(stats, name)[layer].max()),
+            ]
+            for name in SUMMARY_FORMATS
+        }
+        summary["dead"] = int(stats.dead[layer].sum())
+        summary["lifetime"] = [float(f(live)) for f in (np.min, np.median, np.max)]
+        summaries.append(summary)
+    return summaries
+
+
+def format_layer_summary(stats: RoutingStats) -> str:
+    lines = [
+        f"{'layer':>5} {'balance':>13} {'max/mean':>11} {'dead':>4} {'top-k mass':>11} "
+        f"{'eta':>15} {'mu':>11} {'lifetimes (min/median/max)':>28}"
+    ]
+    for layer, summary in enumerate(layer_summary(stats)):
+        low_high = {name: _span(summary[name], form) for name, form in SUMMARY_FORMATS.items()}
+        lifetimes = "/".join(format_tokens(value) for value in summary["lifetime"])
+        lines.append(
+            f"{layer:>5} {low_high['balance']:>13} {low_high['max_over_mean']:>11} "
+            f"{summary['dead']:>4} {low_high['top_k_mass']:>11} {low_high['eta_mean']:>15} "
+            f"{low_high['mu_mean']:>11} {lifetimes:>28}"
+        )
+    return "\n".join(lines)
+
+
+def _span(values: list, form: str) -> str:
+    return "–".join(format(value, form) for value in values)
+
+
 # ---- the plots --------------------------------------------------------------------------------
 
 
@@ -449,6 +492,8 @@ def main(argv=None) -> None:
     passage = range(args.map_start, args.map_start + args.map_tokens)
     stats = routing_stats(model, tokens, passage=passage)
     print(format_report(stats))
+    print("\nBy layer, over its heads:")
+    print(format_layer_summary(stats))
     if args.json is not None:
         with written_file_atomically(args.json) as staging:
             staging.write_text(json.dumps(stats.to_json()))

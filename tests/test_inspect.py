@@ -93,6 +93,24 @@ def test_a_router_that_always_picks_the_first_k_slots():
     np.testing.assert_allclose(stats.passage_weights, expected, rtol=1e-6)
 
 
+def test_the_layer_summary_spans_the_heads():
+    stats = fm_inspect.routing_stats(routed_model(), text_ids())
+    eta, decay_lifetime = sigmoid(ETA_BIAS[1]), -1 / math.log(1 - sigmoid(ETA_BIAS[1]) / TOP_K)
+    summaries = fm_inspect.layer_summary(stats)
+    assert len(summaries) == TINY["num_hidden_layers"]
+    for summary in summaries:
+        np.testing.assert_allclose(summary["balance"], [math.log(TOP_K) / math.log(SLOTS)] * 2)
+        np.testing.assert_allclose(summary["max_over_mean"], [SLOTS / TOP_K] * 2)
+        np.testing.assert_allclose(summary["eta_mean"], [0.0, eta], rtol=1e-6)
+        np.testing.assert_allclose(summary["mu_mean"], sorted(map(sigmoid, MU_BIAS)), rtol=1e-6)
+        assert summary["dead"] == HEADS * (SLOTS - TOP_K)
+        # Live slots: head 0's never decay, head 1's decay by 1 − η/k per token.
+        np.testing.assert_allclose(summary["lifetime"], [decay_lifetime, np.inf, np.inf], 1e-5)
+    rows = fm_inspect.format_layer_summary(stats).splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["0", "1"]
+    assert f"{decay_lifetime:.3g}/inf/inf" in rows[0]
+
+
 def test_a_dense_router_keeps_all_the_weight():
     stats = fm_inspect.routing_stats(tiny_model(top_k=SLOTS), text_ids())
     np.testing.assert_array_equal(stats.usage, 1.0)
@@ -177,6 +195,9 @@ def test_cli_prints_a_row_per_head_and_writes_json_and_plots(
     assert rows == [(str(layer), str(head)) for layer in range(2) for head in range(HEADS)]
     model, _ = mlx_fm.load(tiny_model_dir)
     expected = fm_inspect.routing_stats(model, text_ids(100))
+    assert out.split("By layer, over its heads:\n")[1].startswith(
+        fm_inspect.format_layer_summary(expected)
+    )
     assert_same_stats(
         fm_inspect.RoutingStats.from_json(json.loads(stats_file.read_text())), expected
     )
