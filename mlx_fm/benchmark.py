@@ -12,22 +12,34 @@ Each model is also held against this machine's limits, measured in the same run:
 the decode floor (a batch-1 decode step must stream every weight matrix once: the
 model's matrix-vector products alone, timed) and the prompt bound (about 2 ×
 parameters FLOPs a token, at the GEMM speed of a prompt segment).
+
+With --train-seq-len, each model's training speed too: tokens/s of mlx_fm.train's own
+step (forward, backward, AdamW) on random windows. With --batch N, decode tokens/s of
+mlx-lm's batch_generate over N prompts against the same over one.
 """
 
 import argparse
 import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
 
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import batch_generate
 from mlx_lm.models import llama, mamba2
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import fail_cleanly
+from .training.config import TrainConfig
+from .training.optimizer import build_optimizer
+from .training.trainer import make_train_step
 from .utils import parameter_count
 
 PREFILL_STEP = 2048
+BATCH_PROMPT_TOKENS = 128
 
 
 def fm_model(args, layers):
@@ -117,6 +129,23 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int):
     return prompt_rate, decode_rate, mx.get_peak_memory() / 1e9
 
 
+def training_rate(model, seq_len: int, batch_size: int, vocab_size: int) -> float:
+    """Tokens/s of mlx_fm.train's compiled step (forward, backward, AdamW, clipping)."""
+    config = TrainConfig(data=["random"], output="unused", seq_len=seq_len, batch_size=batch_size)
+    step = make_train_step(model, build_optimizer(config), config, mx.distributed.init())
+    windows = mx.random.randint(0, vocab_size, (batch_size, seq_len + 1))
+    return timed_rate(lambda: step(windows), batch_size * seq_len, seconds=2.0)
+
+
+def batch_decode_rate(model, prompts: int, decode_tokens: int, vocab_size: int) -> float:
+    """Generated tokens/s of mlx-lm's batch_generate over `prompts` random prompts."""
+    tokens = mx.random.randint(0, vocab_size, (prompts, BATCH_PROMPT_TOKENS)).tolist()
+    no_text = SimpleNamespace(eos_token_ids=[], decode=lambda ids: "")
+    batch_generate(model, no_text, tokens, max_tokens=2)  # warm-up: compile for this batch
+    response = batch_generate(model, no_text, tokens, max_tokens=decode_tokens)
+    return response.stats.generation_tps
+
+
 def weight_matrices(model: nn.Module) -> list[mx.array]:
     """The matrices a decode step multiplies by: every Linear's, and the embedding when it
     doubles as the output layer."""
@@ -164,12 +193,29 @@ def build_parser():
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--fm-intermediate-size", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument(
+        "--train-seq-len", type=int, default=0, help="also time training on windows this long"
+    )
+    parser.add_argument("--train-batch", type=int, default=8, help="windows per training step")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="also time batch_generate over this many prompts"
+    )
     return parser
 
 
+@dataclass
+class Measured:
+    """One model's figures: per context (prompt tok/s, decode tok/s, peak GB), and if asked,
+    training tok/s and (batch_generate tok/s over --batch prompts, over one prompt)."""
+
+    contexts: dict = field(default_factory=dict)
+    training: Optional[float] = None
+    batch_decode: Optional[tuple] = None
+
+
 def run(args) -> dict:
-    """{model name: {context: (prompt tok/s, decode tok/s, peak GB)}}, printed as it goes, with
-    each model's fraction of the prompt bound and the decode floor."""
+    """{model name: Measured}, printed as it goes, with each model's fraction of the prompt bound
+    and the decode floor."""
     mx.random.seed(0)
     target = parameter_count(fm_model(args, args.fm_layers))
     results = {}
@@ -183,14 +229,34 @@ def run(args) -> dict:
             f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters; "
             f"prompt bound {bound:.0f} tok/s, decode floor {floor:.0f} tok/s"
         )
-        results[NAMES[key]] = {}
+        measured = results[NAMES[key]] = Measured()
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
-            results[NAMES[key]][context] = result
+            measured.contexts[context] = result
             print(
                 f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s "
                 f"({result[0] / bound:4.0%} of bound), decode {result[1]:7.1f} tok/s "
                 f"({result[1] / floor:4.0%} of floor), peak {result[2]:6.3f} GB",
+                flush=True,
+            )
+        if args.batch:
+            measured.batch_decode = tuple(
+                batch_decode_rate(model, n, args.decode_tokens, args.vocab_size)
+                for n in (args.batch, 1)
+            )
+            batched, single = measured.batch_decode
+            print(
+                f"  batch_generate: {batched:.1f} tok/s over {args.batch} prompts, "
+                f"{single:.1f} over 1 ({batched / single:.2f}x)",
+                flush=True,
+            )
+        if args.train_seq_len:
+            measured.training = training_rate(
+                model, args.train_seq_len, args.train_batch, args.vocab_size
+            )
+            print(
+                f"  training: {measured.training:.0f} tok/s "
+                f"({args.train_batch} x {args.train_seq_len} tokens a step)",
                 flush=True,
             )
         del model
@@ -200,22 +266,25 @@ def run(args) -> dict:
 def print_ratios(results: dict):
     if "FM" not in results or len(results) < 2:
         return
+    fm, others = results["FM"], {name: m for name, m in results.items() if name != "FM"}
     print(
         f"\n{'context':>8} "
-        + " ".join(
-            f"{'FM/' + name + ' ' + what:>22}"
-            for name in results
-            if name != "FM"
-            for what in ("prompt", "decode")
-        )
+        + " ".join(f"{'FM/' + name + ' ' + what:>22}" for name in others for what in RATE_NAMES)
     )
-    for context, (fm_prompt, fm_decode, _) in results["FM"].items():
+    for context, (fm_prompt, fm_decode, _) in fm.contexts.items():
         cells = []
-        for name, rows in results.items():
-            if name != "FM":
-                prompt, decode, _ = rows[context]
-                cells += [f"{fm_prompt / prompt:21.2f}x", f"{fm_decode / decode:21.2f}x"]
+        for measured in others.values():
+            prompt, decode, _ = measured.contexts[context]
+            cells += [f"{fm_prompt / prompt:21.2f}x", f"{fm_decode / decode:21.2f}x"]
         print(f"{context:8d} " + " ".join(cells))
+    if fm.training is not None:
+        print(
+            "training "
+            + " ".join(f"FM/{name} {fm.training / m.training:.2f}x" for name, m in others.items())
+        )
+
+
+RATE_NAMES = ("prompt", "decode")
 
 
 @fail_cleanly

@@ -50,6 +50,12 @@ def test_benchmark_compares_models_of_matching_size(capsys):
             "8",
             "--top-k",
             "2",
+            "--train-seq-len",
+            "16",
+            "--train-batch",
+            "2",
+            "--batch",
+            "3",
         ]
     )
     results = benchmark.run(args)
@@ -62,11 +68,23 @@ def test_benchmark_compares_models_of_matching_size(capsys):
             assert "prompt bound" in rest and "decode floor" in rest
     for name in ("Llama", "Mamba-2"):
         assert abs(counts[name] - counts["FM"]) / counts["FM"] < 0.35
-    for rows in results.values():
-        prompt, decode, peak = rows[40]
+    for measured in results.values():
+        prompt, decode, peak = measured.contexts[40]
         assert prompt > 0 and decode > 0 and peak > 0
+        assert measured.training > 0 and min(measured.batch_decode) > 0
     benchmark.print_ratios(results)
-    assert "FM/Mamba-2 decode" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FM/Mamba-2 decode" in out
+    fm, mamba2 = results["FM"].training, results["Mamba-2"].training
+    assert f"FM/Mamba-2 {fm / mamba2:.2f}x" in out
+
+
+def test_benchmark_training_runs_the_trainers_step():
+    model = benchmark.fm_model(benchmark.build_parser().parse_args(["--hidden-size", "64"]), 1)
+    before = np.array(model.backbone.embeddings.weight)
+    assert benchmark.training_rate(model, seq_len=8, batch_size=2, vocab_size=100) > 0
+    after = np.array(model.backbone.embeddings.weight)
+    assert not np.array_equal(before, after)  # AdamW updated the weights
 
 
 def test_the_decode_floor_streams_every_weight_matrix_once():
