@@ -15,7 +15,10 @@
 // 8 (padded slots and tokens past T have α̃ = θ = 0), COLUMN_TILES.
 // Inputs: x (B, T, H, P) any float type; slot_weights α̃ (B, T, H, M) float32;
 // eta (B, T, H) float32; state (B, H, M, P) float32.
-// Outputs: reads (B, T, H, P); final_state (B, H, M, P).
+// Outputs: reads (B, T, H, P); final_state (B, H, M, P); checkpoints
+// (B, H, N, M, P) with N = ceil(T / 8): the state entering each chunk, for
+// fm_scan_chunkwise_backward.metal. The header defines FM_SCAN_CHECKPOINTS:
+// 0 builds the inference variant, without the checkpoints output.
 
 constexpr int Q = 8;  // tokens per chunk: one matrix tile
 constexpr int BLOCKS = SLOTS / 8;
@@ -54,6 +57,21 @@ for (int b = 0; b < BLOCKS; ++b) {
 }
 
 for (uint start = 0; start < length; start += Q) {
+#if FM_SCAN_CHECKPOINTS
+  const uint chunks = (length + Q - 1) / Q;
+  device float* checkpoint = checkpoints + (ulong(head_row) * chunks + start / Q) * M * width;
+  for (int b = 0; b < BLOCKS; ++b) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_store(state_blocks[b], tile_stage, 8);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint k = lane; k < 64; k += 32) {
+      const uint i = 8 * b + k / 8, column = first_column + k % 8;
+      if (i < M && column < width) {
+        checkpoint[ulong(i) * width + column] = tile_stage[k];
+      }
+    }
+  }
+#endif
   // 64-bit: B·T·H·M passes 2^32 from about a million tokens.
   const ulong first_token = (ulong(batch) * length + start) * heads + head;
   for (uint k = thread_index; k < Q * SLOTS; k += thread_count) {

@@ -12,12 +12,14 @@ stand in for, against which they are tested:
   (fm_scan_forward.metal) runs the step recurrence with each head's state in
   registers and saves the state entering every chunk of `scan_chunk` tokens;
   the backward kernel (fm_scan_backward.metal) walks the chunks in reverse,
-  recomputing each from its saved state. With `keep_checkpoints=False` the
-  forward is the same source built without the checkpoints, or from
-  `CHUNKWISE_MIN_LENGTH` tokens the chunkwise-parallel fm_scan_chunkwise.metal
-  (8 × 8 simdgroup_matrix products per chunk of 8 tokens); a gradient reruns
-  the checkpointing forward first. Routing and gates stay MLX ops, so
-  their gradients are MLX's.
+  recomputing each from its saved state. From `CHUNKWISE_MIN_LENGTH` tokens,
+  where their threadgroup memory fits, the chunkwise-parallel pair takes over:
+  fm_scan_chunkwise.metal (8 × 8 simdgroup_matrix products per chunk of 8
+  tokens, saving the state entering each chunk) and
+  fm_scan_chunkwise_backward.metal (the chunks in reverse, as matrix products
+  too). With `keep_checkpoints=False` the forward is the same source built
+  without the checkpoints; a gradient reruns the checkpointing forward first.
+  Routing and gates stay MLX ops, so their gradients are MLX's.
 
 `use_kernels()` says whether `fm_mix` runs on them; `default_kernels()` are the
 ones it runs on.
@@ -53,8 +55,10 @@ MAX_THREADS = 512
 # The chunkwise scan (fm_scan_chunkwise.metal): chunks of 8 tokens, tiles of 8
 # value columns, up to this many tiles (SIMD groups) per threadgroup.
 CHUNKWISE_COLUMN_TILES = 4
-# Prompts from this many tokens (8 chunks) take the chunkwise scan; see the
-# threshold in metal/README.md.
+CHUNKWISE_CHUNK = 8  # tokens per chunk: one matrix tile
+# Scans from this many tokens (8 chunks) take the chunkwise kernels, forward
+# and backward, where they fit. Basis (a count of dependent steps, not a
+# measurement): see the threshold in metal/README.md.
 CHUNKWISE_MIN_LENGTH = 64
 
 
@@ -145,7 +149,28 @@ class FMKernels:
     @cached_property
     def _chunkwise_kernel(self) -> KernelLauncher:
         return self._build(
-            "fm_scan_chunkwise", ["x", "slot_weights", "eta", "state"], ["reads", "final_state"]
+            "fm_scan_chunkwise",
+            ["x", "slot_weights", "eta", "state"],
+            ["reads", "final_state"],
+            header="#define FM_SCAN_CHECKPOINTS 0\n",
+        )
+
+    @cached_property
+    def _chunkwise_checkpointing_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_scan_chunkwise_checkpoints",
+            ["x", "slot_weights", "eta", "state"],
+            ["reads", "final_state", "checkpoints"],
+            source="fm_scan_chunkwise",
+            header="#define FM_SCAN_CHECKPOINTS 1\n",
+        )
+
+    @cached_property
+    def _chunkwise_backward_kernel(self) -> KernelLauncher:
+        return self._build(
+            "fm_scan_chunkwise_backward",
+            ["x", "slot_weights", "eta", "checkpoints", "d_reads", "d_final_state"],
+            ["d_x", "d_slot_weights_partial", "d_eta_partial", "d_state"],
         )
 
     @cached_property
@@ -246,8 +271,9 @@ class FMKernels:
         checkpoints_of: Callable[[tuple[mx.array, ...], tuple[mx.array, ...]], mx.array],
     ) -> Callable[..., list[mx.array]]:
         """`forward` made differentiable: its vector-Jacobian product runs the backward
-        kernel on the checkpoints that `checkpoints_of(primals, outputs)` gives. (The
-        callers pass lambdas so that each call looks the kernels up anew.)"""
+        on the checkpoints that `checkpoints_of(primals, outputs)` gives, which
+        `_forward_with_checkpoints` wrote. (The callers pass lambdas so that each
+        call looks the kernels up anew.)"""
 
         @mx.custom_function
         def scan(
@@ -263,7 +289,7 @@ class FMKernels:
         ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
             x, slot_weights, eta, _ = primals
             d_reads, d_final_state = cotangents[:2]
-            d_x, d_slot_weights, d_eta, d_state = self._scan_backward(
+            d_x, d_slot_weights, d_eta, d_state = self._backward(
                 x, slot_weights, eta, checkpoints_of(primals, outputs), d_reads, d_final_state
             )
             return d_x.astype(x.dtype), d_slot_weights, d_eta, d_state
@@ -272,50 +298,138 @@ class FMKernels:
 
     @cached_property
     def _scan_with_checkpoints(self) -> Callable[..., list[mx.array]]:
-        """The forward kernel, saving the checkpoints its backward reads (training)."""
-        return self._custom_scan(lambda *arrays: self._scan_forward(*arrays), lambda _, out: out[2])
+        """The forward, saving the checkpoints its backward reads (training)."""
+        return self._custom_scan(
+            lambda *arrays: self._forward_with_checkpoints(*arrays), lambda _, out: out[2]
+        )
 
     @cached_property
     def _scan_recomputing_checkpoints(self) -> Callable[..., list[mx.array]]:
         """The inference forward, writing no checkpoints; a gradient reruns the
-        forward with checkpoints, then the backward kernel."""
+        forward with checkpoints, then the backward."""
         return self._custom_scan(
             lambda *arrays: self._scan_forward_inference(*arrays),
-            lambda primals, _: self._scan_forward(*primals)[2],
+            lambda primals, _: self._forward_with_checkpoints(*primals)[2],
+        )
+
+    def _takes_chunkwise(self, x: mx.array, slot_weights: mx.array, *, gradient: bool) -> bool:
+        """The dispatch rule: the chunkwise kernels from `CHUNKWISE_MIN_LENGTH`
+        tokens where their threadgroup memory fits (for a gradient, the
+        backward's too), else the step kernels."""
+        width, slots = x.shape[-1], slot_weights.shape[-1]
+        forward_bytes = _chunkwise_threadgroup_bytes(slots, self._chunkwise_tiles(width))
+        return (
+            x.shape[1] >= CHUNKWISE_MIN_LENGTH
+            and forward_bytes <= THREADGROUP_MEMORY_BYTES
+            and (not gradient or self._chunkwise_backward_tiles(width, slots) > 0)
         )
 
     def _scan_forward_inference(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
     ) -> list[mx.array]:
-        """The chunkwise kernel for long prompts where it fits, else the step recurrence."""
-        length = x.shape[1]
-        slots = slot_weights.shape[-1]
-        fits = _chunkwise_threadgroup_bytes(slots, self._chunkwise_tiles(x.shape[-1]))
-        if length >= CHUNKWISE_MIN_LENGTH and fits <= THREADGROUP_MEMORY_BYTES:
+        if self._takes_chunkwise(x, slot_weights, gradient=False):
             return self._scan_chunkwise(x, slot_weights, eta, state)
         return self._scan_sequential_inference(x, slot_weights, eta, state)
+
+    def _forward_with_checkpoints(
+        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+    ) -> list[mx.array]:
+        if self._takes_chunkwise(x, slot_weights, gradient=True):
+            return self._scan_chunkwise(x, slot_weights, eta, state, checkpoints=True)
+        return self._scan_forward(x, slot_weights, eta, state)
+
+    def _backward(
+        self,
+        x: mx.array,
+        slot_weights: mx.array,
+        eta: mx.array,
+        checkpoints: mx.array,
+        d_reads: mx.array,
+        d_final_state: mx.array,
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """The backward matching `_forward_with_checkpoints` (same rule, same shapes)."""
+        backward = (
+            self._scan_chunkwise_backward
+            if self._takes_chunkwise(x, slot_weights, gradient=True)
+            else self._scan_backward
+        )
+        return backward(x, slot_weights, eta, checkpoints, d_reads, d_final_state)
 
     def _chunkwise_tiles(self, width: int) -> int:
         return min(-(-width // 8), CHUNKWISE_COLUMN_TILES, self.max_threads // SIMD_WIDTH)
 
+    def _chunkwise_backward_tiles(self, width: int, slots: int) -> int:
+        """The most tiles (up to the forward's) whose backward fits Metal's
+        threadgroup memory; 0 where none does."""
+        tiles = self._chunkwise_tiles(width)
+        while tiles and _chunkwise_backward_threadgroup_bytes(slots, tiles) > (
+            THREADGROUP_MEMORY_BYTES
+        ):
+            tiles -= 1
+        return tiles
+
     def _scan_chunkwise(
-        self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
+        self,
+        x: mx.array,
+        slot_weights: mx.array,
+        eta: mx.array,
+        state: mx.array,
+        checkpoints: bool = False,
     ) -> list[mx.array]:
-        batch, _, heads, width = x.shape
+        """The chunkwise forward; with `checkpoints`, also the state entering
+        each chunk, (B, H, ⌈T / 8⌉, m, P), for its backward."""
+        batch, length, heads, width = x.shape
         slots = slot_weights.shape[-1]
         tiles = self._chunkwise_tiles(width)
         _check_threadgroup_memory(
             "chunkwise scan", _chunkwise_threadgroup_bytes(slots, tiles), slots
         )
-        groups = -(-width // (8 * tiles))
-        return self._chunkwise_kernel(
+        kernel, output_shapes = self._chunkwise_kernel, [x.shape, state.shape]
+        if checkpoints:
+            kernel = self._chunkwise_checkpointing_kernel
+            chunks = -(-length // CHUNKWISE_CHUNK)
+            output_shapes.append((batch, heads, chunks, slots, width))
+        return kernel(
             inputs=[x, slot_weights, eta, state],
-            template=[("M", slots), ("SLOTS", -(-slots // 8) * 8), ("COLUMN_TILES", tiles)],
-            grid=(SIMD_WIDTH, groups * tiles, batch * heads),
+            template=_chunkwise_template(slots, tiles),
+            grid=(SIMD_WIDTH, -(-width // (8 * tiles)) * tiles, batch * heads),
             threadgroup=(SIMD_WIDTH, tiles, 1),
-            output_shapes=[x.shape, state.shape],
-            output_dtypes=[mx.float32] * 2,
+            output_shapes=output_shapes,
+            output_dtypes=[mx.float32] * len(output_shapes),
         )
+
+    def _scan_chunkwise_backward(
+        self,
+        x: mx.array,
+        slot_weights: mx.array,
+        eta: mx.array,
+        checkpoints: mx.array,
+        d_reads: mx.array,
+        d_final_state: mx.array,
+    ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        batch, length, heads, width = x.shape
+        slots = slot_weights.shape[-1]
+        tiles = self._chunkwise_backward_tiles(width, slots)
+        _check_threadgroup_memory(
+            "chunkwise scan backward",
+            _chunkwise_backward_threadgroup_bytes(slots, max(tiles, 1)),
+            slots,
+        )
+        all_tiles = -(-width // (8 * tiles)) * tiles
+        d_x, d_slot_weights_partial, d_eta_partial, d_state = self._chunkwise_backward_kernel(
+            inputs=[x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+            template=_chunkwise_template(slots, tiles),
+            grid=(SIMD_WIDTH, all_tiles, batch * heads),
+            threadgroup=(SIMD_WIDTH, tiles, 1),
+            output_shapes=[
+                x.shape,
+                (batch, length, heads, all_tiles, slots),
+                (batch, length, heads, all_tiles),
+                d_final_state.shape,
+            ],
+            output_dtypes=[mx.float32] * 4,
+        )
+        return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
 
     def _scan_sequential_inference(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
@@ -386,10 +500,21 @@ class FMKernels:
         return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
 
 
+def _chunkwise_template(slots: int, tiles: int) -> list[tuple[str, int]]:
+    return [("M", slots), ("SLOTS", -(-slots // 8) * 8), ("COLUMN_TILES", tiles)]
+
+
 def _chunkwise_threadgroup_bytes(slots: int, tiles: int) -> int:
     """Five 8 × m tiles, the 8 × 8 scores, and two 8 × 8 tiles per SIMD group."""
     padded = -(-slots // 8) * 8
     return (40 * padded + 64 + 128 * tiles) * 4
+
+
+def _chunkwise_backward_threadgroup_bytes(slots: int, tiles: int) -> int:
+    """The forward's five 8 × m tiles, the scores and η, and per SIMD group four
+    8 × 8 tiles and the column sums of a window of 32 slots (2 · 32 × 8 + 32)."""
+    padded = -(-slots // 8) * 8
+    return (40 * padded + 72 + 800 * tiles) * 4
 
 
 def _check_threadgroup_memory(kernel: str, size: int, slots: int) -> None:
