@@ -119,7 +119,9 @@ def test_kernels_fit_a_lower_thread_limit():
     assert relative_error(out, expected_out) < FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize("kernel,slots", [("decode", 3969), ("scan backward", 4096)])
+@pytest.mark.parametrize(
+    "kernel,slots", [("decode", 3969), ("scan backward", 4096), ("chunkwise scan backward", 184)]
+)
 def test_threadgroup_memory_past_32_kb_is_refused_clearly(emulated, kernel, slots):
     with pytest.raises(ValueError, match=f"FM {kernel} kernel needs .* Metal allows 32768"):
         if kernel == "decode":
@@ -139,7 +141,11 @@ def test_threadgroup_memory_past_32_kb_is_refused_clearly(emulated, kernel, slot
             )
         else:
             x, slot_weights, eta, state = scan_inputs(1, 1, 1, 1, slots, 4)
-            emulated._scan_backward(x, slot_weights, eta, state[:, :, None], x, state)
+            backward = {
+                "scan backward": emulated._scan_backward,
+                "chunkwise scan backward": emulated._scan_chunkwise_backward,
+            }[kernel]
+            backward(x, slot_weights, eta, state[:, :, None], x, state)
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
@@ -306,32 +312,159 @@ def test_chunkwise_prefill_with_padding_matches_ops(chunkwise_from_two_tokens, d
     assert relative_error(new_state, expected_state) < FLOAT32_TOLERANCE
 
 
-def test_chunkwise_scan_gradients_recompute_the_checkpoints(chunkwise_from_two_tokens):
+def test_chunkwise_forward_saves_the_state_entering_each_chunk(emulated):
+    x, slot_weights, eta, state = scan_inputs(2, 17, 2, 20, 12, 4)
+    reads, final_state, checkpoints = emulated._scan_chunkwise(
+        x, slot_weights, eta, state, checkpoints=True
+    )
+    inference_reads, inference_state = emulated._scan_chunkwise(x, slot_weights, eta, state)
+    assert np.array_equal(np.array(reads), np.array(inference_reads))
+    assert np.array_equal(np.array(final_state), np.array(inference_state))
+    assert checkpoints.shape == (2, 2, 3, 12, 20)
+    assert np.array_equal(np.array(checkpoints[:, :, 0]), np.array(state))
+    for chunk in (1, 2):
+        tokens = slice(0, 8 * chunk)
+        _, entering = ops.fm_chunked(x[:, tokens], slot_weights[:, tokens], eta[:, tokens], state)
+        assert relative_error(checkpoints[:, :, chunk], entering) < FLOAT32_TOLERANCE
+
+
+# --- chunkwise backward ---------------------------------------------------------
+
+
+def refusing(name):
+    def refused(*args, **kwargs):
+        raise AssertionError(f"ran {name}")
+
+    return refused
+
+
+@pytest.fixture
+def chunkwise_only(monkeypatch):
+    """Kernels on which every scan, forward and backward, takes the chunkwise
+    pair: from one token, the step kernels refused."""
+    kernels = metal.FMKernels(metal_kernel=metal_kernel, scan_chunk=SCAN_CHUNK)
+    monkeypatch.setattr(metal, "CHUNKWISE_MIN_LENGTH", 1)
+    for name in ("_scan_forward", "_scan_backward", "_scan_sequential_inference"):
+        monkeypatch.setattr(kernels, name, refusing(name))
+    return kernels
+
+
+def scan_gradients(scan, inputs):
+    return mx.grad(scan_loss(scan), argnums=(0, 1, 2, 3))(*inputs)
+
+
+CHUNKWISE_GRADIENT_CASES = [
+    *CHUNKWISE_CASES,
+    (17, 40, 128, 32),  # the backward fits 3 tiles a threadgroup, the forward 4
+    (17, 8, 176, 4),  # the largest m whose backward fits (one tile)
+]
+
+
+@pytest.mark.parametrize("length,width,slots,top_k", CHUNKWISE_GRADIENT_CASES)
+def test_chunkwise_scan_gradients_match_the_step_kernels_and_ops(
+    emulated, chunkwise_only, monkeypatch, length, width, slots, top_k
+):
+    inputs = scan_inputs(2, length, 2, width, slots, top_k)
+    grads = scan_gradients(chunkwise_only.scan, inputs)
+    monkeypatch.setattr(emulated, "_takes_chunkwise", lambda *args, **kwargs: False)
+    step_grads = scan_gradients(emulated.scan, inputs)
+    expected = scan_gradients(ops.fm_chunked, inputs)
+    names = ("x", "slot_weights", "eta", "state")
+    for name, grad, step_grad, expected_grad in zip(names, grads, step_grads, expected):
+        assert grad.shape == expected_grad.shape, name
+        assert relative_error(grad, step_grad) < FLOAT32_TOLERANCE, name
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
+
+
+def test_chunkwise_inference_scan_gradients_recompute_the_checkpoints(chunkwise_only):
     inputs = scan_inputs(2, 11, 2, 20, 12, 4)
-    inference_scan = partial(chunkwise_from_two_tokens.scan, keep_checkpoints=False)
-    grads = mx.grad(scan_loss(inference_scan), argnums=(0, 1, 2, 3))(*inputs)
-    expected = mx.grad(scan_loss(ops.fm_chunked), argnums=(0, 1, 2, 3))(*inputs)
+    grads = scan_gradients(partial(chunkwise_only.scan, keep_checkpoints=False), inputs)
+    expected = scan_gradients(ops.fm_chunked, inputs)
     for grad, expected_grad in zip(grads, expected):
         assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
 
 
+def test_scan_gradients_at_the_threshold_take_the_chunkwise_pair(emulated, monkeypatch):
+    for name in ("_scan_forward", "_scan_backward"):
+        monkeypatch.setattr(emulated, name, refusing(name))
+    inputs = scan_inputs(1, metal.CHUNKWISE_MIN_LENGTH, 1, 8, 12, 4)
+    grads = scan_gradients(emulated.scan, inputs)
+    expected = scan_gradients(ops.fm_chunked, inputs)
+    for grad, expected_grad in zip(grads, expected):
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
+
+
+def recorded_scans(kernels, monkeypatch):
+    """The scan kernels of `kernels` replaced by stand-ins that record their
+    calls and return zeros of the right shapes."""
+    calls = []
+
+    def outputs(x, state, checkpoints):
+        return [mx.zeros(x.shape), state, *([mx.zeros((1,))] if checkpoints else [])]
+
+    def chunkwise(x, slot_weights, eta, state, checkpoints=False):
+        calls.append("chunkwise forward" + (" with checkpoints" if checkpoints else ""))
+        return outputs(x, state, checkpoints)
+
+    def step(checkpoints):
+        def forward(x, slot_weights, eta, state):
+            calls.append("step forward" + (" with checkpoints" if checkpoints else ""))
+            return outputs(x, state, checkpoints)
+
+        return forward
+
+    def backward(name):
+        def run(x, slot_weights, eta, checkpoints, d_reads, d_final_state):
+            calls.append(name)
+            zeros = (x, slot_weights, eta, d_final_state)
+            return tuple(mx.zeros_like(a) for a in zeros)
+
+        return run
+
+    for name, stand_in in (
+        ("_scan_chunkwise", chunkwise),
+        ("_scan_forward", step(True)),
+        ("_scan_sequential_inference", step(False)),
+        ("_scan_chunkwise_backward", backward("chunkwise backward")),
+        ("_scan_backward", backward("step backward")),
+    ):
+        monkeypatch.setattr(kernels, name, stand_in)
+    return calls
+
+
+THRESHOLD = metal.CHUNKWISE_MIN_LENGTH
+CHUNKWISE_PAIR = ["chunkwise forward with checkpoints", "chunkwise backward"]
+STEP_PAIR = ["step forward with checkpoints", "step backward"]
+
+
 @pytest.mark.parametrize(
-    "length,slots,kernel",
+    "length,slots,keep_checkpoints,calls",
     [
-        (metal.CHUNKWISE_MIN_LENGTH, 12, "_scan_chunkwise"),
-        (metal.CHUNKWISE_MIN_LENGTH - 1, 12, "_scan_sequential_inference"),
-        (metal.CHUNKWISE_MIN_LENGTH, 208, "_scan_sequential_inference"),  # past 32 KB
+        (THRESHOLD, 12, True, CHUNKWISE_PAIR),
+        (THRESHOLD, 12, False, ["chunkwise forward", *CHUNKWISE_PAIR]),
+        (THRESHOLD - 1, 12, True, STEP_PAIR),
+        (THRESHOLD - 1, 12, False, ["step forward", *STEP_PAIR]),
+        (THRESHOLD, 176, True, CHUNKWISE_PAIR),
+        (THRESHOLD, 184, True, STEP_PAIR),  # the backward past 32 KB
+        (THRESHOLD, 184, False, ["chunkwise forward", *STEP_PAIR]),  # the forward within
+        (THRESHOLD, 208, False, ["step forward", *STEP_PAIR]),  # both past 32 KB
     ],
 )
-def test_inference_scan_takes_the_chunkwise_kernel_from_the_threshold_where_it_fits(
-    emulated, monkeypatch, length, slots, kernel
+def test_scans_take_the_chunkwise_kernels_from_the_threshold_where_they_fit(
+    emulated, monkeypatch, length, slots, keep_checkpoints, calls
 ):
-    calls = []
-    for name in ("_scan_chunkwise", "_scan_sequential_inference"):
-        monkeypatch.setattr(emulated, name, lambda *args, name=name: calls.append(name) or args[:2])
-    x, slot_weights, eta, state = scan_inputs(1, length, 1, 8, slots, 4)
-    emulated.scan(x, slot_weights, eta, state, keep_checkpoints=False)
-    assert calls == [kernel]
+    recorded = recorded_scans(emulated, monkeypatch)
+    inputs = scan_inputs(1, length, 1, 8, slots, 4)
+    scan_gradients(partial(emulated.scan, keep_checkpoints=keep_checkpoints), inputs)
+    assert recorded == calls
+
+
+def test_chunkwise_backward_tiles_shrink_to_fit_threadgroup_memory(emulated):
+    assert emulated._chunkwise_tiles(40) == 4
+    assert emulated._chunkwise_backward_tiles(40, 64) == 4
+    assert emulated._chunkwise_backward_tiles(40, 128) == 3
+    assert emulated._chunkwise_backward_tiles(40, 176) == 1
+    assert emulated._chunkwise_backward_tiles(40, 184) == 0
 
 
 def scan_loss(scan):
@@ -373,7 +506,9 @@ GRADIENT_TOLERANCES = {mx.float32: FLOAT32_TOLERANCE, mx.float16: 2**-10, mx.bfl
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-def test_mix_gradients_with_padding_match_ops(emulated, dtype):
+@pytest.mark.parametrize("pair", ["step", "chunkwise"])
+def test_mix_gradients_with_padding_match_ops(emulated, request, pair, dtype):
+    kernels = emulated if pair == "step" else request.getfixturevalue("chunkwise_only")
     *arguments, state = mix_inputs(2, 9, 2, 20, 12, dtype=dtype)
     mask = mx.array([[True] * 9, [False] * 4 + [True] * 5])
 
@@ -397,7 +532,7 @@ def test_mix_gradients_with_padding_match_ops(emulated, dtype):
 
     arguments = (*arguments, state)
     argnums = tuple(range(len(arguments)))
-    grads = mx.grad(loss(partial(ops.fm_mix, kernels=emulated)), argnums=argnums)(*arguments)
+    grads = mx.grad(loss(partial(ops.fm_mix, kernels=kernels)), argnums=argnums)(*arguments)
     expected = mx.grad(loss(ops.fm_mix), argnums=argnums)(*arguments)
     for index, (grad, expected_grad) in enumerate(zip(grads, expected)):
         assert grad.dtype == expected_grad.dtype, index
