@@ -376,6 +376,21 @@ def test_chunkwise_scan_gradients_match_the_step_kernels_and_ops(
         assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE, name
 
 
+def test_chunkwise_scan_gradients_through_decays_of_zero_match_ops(chunkwise_only):
+    """θ = η·α̃ = 1 (one-hot routing, η = 1 on every other token) empties its
+    slot: decay products reach exactly 0, where a quotient of cumulative decays
+    would be 0 / 0."""
+    x, slot_weights, eta, state = scan_inputs(2, 21, 2, 20, 12, 1)
+    eta = mx.where(mx.arange(21)[None, :, None] % 2 == 0, 1.0, eta)
+    inputs = (x, slot_weights, eta, state)
+    grads = scan_gradients(chunkwise_only.scan, inputs)
+    expected = scan_gradients(ops.fm_chunked, inputs)
+    assert (np.array(slot_weights * eta[..., None]) == 1).sum() > 40
+    for grad, expected_grad in zip(grads, expected):
+        assert np.isfinite(np.array(grad)).all()
+        assert relative_error(grad, expected_grad) < FLOAT32_TOLERANCE
+
+
 def test_chunkwise_inference_scan_gradients_recompute_the_checkpoints(chunkwise_only):
     inputs = scan_inputs(2, 11, 2, 20, 12, 4)
     grads = scan_gradients(partial(chunkwise_only.scan, keep_checkpoints=False), inputs)
