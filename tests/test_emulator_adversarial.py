@@ -168,6 +168,27 @@ CASES = [
         match=r"past the end of `x`",
     ),
     Case(
+        "device read 1 MB past the end",
+        """uint i = thread_position_in_grid.x;
+        out[i] = x[i + 262144];""",
+        "flagged",
+        match=r"access past the end of `x` \(64 elements, at element 262144\)",
+    ),
+    Case(
+        "device write 100 MB past the end",
+        """uint i = thread_position_in_grid.x;
+        out[i + 26214400] = x[i];""",
+        "flagged",
+        match=r"write past the end of `out` \(64 elements, at element 26214400\)",
+    ),
+    Case(
+        "device read through a negative index 16 MB before the start",
+        """int i = int(thread_position_in_grid.x);
+        out[i] = x[i - 4000000];""",
+        "flagged",
+        match=r"access before the start of `x` \(64 elements, at element -4000000\)",
+    ),
+    Case(
         "device write one past the end",
         """uint i = thread_position_in_grid.x;
         out[i + 1] = x[i];""",
@@ -241,6 +262,25 @@ CASES = [
             ("expf", "out[0] = expf(x[0]);", "suffixed math functions"),
             ("std::exp", "out[0] = std::exp(x[0]);", r"std::"),
             ("printf", 'printf("%f", x[0]);', "C library functions"),
+            ("strlen", 'out[0] = float(strlen("abc"));', "C library functions"),
+            ("erfc", "out[0] = erfc(x[0]);", "not a function of the Metal standard library"),
+            ("cbrt", "out[0] = cbrt(x[0]);", "not a function of the Metal standard library"),
+            ("std::min", "out[0] = std::min(x[0], x[1]);", r"std::"),
+            *[
+                (label, body, rf"source:1: neither defined in the kernel .*: `{re.escape(name)}`")
+                for label, body, name in [
+                    ("atof", 'out[0] = atof("1.5");', "atof"),
+                    ("an unknown function", "out[0] = frobnicate(x[0]);", "frobnicate"),
+                    (
+                        "a g++ builtin",
+                        "out[0] = float(__builtin_popcount(7u));",
+                        "__builtin_popcount",
+                    ),
+                    ("metal:: of a function Metal lacks", "out[0] = metal::sinc(x[0]);", "sinc"),
+                    ("a C type", "int_fast32_t n = 3; out[0] = float(n);", "int_fast32_t"),
+                    ("a C++ template", "out[0] = bit_cast<float>(0x3f800000u);", "bit_cast"),
+                ]
+            ],
             ("double", "double y = x[0]; out[0] = float(y * 2);", "no double"),
             ("malloc", "float* p = (float*)malloc(4); out[0] = p[0];", "address space|C library"),
             ("static local", "static float cache = 0.0f; out[0] = cache;", "static local"),
@@ -280,6 +320,54 @@ CASES = [
         match="SIMD-group reductions take",
     ),
     # --- Metal semantics ------------------------------------------------------------------------
+    Case(
+        "Metal functions beyond C's: math, integer, geometric",
+        """int exponent;
+        float mantissa = frexp(8.0f, exponent);
+        float whole, cosine;
+        float fraction = modf(2.75f, whole);
+        float sine = sincos(0.0f, cosine);
+        out[0] = acosh(1.0f) + sinpi(0.5f) + cospi(1.0f);
+        out[1] = fdim(5.0f, 3.0f) + fmax3(1.0f, 7.0f, 3.0f) + median3(4, 9, 6);
+        out[2] = smoothstep(0.0f, 2.0f, 1.0f) + ldexp(1.5f, 3) + mantissa * exponent;
+        out[3] = float(mulhi(0x80000000u, 4u)) + float(popcount(255)) + float(clz(ushort(1)));
+        out[4] = float(absdiff(3, 10)) + float(addsat(ushort(65535), ushort(9)));
+        out[5] = float(extract_bits(0xF0, 4u, 4u)) + float(rotate(uchar(0x81), uchar(1)));
+        out[6] = float(reverse_bits(1u)) + float(insert_bits(0u, 5u, 4u, 3u));
+        out[7] = length(float3(3.0f, 4.0f, 12.0f)) + cross(float3(1, 0, 0), float3(0, 1, 0)).z;
+        out[8] = float(nextafter(half(1.0f), half(2.0f))) + fraction + whole + sine + cosine;""",
+        "runs",
+        expected=[
+            0.0,
+            15.0,
+            14.5,
+            2 + 8 + 15,
+            7 + 65535,
+            -1 + 3,
+            2**31 + 80,
+            14,
+            1.0009765625 + 3.75,
+        ],
+        output_size=9,
+        threads=1,
+        threadgroup=1,
+    ),
+    Case(
+        "simd_shuffle_and_fill_down reads the filling past the SIMD group's end",
+        """uint lane = thread_index_in_simdgroup;
+        out[lane] = simd_shuffle_and_fill_down(float(lane), 100.0f + lane, 2);
+        out[32 + lane] = simd_shuffle_and_fill_up(float(lane), 100.0f + lane, 1, 8);""",
+        "runs",
+        expected=[
+            *range(2, 32),
+            100,
+            101,
+            *[107 + lane if lane % 8 == 0 else lane - 1 for lane in range(32)],
+        ],
+        output_size=64,
+        threads=32,
+        threadgroup=32,
+    ),
     Case(
         "max and min ignore a NaN argument",
         """out[0] = max(NAN, 1.0f); out[1] = min(2.0f, NAN); out[2] = clamp(NAN, 3.0f, 4.0f);""",

@@ -369,7 +369,6 @@ MLX_FM_UNARY_MATH(exp10, std::pow(10.0f, x))
 MLX_FM_UNARY_MATH(log, std::log(x))
 MLX_FM_UNARY_MATH(log2, std::log2(x))
 MLX_FM_UNARY_MATH(log10, std::log10(x))
-MLX_FM_UNARY_MATH(log1p, std::log1p(x))
 MLX_FM_UNARY_MATH(sqrt, std::sqrt(x))
 MLX_FM_UNARY_MATH(rsqrt, 1.0f / std::sqrt(x))
 MLX_FM_UNARY_MATH(sin, std::sin(x))
@@ -378,6 +377,12 @@ MLX_FM_UNARY_MATH(tan, std::tan(x))
 MLX_FM_UNARY_MATH(asin, std::asin(x))
 MLX_FM_UNARY_MATH(acos, std::acos(x))
 MLX_FM_UNARY_MATH(atan, std::atan(x))
+MLX_FM_UNARY_MATH(acosh, std::acosh(x))
+MLX_FM_UNARY_MATH(asinh, std::asinh(x))
+MLX_FM_UNARY_MATH(atanh, std::atanh(x))
+MLX_FM_UNARY_MATH(cospi, float(std::cos(M_PI * double(x))))
+MLX_FM_UNARY_MATH(sinpi, float(std::sin(M_PI * double(x))))
+MLX_FM_UNARY_MATH(tanpi, float(std::tan(M_PI * double(x))))
 MLX_FM_UNARY_MATH(sinh, std::sinh(x))
 MLX_FM_UNARY_MATH(cosh, std::cosh(x))
 MLX_FM_UNARY_MATH(tanh, std::tanh(x))
@@ -411,6 +416,7 @@ MLX_FM_BINARY_MATH(fmax, std::fmax(x, y))
 MLX_FM_BINARY_MATH(fmin, std::fmin(x, y))
 MLX_FM_BINARY_MATH(copysign, std::copysign(x, y))
 MLX_FM_BINARY_MATH(divide, x / y)
+MLX_FM_BINARY_MATH(fdim, std::fdim(x, y))
 MLX_FM_BINARY_MATH(step, y < x ? 0.0f : 1.0f)
 #undef MLX_FM_BINARY_MATH
 
@@ -501,24 +507,184 @@ vec<T, N> select(vec<T, N> if_false, vec<T, N> if_true, vec<bool, N> condition) 
   return if_false;
 }
 
-inline uint popcount(uint x) { return uint(__builtin_popcount(x)); }
-inline uint clz(uint x) { return x == 0 ? 32u : uint(__builtin_clz(x)); }
-inline uint ctz(uint x) { return x == 0 ? 32u : uint(__builtin_ctz(x)); }
+template <class T>
+bool isnormal(T x) { return std::isnormal(float(x)); }
+template <class T>
+bool signbit(T x) { return std::signbit(float(x)); }
+template <class T>
+bool isordered(T x, T y) { return !isnan(x) && !isnan(y); }
+template <class T>
+bool isunordered(T x, T y) { return isnan(x) || isnan(y); }
+template <int N>
+vec<bool, N> operator!(vec<bool, N> v) {  // Metal's not(v); `not` is C++'s `!`
+  for (int i = 0; i < N; ++i) v[i] = !v[i];
+  return v;
+}
 
-// MLX's helpers (mlx/backend/metal/kernels/utils.h). `constant` buffers are
-// volatile in the emulator (see metal_kernel.py), so shapes and strides are
-// taken as volatile pointers.
-template <class T, class U>
-inline T ceildiv(T n, U d) { return (n + d - 1) / d; }
+template <class T>
+T max3(T a, T b, T c) { return max(max(a, b), c); }
+template <class T>
+T min3(T a, T b, T c) { return min(min(a, b), c); }
+template <class T>
+T median3(T a, T b, T c) { return max(min(a, b), min(max(a, b), c)); }
+template <class T>
+T fmax3(T a, T b, T c) { return fmax(fmax(a, b), c); }
+template <class T>
+T fmin3(T a, T b, T c) { return fmin(fmin(a, b), c); }
+template <class T>
+T fmedian3(T a, T b, T c) { return fmax(fmin(a, b), fmin(fmax(a, b), c)); }
 
-template <class IdxT = int64_t>
-IdxT elem_to_loc(IdxT elem, const volatile int* shape, const volatile int64_t* strides, int ndim) {
-  IdxT location = 0;
-  for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
-    location += IdxT(elem % shape[i]) * IdxT(strides[i]);
-    elem /= shape[i];
+template <class T>
+T smoothstep(T edge0, T edge1, T x) {
+  T t = clamp(T((x - edge0) / (edge1 - edge0)), T(0), T(1));
+  return T(t * t * (T(3) - T(2) * t));
+}
+template <class T>
+T ldexp(T x, int exponent) { return T(std::ldexp(float(x), exponent)); }
+template <class T>
+T frexp(T x, int& exponent) { return T(std::frexp(float(x), &exponent)); }
+template <class T>
+T modf(T x, T& integral_part) {
+  float whole;
+  float fraction = std::modf(float(x), &whole);
+  integral_part = T(whole);
+  return T(fraction);
+}
+template <class T>
+int ilogb(T x) { return std::ilogb(float(x)); }
+template <class T>
+T sincos(T x, T& cosine) {
+  cosine = cos(x);
+  return sin(x);
+}
+inline float nextafter(float x, float y) { return std::nextafter(x, y); }
+// The neighbour of x towards y in x's own 16-bit format.
+template <class F>
+small_float<F> nextafter(small_float<F> x, small_float<F> y) {
+  if (isnan(x) || isnan(y)) return small_float<F>(float(x) + float(y));
+  if (float(x) == float(y)) return y;
+  small_float<F> next;
+  if ((x.bits & 0x7fffu) == 0) {
+    next.bits = uint16_t((y.bits & 0x8000u) | 1u);
+  } else {
+    bool away_from_zero = (float(x) < float(y)) == ((x.bits & 0x8000u) == 0);
+    next.bits = uint16_t(away_from_zero ? x.bits + 1u : x.bits - 1u);
   }
-  return location;
+  return next;
+}
+
+// Geometric functions.
+template <class T, int N>
+T length_squared(vec<T, N> v) { return dot(v, v); }
+template <class T, int N>
+T length(vec<T, N> v) { return sqrt(length_squared(v)); }
+template <class T, int N>
+T distance_squared(vec<T, N> a, vec<T, N> b) { return length_squared(a - b); }
+template <class T, int N>
+T distance(vec<T, N> a, vec<T, N> b) { return length(a - b); }
+template <class T, int N>
+vec<T, N> normalize(vec<T, N> v) { return v * rsqrt(length_squared(v)); }
+template <class T>
+vec<T, 3> cross(vec<T, 3> a, vec<T, 3> b) {
+  return vec<T, 3>(a.y * b.z - a.z * b.y, a.z * b.x - a.x * b.z, a.x * b.y - a.y * b.x);
+}
+template <class T, int N>
+vec<T, N> reflect(vec<T, N> incident, vec<T, N> normal) {
+  return incident - T(2) * dot(normal, incident) * normal;
+}
+template <class T, int N>
+vec<T, N> faceforward(vec<T, N> normal, vec<T, N> incident, vec<T, N> reference) {
+  return dot(reference, incident) < T(0) ? normal : -normal;
+}
+template <class T, int N>
+vec<T, N> refract(vec<T, N> incident, vec<T, N> normal, T eta) {
+  T cosine = dot(normal, incident);
+  T k = T(1) - eta * eta * (T(1) - cosine * cosine);
+  if (k < T(0)) return vec<T, N>(T(0));
+  return eta * incident - (eta * cosine + sqrt(k)) * normal;
+}
+
+// Integer functions, for every integer type (and, element-wise, vectors of
+// them for popcount, clz and ctz). Saturating and high-half arithmetic
+// computes in a type twice as wide.
+template <class T>
+using if_integer = std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int>;
+template <class T>
+using wider = std::conditional_t<(sizeof(T) < 8), std::conditional_t<std::is_signed_v<T>, int64_t, uint64_t>,
+                                 std::conditional_t<std::is_signed_v<T>, __int128, unsigned __int128>>;
+template <class T>
+constexpr int bit_width = int(sizeof(T) * 8);
+template <class T>
+using unsigned_of = std::make_unsigned_t<T>;
+
+template <class T, if_integer<T> = 0>
+T popcount(T x) { return T(__builtin_popcountll(uint64_t(unsigned_of<T>(x)))); }
+template <class T, if_integer<T> = 0>
+T clz(T x) {
+  uint64_t bits = uint64_t(unsigned_of<T>(x));
+  return T(bits == 0 ? bit_width<T> : __builtin_clzll(bits) - (64 - bit_width<T>));
+}
+template <class T, if_integer<T> = 0>
+T ctz(T x) {
+  uint64_t bits = uint64_t(unsigned_of<T>(x));
+  return T(bits == 0 ? bit_width<T> : __builtin_ctzll(bits));
+}
+template <class T, int N>
+vec<T, N> popcount(vec<T, N> v) { return map_components(v, [](T c) { return popcount(c); }); }
+template <class T, int N>
+vec<T, N> clz(vec<T, N> v) { return map_components(v, [](T c) { return clz(c); }); }
+template <class T, int N>
+vec<T, N> ctz(vec<T, N> v) { return map_components(v, [](T c) { return ctz(c); }); }
+
+template <class T, if_integer<T> = 0>
+T saturated(wider<T> value) {
+  wider<T> low = wider<T>(std::numeric_limits<T>::min()), high = wider<T>(std::numeric_limits<T>::max());
+  return T(value < low ? low : (value > high ? high : value));
+}
+template <class T, if_integer<T> = 0>
+T addsat(T x, T y) { return saturated<T>(wider<T>(x) + wider<T>(y)); }
+template <class T, if_integer<T> = 0>
+T subsat(T x, T y) { return saturated<T>(wider<T>(x) - wider<T>(y)); }
+template <class T, if_integer<T> = 0>
+T madsat(T x, T y, T z) { return saturated<T>(wider<T>(x) * wider<T>(y) + wider<T>(z)); }
+template <class T, if_integer<T> = 0>
+T absdiff(T x, T y) { return T(x > y ? wider<T>(x) - wider<T>(y) : wider<T>(y) - wider<T>(x)); }
+template <class T, if_integer<T> = 0>
+T hadd(T x, T y) { return T((wider<T>(x) + wider<T>(y)) >> 1); }
+template <class T, if_integer<T> = 0>
+T rhadd(T x, T y) { return T((wider<T>(x) + wider<T>(y) + 1) >> 1); }
+template <class T, if_integer<T> = 0>
+T mulhi(T x, T y) { return T((wider<T>(x) * wider<T>(y)) >> bit_width<T>); }
+template <class T, if_integer<T> = 0>
+T madhi(T x, T y, T z) { return T(mulhi(x, y) + z); }
+// Metal leaves mul24 undefined past 24-bit operands: the full product is one answer.
+template <class T, if_integer<T> = 0>
+T mul24(T x, T y) { return T(x * y); }
+template <class T, if_integer<T> = 0>
+T mad24(T x, T y, T z) { return T(x * y + z); }
+template <class T, if_integer<T> = 0>
+T rotate(T value, T count) {
+  unsigned_of<T> bits = unsigned_of<T>(value);
+  int shift = int(unsigned_of<T>(count) % bit_width<T>);
+  return T(shift == 0 ? bits : unsigned_of<T>((bits << shift) | (bits >> (bit_width<T> - shift))));
+}
+template <class T, if_integer<T> = 0>
+T extract_bits(T value, uint offset, uint bits) {
+  if (bits == 0) return T(0);
+  unsigned_of<T> shifted = unsigned_of<T>(unsigned_of<T>(value) << (bit_width<T> - offset - bits));
+  if (std::is_signed_v<T>) return T(T(shifted) >> (bit_width<T> - bits));  // sign-extended
+  return T(shifted >> (bit_width<T> - bits));
+}
+template <class T, if_integer<T> = 0>
+T insert_bits(T base, T insert, uint offset, uint bits) {
+  unsigned_of<T> mask = bits == 0 ? 0 : unsigned_of<T>(unsigned_of<T>(~unsigned_of<T>(0)) >> (bit_width<T> - bits)) << offset;
+  return T((unsigned_of<T>(base) & ~mask) | ((unsigned_of<T>(insert) << offset) & mask));
+}
+template <class T, if_integer<T> = 0>
+T reverse_bits(T value) {
+  unsigned_of<T> bits = unsigned_of<T>(value), reversed = 0;
+  for (int i = 0; i < bit_width<T>; ++i) reversed = unsigned_of<T>(reversed | (((bits >> i) & 1u) << (bit_width<T> - 1 - i)));
+  return T(reversed);
 }
 
 }  // namespace metal
@@ -1377,6 +1543,57 @@ MLX_FM_GROUP_FUNCTIONS(simd, 32u)
 MLX_FM_GROUP_FUNCTIONS(quad, 4u)
 #undef MLX_FM_GROUP_FUNCTIONS
 
+namespace simd_detail {
+template <class T>
+struct DataAndFilling {
+  T data;
+  T filling;
+};
+
+// Lane l of each group of `width` lanes reads the data of the lane `shift`
+// places above it (below, for a negative shift) in its group, or past the
+// group's end the filling of the lane as far into the group from its other end.
+template <class T>
+T shuffle_and_fill(T data, T filling, int shift, uint32_t width, Site site) {
+  auto exchanged = simd_exchange(DataAndFilling<T>{data, filling}, site);
+  uint32_t base = exchanged.lane - exchanged.lane % width;
+  int position = int(exchanged.lane % width) + shift;
+  bool filled = position < 0 || position >= int(width);
+  uint32_t source = base + uint32_t((position + int(width)) % int(width));
+  if (source >= uint32_t(simd_width) || !exchanged.participates(source)) return data;
+  return filled ? exchanged.values[source].filling : exchanged.values[source].data;
+}
+}  // namespace simd_detail
+
+template <class T>
+T simd_shuffle_and_fill_down(T data, T filling, ushort delta, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, int(delta), 32u, site);
+}
+template <class T>
+T simd_shuffle_and_fill_down(T data, T filling, ushort delta, ushort modulo, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, int(delta), modulo, site);
+}
+template <class T>
+T simd_shuffle_and_fill_up(T data, T filling, ushort delta, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, -int(delta), 32u, site);
+}
+template <class T>
+T simd_shuffle_and_fill_up(T data, T filling, ushort delta, ushort modulo, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, -int(delta), modulo, site);
+}
+template <class T>
+T quad_shuffle_and_fill_down(T data, T filling, ushort delta, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, int(delta), 4u, site);
+}
+template <class T>
+T quad_shuffle_and_fill_up(T data, T filling, ushort delta, Site site = Site()) {
+  return simd_detail::shuffle_and_fill(data, filling, -int(delta), 4u, site);
+}
+
+// Compute kernels have no helper threads (they exist in fragment functions).
+inline bool simd_is_helper_thread() { return false; }
+inline bool quad_is_helper_thread() { return false; }
+
 template <class T>
 T simd_broadcast_first(T x, Site site = Site()) {
   auto exchanged = simd_detail::simd_exchange(x, site);
@@ -1565,7 +1782,18 @@ void simdgroup_multiply(simdgroup_matrix<T, Cols, Rows>& d, const simdgroup_matr
 
 // Atomics: atomic<T> has the layout of T; operations use the compiler's
 // atomic built-ins (floating-point read-modify-write by compare-exchange).
-enum memory_order { memory_order_relaxed, memory_order_seq_cst };
+enum memory_order {
+  memory_order_relaxed,
+  memory_order_acquire,
+  memory_order_release,
+  memory_order_acq_rel,
+  memory_order_seq_cst
+};
+enum thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup, thread_scope_device };
+
+// Threads switch only at barriers and SIMD-group functions, so a fence has
+// nothing left to order.
+inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope_device) {}
 
 template <class T>
 struct atomic {
@@ -1578,6 +1806,7 @@ using atomic_int = atomic<int>;
 using atomic_uint = atomic<uint>;
 using atomic_bool = atomic<bool>;
 using atomic_float = atomic<float>;
+using atomic_ulong = atomic<ulong>;
 
 template <class T>
 void atomic_store_explicit(volatile atomic<T>* object, T desired, memory_order) {
@@ -1632,7 +1861,368 @@ MLX_FM_ATOMIC_FETCH(or, current | argument)
 MLX_FM_ATOMIC_FETCH(xor, current ^ argument)
 #undef MLX_FM_ATOMIC_FETCH
 
+// 64-bit atomic max and min, which return nothing.
+inline void atomic_max_explicit(volatile atomic<ulong>* object, ulong operand, memory_order order) {
+  atomic_fetch_max_explicit(object, operand, order);
+}
+inline void atomic_min_explicit(volatile atomic<ulong>* object, ulong operand, memory_order order) {
+  atomic_fetch_min_explicit(object, operand, order);
+}
+template <class T>
+void atomic_init(volatile atomic<T>* object, T value) { atomic_store_explicit(object, value, memory_order_relaxed); }
+
+// ---------------------------------------------------------------------------
+// MLX's prelude: what mlx/backend/metal/kernels/utils.h (with bf16.h,
+// bf16_math.h, complex.h, defines.h and logging.h) gives every custom kernel.
+// `constant` buffers are volatile in the emulator (see metal_kernel.py), so
+// shapes and strides are taken as volatile pointers.
+
+inline uint16_t bfloat16_to_uint16(bfloat16_t x) { return as_type<uint16_t>(x); }
+inline bfloat16_t uint16_to_bfloat16(uint16_t x) { return as_type<bfloat16_t>(x); }
+
+template <class U>
+struct WorkPerThread {
+  static_assert(sizeof(U) <= 8, "Type too large");
+  static constexpr int n = 8 / sizeof(U);
+};
+
+template <bool Condition, class T, class U>
+struct ConditionalType {
+  using type = U;
+};
+template <class T, class U>
+struct ConditionalType<true, T, U> {
+  using type = T;
+};
+
+// complex_t: MLX's complex numbers (real and imag), with its arithmetic and
+// its conversions from and to scalars (the real part) and two-lane vectors.
+template <class T>
+struct complex_t;
+template <class T>
+constexpr bool is_complex_v = false;
+template <class T>
+constexpr bool is_complex_v<complex_t<T>> = true;
+template <class U>
+constexpr bool is_scalar_number_v = std::is_arithmetic_v<U> || is_small_float<U>::value;
+template <class From, class To>
+constexpr bool is_lane_convertible_v = is_scalar_number_v<From> && is_scalar_number_v<To>;
+
+template <class T>
+struct complex_t {
+  using value_type = T;
+  T real;
+  T imag;
+
+  constexpr complex_t(T real, T imag) : real(real), imag(imag) {}
+  constexpr complex_t() : real(0), imag(0) {}
+  template <class U, std::enable_if_t<is_scalar_number_v<U>, int> = 0>
+  constexpr complex_t(U x) : real(static_cast<T>(x)), imag(static_cast<T>(0)) {}
+  template <class U, std::enable_if_t<!std::is_same_v<U, T>, int> = 0>
+  constexpr complex_t(complex_t<U> x) : real(static_cast<T>(x.real)), imag(static_cast<T>(x.imag)) {}
+  complex_t(vec<T, 2> v) : real(v.x), imag(v.y) {}
+  operator vec<T, 2>() const { return vec<T, 2>(real, imag); }
+  template <class U, std::enable_if_t<is_scalar_number_v<U>, int> = 0>
+  constexpr operator U() const { return static_cast<U>(real); }
+};
+using complex32_t = complex_t<half>;
+using complex64_t = complex_t<float>;
+
+template <class T>
+complex_t<T> operator-(complex_t<T> x) { return {-x.real, -x.imag}; }
+template <class T>
+bool operator==(complex_t<T> a, complex_t<T> b) { return a.real == b.real && a.imag == b.imag; }
+template <class T>
+bool operator>(complex_t<T> a, complex_t<T> b) { return a.real > b.real || (a.real == b.real && a.imag > b.imag); }
+template <class T>
+bool operator>=(complex_t<T> a, complex_t<T> b) { return a.real > b.real || (a.real == b.real && a.imag >= b.imag); }
+template <class T>
+bool operator<(complex_t<T> a, complex_t<T> b) { return b > a; }
+template <class T>
+bool operator<=(complex_t<T> a, complex_t<T> b) { return b >= a; }
+template <class T>
+complex_t<T> operator+(complex_t<T> a, complex_t<T> b) { return {T(a.real + b.real), T(a.imag + b.imag)}; }
+template <class T>
+complex_t<T> operator-(complex_t<T> a, complex_t<T> b) { return {T(a.real - b.real), T(a.imag - b.imag)}; }
+template <class T>
+complex_t<T> operator*(complex_t<T> a, complex_t<T> b) {
+  return {T(a.real * b.real - a.imag * b.imag), T(a.real * b.imag + a.imag * b.real)};
+}
+template <class T>
+complex_t<T> operator/(complex_t<T> a, complex_t<T> b) {
+  float ar = a.real, ai = a.imag, br = b.real, bi = b.imag;
+  if (std::fabs(br) >= std::fabs(bi)) {
+    float ratio = bi / br, denominator = br + bi * ratio;
+    return {T((ar + ai * ratio) / denominator), T((ai - ar * ratio) / denominator)};
+  }
+  float ratio = br / bi, denominator = bi + br * ratio;
+  return {T((ar * ratio + ai) / denominator), T((ai * ratio - ar) / denominator)};
+}
+template <class T>
+complex_t<T>& operator+=(complex_t<T>& a, complex_t<T> b) { return a = a + b; }
+#define MLX_FM_COMPLEX_WITH_SCALAR(op)                                                                  \
+  template <class T, class U, std::enable_if_t<is_scalar_number_v<U>, int> = 0>                       \
+  complex_t<T> operator op(U a, complex_t<T> b) { return complex_t<T>(a) op b; }                      \
+  template <class T, class U, std::enable_if_t<is_scalar_number_v<U>, int> = 0>                       \
+  complex_t<T> operator op(complex_t<T> a, U b) { return a op complex_t<T>(b); }
+MLX_FM_COMPLEX_WITH_SCALAR(+)
+MLX_FM_COMPLEX_WITH_SCALAR(-)
+MLX_FM_COMPLEX_WITH_SCALAR(*)
+MLX_FM_COMPLEX_WITH_SCALAR(/)
+#undef MLX_FM_COMPLEX_WITH_SCALAR
+
+template <class U>
+struct Limits {
+  static constexpr U max = std::numeric_limits<U>::max();
+  static constexpr U min = std::numeric_limits<U>::min();
+  static constexpr U finite_max = std::numeric_limits<U>::max();
+  static constexpr U finite_min = std::numeric_limits<U>::min();
+};
+template <class U>
+struct FloatLimits {
+  static inline const U max = numeric_limits<U>::infinity();
+  static inline const U min = -numeric_limits<U>::infinity();
+  static inline const U finite_max = numeric_limits<U>::max();
+  static inline const U finite_min = -numeric_limits<U>::max();
+};
+template <>
+struct Limits<float> : FloatLimits<float> {};
+template <>
+struct Limits<half> : FloatLimits<half> {};
+template <>
+struct Limits<bfloat> : FloatLimits<bfloat> {};
+template <>
+struct Limits<bool> {
+  static constexpr bool max = true;
+  static constexpr bool min = false;
+};
+template <class T>
+struct Limits<complex_t<T>> {
+  static inline const complex_t<T> max{numeric_limits<T>::infinity(), numeric_limits<T>::infinity()};
+  static inline const complex_t<T> min{-numeric_limits<T>::infinity(), -numeric_limits<T>::infinity()};
+};
+
+template <class T, class U>
+inline T ceildiv(T n, U d) { return (n + d - 1) / d; }
+
+// https://docs.oracle.com/cd/E19957-01/806-3568/ncg_goldberg.html, as MLX computes it.
+inline float log1p(float x) {
+  float xp1 = 1.0f + x;
+  if (xp1 == Limits<float>::max) return Limits<float>::max;
+  if (xp1 == 1.0f) return x;
+  return x * (log(xp1) / (xp1 - 1.0f));
+}
+inline bfloat16_t log1p(bfloat16_t x) {
+  float xp1 = 1.0f + float(x);
+  if (xp1 == Limits<float>::max) return Limits<bfloat16_t>::max;
+  if (xp1 == 1.0f) return x;
+  return bfloat16_t(x * (log(xp1) / (xp1 - 1.0f)));
+}
+inline complex64_t log1p(complex64_t z) {
+  float x = z.real, y = z.imag;
+  float magnitude = sqrt(x * x + y * y);
+  float theta = atan2(y, x + 1);
+  if (magnitude < 0.5f) {
+    float r = x * (2 + x) + y * y;
+    if (r == 0) return {x, theta};
+    return {0.5f * log1p(r), theta};
+  }
+  return {log(sqrt((x + 1) * (x + 1) + y * y)), theta};
+}
+
+inline float hypot(float x, float y) {
+  if (isinf(x) || isinf(y)) return numeric_limits<float>::infinity();
+  if (isnan(x) || isnan(y)) return numeric_limits<float>::quiet_NaN();
+  float a = fmax(fabs(x), fabs(y)), b = fmin(fabs(x), fabs(y));
+  if (a == 0.0f) return 0.0f;
+  float r = (b / a) * (b / a);
+  float root = sqrt(1.0f + r);
+  if (a == b) return sqrt(2.0f) * a;
+  return root == 1.0f && r > 0.0f ? a + a * r / 2.0f : a * root;
+}
+
+template <class U, class T>
+inline U cast_to(T value) { return static_cast<U>(value); }
+template <>
+inline bool cast_to<bool, float>(float value) { return (as_type<uint32_t>(value) & 0x7FFFFFFF) != 0; }
+template <>
+inline bool cast_to<bool, bfloat16_t>(bfloat16_t value) { return (as_type<uint16_t>(value) & 0x7FFF) != 0; }
+template <>
+inline bool cast_to<bool, complex64_t>(complex64_t value) {
+  return cast_to<bool, float>(value.real) || cast_to<bool, float>(value.imag);
+}
+
+// Indexing: the offset of an element of an array from its index (elem) in
+// row-major order and the array's shape and strides.
+template <class IdxT = int64_t>
+IdxT elem_to_loc(IdxT elem, const volatile int* shape, const volatile int64_t* strides, int ndim) {
+  IdxT location = 0;
+  for (int i = ndim - 1; i >= 0 && elem > 0; --i) {
+    location += IdxT(elem % shape[i]) * IdxT(strides[i]);
+    elem /= shape[i];
+  }
+  return location;
+}
+template <class IdxT = int64_t>
+IdxT elem_to_loc(uint3 elem, const volatile int* shape, const volatile int64_t* strides, int ndim) {
+  IdxT location = elem.x * IdxT(strides[ndim - 1]) + elem.y * IdxT(strides[ndim - 2]);
+  for (int d = ndim - 3; d >= 0; --d) {
+    location += (elem.z % shape[d]) * IdxT(strides[d]);
+    elem.z /= shape[d];
+  }
+  return location;
+}
+template <class IdxT = int64_t>
+IdxT elem_to_loc_1(uint elem, const volatile int64_t& stride) { return elem * IdxT(stride); }
+template <class IdxT = int64_t>
+IdxT elem_to_loc_2(uint2 elem, const volatile int64_t strides[2]) {
+  return elem.x * IdxT(strides[1]) + elem.y * IdxT(strides[0]);
+}
+template <class IdxT = int64_t>
+IdxT elem_to_loc_3(uint3 elem, const volatile int64_t strides[3]) {
+  return elem.x * IdxT(strides[2]) + elem.y * IdxT(strides[1]) + elem.z * IdxT(strides[0]);
+}
+// The offsets of the same element in N arrays of one shape.
+template <class IdxT, int N>
+vec<IdxT, N> elem_to_locs(uint3 elem, const volatile int* shape, const volatile int64_t* const (&strides)[N],
+                          int ndim) {
+  vec<IdxT, N> location;
+  for (int k = 0; k < N; ++k) {
+    location[k] = IdxT(elem.x * IdxT(strides[k][ndim - 1])) + IdxT(elem.y * IdxT(strides[k][ndim - 2]));
+  }
+  for (int d = ndim - 3; d >= 0; --d) {
+    uint position = elem.z % shape[d];
+    for (int k = 0; k < N; ++k) location[k] += position * IdxT(strides[k][d]);
+    elem.z /= shape[d];
+  }
+  return location;
+}
+template <class IdxT = int64_t>
+vec<IdxT, 2> elem_to_loc_2_nd(uint3 elem, const volatile int* shape, const volatile int64_t* a_strides,
+                              const volatile int64_t* b_strides, int ndim) {
+  return elem_to_locs<IdxT, 2>(elem, shape, {a_strides, b_strides}, ndim);
+}
+template <class IdxT = int64_t>
+vec<IdxT, 3> elem_to_loc_3_nd(uint3 elem, const volatile int* shape, const volatile int64_t* a_strides,
+                              const volatile int64_t* b_strides, const volatile int64_t* c_strides, int ndim) {
+  return elem_to_locs<IdxT, 3>(elem, shape, {a_strides, b_strides, c_strides}, ndim);
+}
+
+// Walks the offsets of consecutive elements: next() steps by one element
+// (or n), location() is the current offset.
+template <int DIM, class OffsetT = size_t, bool General = true>
+struct LoopedElemToLoc {
+  int dim;
+  LoopedElemToLoc<DIM - 1, OffsetT, General> inner_looper;
+  OffsetT offset{0};
+  int index{0};
+
+  LoopedElemToLoc(int dim) : dim(dim), inner_looper(dim - 1) {}
+
+  void next(const volatile int* shape, const volatile int64_t* strides) {
+    if (dim == 0) return;
+    index++;
+    offset += OffsetT(strides[dim - 1]);
+    if (index >= shape[dim - 1]) {
+      index = 0;
+      inner_looper.next(shape, strides);
+      offset = inner_looper.offset;
+    }
+  }
+  void next(int n, const volatile int* shape, const volatile int64_t* strides) {
+    if (dim == 0) return;
+    index += n;
+    offset += n * OffsetT(strides[dim - 1]);
+    if (index >= shape[dim - 1]) {
+      int extra = index - shape[dim - 1];
+      if (extra >= shape[dim - 1]) {
+        inner_looper.next(1 + extra / shape[dim - 1], shape, strides);
+        extra = extra % shape[dim - 1];
+      } else {
+        inner_looper.next(shape, strides);
+      }
+      index = 0;
+      offset = inner_looper.offset;
+      if (extra > 0) next(extra, shape, strides);
+    }
+  }
+  OffsetT location() { return offset; }
+};
+template <class OffsetT>
+struct LoopedElemToLoc<1, OffsetT, true> {
+  int dim;
+  OffsetT offset{0};
+  uint index{0};
+
+  LoopedElemToLoc(int dim) : dim(dim) {}
+
+  void next(const volatile int* shape, const volatile int64_t* strides) { next(1, shape, strides); }
+  void next(int n, const volatile int* shape, const volatile int64_t* strides) {
+    index += n;
+    offset = dim > 1 ? elem_to_loc<OffsetT>(OffsetT(index), shape, strides, dim) : index * OffsetT(strides[0]);
+  }
+  OffsetT location() { return offset; }
+};
+template <class OffsetT>
+struct LoopedElemToLoc<1, OffsetT, false> {
+  OffsetT offset{0};
+
+  LoopedElemToLoc(int) {}
+
+  void next(const volatile int*, const volatile int64_t* strides) { offset += OffsetT(strides[0]); }
+  void next(int n, const volatile int*, const volatile int64_t* strides) { offset += n * OffsetT(strides[0]); }
+  OffsetT location() { return offset; }
+};
+
+// Which tile of BM rows, among groups of rows that start at `offsets`, a
+// SIMD group works on (MLX's gather_mm scheduling).
+template <int BM>
+bool schedule_row_tile(const int32_t* offsets, const int num_groups, const int M, const int tile,
+                       const uint simd_lane_id, int& row, int& group, short& rows) {
+  int tiles_before = 0;
+  for (int e = 0; e < num_groups; e += 32) {
+    const int g = e + int(simd_lane_id);
+    int start = M, end = M;
+    if (g < num_groups) {
+      start = offsets[g];
+      end = g + 1 < num_groups ? offsets[g + 1] : M;
+    }
+    const int n = (end - start + BM - 1) / BM;
+    const int tiles_through = tiles_before + simd_prefix_inclusive_sum(n);
+    const ushort owner_lane = ushort(simd_sum(int(tiles_through <= tile)));
+    if (owner_lane < 32) {
+      group = e + owner_lane;
+      row = simd_shuffle(start, owner_lane) + (tile - simd_shuffle(tiles_through - n, owner_lane)) * BM;
+      rows = short(min(BM, simd_shuffle(end, owner_lane) - row));
+      return true;
+    }
+    tiles_before = simd_shuffle(tiles_through, 31);
+  }
+  return false;
+}
+
+constexpr int MAX_REDUCE_SPECIALIZED_DIMS = 4;
+constexpr int REDUCE_N_READS = 4;
+constexpr int REDUCE_N_WRITES = 4;
+constexpr int SOFTMAX_N_READS = 4;
+constexpr int RMS_N_READS = 4;
+constexpr int RMS_LOOPED_LIMIT = 4096;
+constexpr int CROSS_ENTROPY_N_READS = 4;
+
 }  // namespace metal
+
+// MLX's logger, silent where Metal's os_log is unavailable (as here).
+namespace mlx {
+struct os_log {
+  constexpr os_log(const char*, const char*) {}
+  template <class... Arguments>
+  void log_debug(const char*, Arguments...) const {}
+};
+}  // namespace mlx
+
+#define MLX_MTL_PRAGMA_UNROLL
+#define MTL_CONST constant
+#define instantiate_kernel(name, func, ...) template decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 
 // Address-space qualifiers carry no meaning on the CPU. Declarations of
 // threadgroup storage are rewritten by metal_kernel.py before compilation;

@@ -68,10 +68,19 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+
+from mlx_fm.testing.metal_language import (
+    MetalLanguageError,
+    blank_comments,
+    check_metal_language,
+    declarator_after,
+    is_pointer_or_reference,
+)
 
 import mlx.core as mx
 import numpy as np
@@ -117,10 +126,6 @@ class UnsupportedMetalFeature(ValueError):
 
 class MetalKernelCompileError(RuntimeError):
     """g++ rejected the generated kernel source."""
-
-
-class MetalLanguageError(ValueError):
-    """The kernel uses something the Metal compiler would reject."""
 
 
 class MetalKernelError(RuntimeError):
@@ -191,13 +196,21 @@ _UNSUPPORTED_FEATURES = (
     (re.compile(r"\bimageblock\b"), "imageblocks"),
     (re.compile(r"\b(raytracing|intersector|acceleration_structure)\b"), "ray tracing"),
     (re.compile(r"\b\d+(\.\d*)?h\b"), "half literals with the 'h' suffix"),
+    (
+        re.compile(
+            r"\bpacked_(?:vec\b|(?:bool|u?char|u?short|u?int|u?long|half|float|bfloat)[234]\b)"
+        ),
+        "packed vectors",
+    ),
+    (re.compile(r"\bmatrix\s*<|\b(?:float|half|bfloat)[234]x[234]\b"), "matrix types"),
+    (re.compile(r"\b(?:pack_(?:float|half)_to|unpack_\w+_to_(?:float|half))\w*"), "pack functions"),
 )
+# The parameters MLX adds for an input `x` whose name appears in the source.
+_SHAPE_SUFFIXES = ("_shape", "_strides", "_ndim")
 _METAL_INCLUDE = re.compile(r"^\s*#\s*include\s*<metal_\w+>\s*$", re.MULTILINE)
-_THREADGROUP_QUALIFIER = re.compile(r"\bthreadgroup\b")
 _CONSTANT_QUALIFIER = re.compile(r"\bconstant\b")
 _THREADGROUP_DECLARATION = re.compile(r"\bthreadgroup\b([^;]*);")
 _DECLARED_NAME = re.compile(r"([A-Za-z_]\w*)\s*(?:\[|$)")
-_DECLARATOR_END = re.compile(r"[;,=){]")
 _ARRAY_EXTENT = re.compile(r"\[[^\]]*\]")
 
 # What a kernel input may be: an array, or a Python scalar MLX turns into one.
@@ -280,7 +293,6 @@ class MetalKernelEmulator:
                 f"max_threads_per_threadgroup must be in 1..{METAL_MAX_THREADS_PER_THREADGROUP}"
             )
         _reject_unsupported_features(header + source)
-        check_metal_language(name, header, source)
         self.schedules = max(1, schedules)
         self.max_threads_per_threadgroup = max_threads_per_threadgroup
         self.name = name
@@ -291,6 +303,7 @@ class MetalKernelEmulator:
         self.ensure_row_contiguous = ensure_row_contiguous
         self.atomic_outputs = atomic_outputs
         self.attributes = [(attr, kind) for attr, kind in _METAL_ATTRIBUTES if attr in source]
+        self._checked_template_names: set[tuple[str, ...]] = set()
 
     def __call__(
         self,
@@ -313,6 +326,7 @@ class MetalKernelEmulator:
         slots = [self._input_slot(name, x) for name, x in zip(self.input_names, arrays)]
         output_types = [_dtype_info(dtype).metal_type for dtype in output_dtypes]
         template_args = [_template_value(name, value) for name, value in (template or [])]
+        self._check_language(tuple(name for name, _, _ in template_args))
         kernel_name = _kernel_name(self.name, template_args, slots, output_types)
         parameters = self._buffer_parameters(slots, output_types)
         kernel_source = self._metal_source(kernel_name, parameters, template_args)
@@ -346,6 +360,20 @@ class MetalKernelEmulator:
             if not self.atomic_outputs:
                 self._check_same_outputs(results[0], results[-1], schedule)
         return [_to_mlx(buffer, dtype) for buffer, dtype in zip(results[0], output_dtypes)]
+
+    def _check_language(self, template_names: tuple[str, ...]) -> None:
+        """The Metal compiler's verdict, as MLX meets it: when a launch first
+        instantiates the kernel with these template parameters."""
+        if template_names in self._checked_template_names:
+            return
+        parameters = [
+            f"{name}{suffix}" for name in self.input_names for suffix in ("", *_SHAPE_SUFFIXES)
+        ]
+        known = [*template_names, *parameters, *self.output_names]
+        check_metal_language(
+            self.name, self.header, self.source, known + [attr for attr, _ in _METAL_ATTRIBUTES]
+        )
+        self._checked_template_names.add(template_names)
 
     def _check_same_outputs(
         self, first: list[np.ndarray], other: list[np.ndarray], schedule: int
@@ -577,19 +605,6 @@ def _kernel_name(
     return kernel_name
 
 
-def _declarator(code: str, qualifier: re.Match[str]) -> tuple[str, str]:
-    """The declarator after a qualifier (array extents removed), and the
-    character that ends it."""
-    rest = code[qualifier.end() :]
-    end = _DECLARATOR_END.search(rest)
-    text = _ARRAY_EXTENT.sub("", rest[: end.start() if end else len(rest)])
-    return text, end.group(0) if end else ""
-
-
-def _is_pointer_or_reference(declarator: str) -> bool:
-    return "*" in declarator or "&" in declarator
-
-
 def _prepare_for_cpp(code: str) -> str:
     """Turns Metal-only constructs into their emulated C++ form, line for line.
 
@@ -603,11 +618,11 @@ def _prepare_for_cpp(code: str) -> str:
     """
     code = _METAL_INCLUDE.sub(lambda match: "\n" * match.group(0).count("\n"), code)
     # A comment mentioning threadgroup memory is not a declaration.
-    code = _COMMENT_OR_STRING.sub(_blank_comment, code)
+    code = blank_comments(code)
 
     def threadgroup(match: re.Match[str]) -> str:
         declarator = _ARRAY_EXTENT.sub("", match.group(1).split("=")[0])
-        if _is_pointer_or_reference(declarator):
+        if is_pointer_or_reference(declarator):
             return match.group(0)
         name = _DECLARED_NAME.search(match.group(1).strip()).group(1)
         return (
@@ -618,128 +633,10 @@ def _prepare_for_cpp(code: str) -> str:
     code = _THREADGROUP_DECLARATION.sub(threadgroup, code)
 
     def constant(match: re.Match[str]) -> str:
-        declarator, _ = _declarator(code, match)
-        return "volatile" if _is_pointer_or_reference(declarator) else match.group(0)
+        declarator, _ = declarator_after(code, match)
+        return "volatile" if is_pointer_or_reference(declarator) else match.group(0)
 
     return _CONSTANT_QUALIFIER.sub(constant, code)
-
-
-# --- the Metal language ----------------------------------------------------------
-
-_NOT_METAL = (
-    (re.compile(r"\bstd\s*::"), "the C++ standard library (std::) does not exist in Metal"),
-    (re.compile(r"\bdouble\b"), "Metal has no double"),
-    (
-        re.compile(
-            r"\b(printf|fprintf|sprintf|snprintf|puts|malloc|calloc|realloc|free|abort|exit|assert"
-            r"|memcpy|memset|memmove|strlen|rand|srand)\s*\("
-        ),
-        "C library functions do not exist in Metal",
-    ),
-    (
-        re.compile(r"\b(erfc?|expm1|lgamma|tgamma|cbrt|hypot|remainder|remquo|nan)\s*\("),
-        "not a function of the Metal standard library",
-    ),
-    (
-        re.compile(
-            r"\b(exp|exp2|expm1|log|log2|log10|log1p|pow|sqrt|sin|cos|tan|asin|acos|atan|atan2|sinh"
-            r"|cosh|tanh|floor|ceil|round|trunc|fabs|fmod|fmax|fmin|fma|erf|erfc|lgamma|tgamma|cbrt"
-            r"|hypot|ldexp|frexp|modf|copysign|nearbyint|rint|lround|llround)[fl]\s*\("
-        ),
-        "C's suffixed math functions do not exist in Metal (its functions are overloaded)",
-    ),
-    (
-        re.compile(
-            r"\b(new|delete|throw|try|catch|goto|virtual|dynamic_cast|typeid|thread_local)\b"
-        ),
-        "a C++ feature Metal does not have",
-    ),
-)
-_STATIC_LOCAL = re.compile(r"\bstatic\b(?!\s+(constexpr|constant|inline)\b)")
-_POINTER_DECLARATION = re.compile(
-    r"\b(?:float|half|bfloat|int|uint|short|ushort|char|uchar|long|ulong|bool"
-    r"|u?int(?:8|16|32|64)_t|float16_t|bfloat16_t)[234]?\s*\*\s*(?:const\s+)?[A-Za-z_]\w*\s*[=;,)\[]"
-)
-_ADDRESS_SPACE = re.compile(r"\b(device|constant|threadgroup|thread|object_data|ray_data)\b")
-_FUNCTION_DEFINITION = re.compile(r"\b([A-Za-z_]\w*)\s*\([^;{}]*\)\s*(?:const\s*)?\{")
-_CONTROL_KEYWORDS = {"if", "for", "while", "switch", "catch", "return", "sizeof", "defined"}
-_COMMENT_OR_STRING = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"', re.DOTALL)
-
-
-def _blank_comment(match: re.Match[str]) -> str:
-    text = match.group(0)
-    return text if text.startswith('"') else "\n" * text.count("\n")
-
-
-def _without_comments(code: str) -> str:
-    """Comments blanked (newlines kept) and string literals emptied."""
-
-    def blank(match: re.Match[str]) -> str:
-        text = match.group(0)
-        return '""' if text.startswith('"') else "\n" * text.count("\n")
-
-    return _COMMENT_OR_STRING.sub(blank, code)
-
-
-def check_metal_language(name: str, header: str, source: str) -> None:
-    """Raises `MetalLanguageError` for constructs the Metal compiler rejects
-    but g++ would accept, naming the kernel, the rule and the line."""
-    for part, code in (("header", header), ("source", source)):
-        code = _without_comments(code)
-        problems = [
-            (match, rule) for pattern, rule in _NOT_METAL for match in pattern.finditer(code)
-        ]
-        problems += _unqualified_pointers(code) + _threadgroup_initializers(code)
-        if part == "source":
-            rule = "static local variables do not exist in Metal"
-            problems += [(match, rule) for match in _STATIC_LOCAL.finditer(code)]
-        else:
-            problems += _recursive_functions(code)
-        if problems:
-            match, rule = min(problems, key=lambda problem: problem[0].start())
-            line = code.count("\n", 0, match.start()) + 1
-            raise MetalLanguageError(
-                f"[metal_kernel emulator] {name}:{part}:{line}: {rule}: `{match.group(0).strip()}`"
-            )
-
-
-def _unqualified_pointers(code: str) -> list[tuple[re.Match[str], str]]:
-    problems = []
-    for match in _POINTER_DECLARATION.finditer(code):
-        statement_start = max(code.rfind(c, 0, match.start()) for c in ";{}(,\n")
-        if not _ADDRESS_SPACE.search(code, statement_start + 1, match.start()):
-            problems.append(
-                (
-                    match,
-                    "a Metal pointer needs an address space (device, constant, threadgroup, thread)",
-                )
-            )
-    return problems
-
-
-def _threadgroup_initializers(code: str) -> list[tuple[re.Match[str], str]]:
-    problems = []
-    for match in _THREADGROUP_QUALIFIER.finditer(code):
-        declarator, end = _declarator(code, match)
-        if not _is_pointer_or_reference(declarator) and end in ("=", "{"):
-            problems.append((match, "threadgroup variables cannot have initializers"))
-    return problems
-
-
-def _recursive_functions(code: str) -> list[tuple[re.Match[str], str]]:
-    problems = []
-    for match in _FUNCTION_DEFINITION.finditer(code):
-        name = match.group(1)
-        if name in _CONTROL_KEYWORDS:
-            continue
-        depth, end = 0, match.end() - 1
-        for end in range(match.end() - 1, len(code)):
-            depth += {"{": 1, "}": -1}.get(code[end], 0)
-            if depth == 0:
-                break
-        if re.search(rf"\b{name}\s*\(", code[match.end() : end]):
-            problems.append((match, f"recursion (`{name}` calls itself) is not allowed in Metal"))
-    return problems
 
 
 def _output_buffer(shape: Sequence[int], dtype: mx.Dtype, init_value: float | None) -> np.ndarray:
@@ -764,17 +661,42 @@ class _Fault(ctypes.Structure):
 
 
 _PAGE = mmap.PAGESIZE
-_GUARD_BYTES = 64 * 1024  # unmapped on either side of each buffer
+# Inaccessible address space on either side of each buffer, so that an index
+# up to 1 GiB out of bounds faults instead of reaching other memory. Reserved,
+# never backed: it costs no memory, and each buffer one mmap and one munmap.
+_GUARD_BYTES = 1 << 30
 _SLACK_BYTE = 0xA5
 _PROT_NONE = 0
+_MAP_PRIVATE, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x20, 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _reserve(size: int) -> int:
+    """`size` bytes of inaccessible address space, unmapped when the
+    returned address is passed to `_release`."""
+    flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE
+    address = _libc.mmap(None, size, _PROT_NONE, flags, -1, 0)
+    if address in (None, _MAP_FAILED):
+        raise OSError(ctypes.get_errno(), "could not reserve a guarded kernel buffer")
+    return address
 
 
 @dataclass
 class _GuardedBuffer:
-    """A kernel buffer in its own mapping, between two 64 KB guards (so that
-    accesses up to 64 KB past its end fault), its end at most 15 bytes of
+    """A kernel buffer in its own mapping, between two 1 GiB guards (so that
+    accesses up to 1 GiB past either end fault), its end at most 15 bytes of
     slack from the guard after it (writes to the slack are reported after the
     launch); inputs are read-only."""
 
@@ -791,27 +713,27 @@ class _GuardedBuffer:
         low, high = _byte_span(source)
         span = high - low
         padded = -(-span // 16) * 16
-        data_pages = max(1, -(-padded // _PAGE))
-        mapping = mmap.mmap(-1, data_pages * _PAGE + 2 * _GUARD_BYTES)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        data_offset = _GUARD_BYTES + data_pages * _PAGE - padded
-        ctypes.memmove(base + data_offset, source.ctypes.data + low, span)
-        slack = np.frombuffer(mapping, np.uint8, count=padded - span, offset=data_offset + span)
+        data_bytes = max(1, -(-padded // _PAGE)) * _PAGE
+        size = data_bytes + 2 * _GUARD_BYTES
+        base = _reserve(size)
+        data_pages = (ctypes.c_char * data_bytes).from_address(base + _GUARD_BYTES)
+        weakref.finalize(data_pages, _libc.munmap, base, size)
+        _protect(base + _GUARD_BYTES, data_bytes, mmap.PROT_READ | mmap.PROT_WRITE)
+        data_offset = data_bytes - padded
+        ctypes.memmove(base + _GUARD_BYTES + data_offset, source.ctypes.data + low, span)
+        slack = np.frombuffer(data_pages, np.uint8, count=padded - span, offset=data_offset + span)
         slack[...] = _SLACK_BYTE
         array = np.ndarray(
             source.shape,
             source.dtype,
-            buffer=mapping,
+            buffer=data_pages,
             offset=data_offset - low,
             strides=source.strides,
         )
-        _protect(base, _GUARD_BYTES, _PROT_NONE)
-        _protect(base + _GUARD_BYTES + data_pages * _PAGE, _GUARD_BYTES, _PROT_NONE)
         if not writable:
-            _protect(base + _GUARD_BYTES, data_pages * _PAGE, mmap.PROT_READ)
-        return cls(
-            name, array, writable, base + data_offset, span, (base, base + len(mapping)), slack
-        )
+            _protect(base + _GUARD_BYTES, data_bytes, mmap.PROT_READ)
+        data_address = base + _GUARD_BYTES + data_offset
+        return cls(name, array, writable, data_address, span, (base, base + size), slack)
 
     def check_slack(self, kernel_name: str) -> None:
         if np.any(self.slack != _SLACK_BYTE):
