@@ -132,15 +132,17 @@ for (uint chunk = chunks; chunk-- > 0;) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
+  // Transposed loads take their block by a pointer offset with origin (0, 0): whether an
+  // origin counts in the source's or the transposed matrix's coordinates is then moot.
   simdgroup_float8x8 tokens, token_columns, d_read_rows, d_read_columns, d_tokens;
   simdgroup_float8x8 slot_state, slot_state_columns, product, factor;
   simdgroup_load(tokens, tile_values, 8);
-  simdgroup_load(token_columns, tile_values, 8, 0, true);
+  simdgroup_load(token_columns, tile_values, 8, ulong2(0, 0), true);
   simdgroup_load(d_read_rows, tile_d_values, 8);
-  simdgroup_load(d_read_columns, tile_d_values, 8, 0, true);
+  simdgroup_load(d_read_columns, tile_d_values, 8, ulong2(0, 0), true);
   simdgroup_multiply(product, tokens, d_read_columns);
   simdgroup_store(product, tile_token_sums, Q);
-  simdgroup_load(factor, scores, Q, 0, true);  // Aᵀ
+  simdgroup_load(factor, scores, Q, ulong2(0, 0), true);  // Aᵀ
   simdgroup_multiply(d_tokens, factor, d_read_rows);
   float d_eta_sums[Q];
   for (int t = 0; t < Q; ++t) {
@@ -157,7 +159,7 @@ for (uint chunk = chunks; chunk-- > 0;) {
     }
     simdgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_load(slot_state, tile_stage, 8);
-    simdgroup_load(slot_state_columns, tile_stage, 8, 0, true);
+    simdgroup_load(slot_state_columns, tile_stage, 8, ulong2(0, 0), true);
     simdgroup_multiply(product, slot_state, d_read_columns);
     simdgroup_store(product, tile_state_sums + 64 * window_block, 8);
     simdgroup_multiply(product, adjoint_blocks[b], token_columns);
@@ -170,11 +172,11 @@ for (uint chunk = chunks; chunk-- > 0;) {
       tile_diagonal_sums[8 * window_block + lane] = tile_stage[9 * lane];
     }
 
-    simdgroup_load(factor, keys + 8 * b * Q, Q, 0, true);  // θ ⊙ E, [t][i]
+    simdgroup_load(factor, keys + 8 * b * Q, Q, ulong2(0, 0), true);  // θ ⊙ E, [t][i]
     simdgroup_multiply_accumulate(d_tokens, factor, adjoint_blocks[b], d_tokens);
     simdgroup_load(factor, chunk_decay + 8 * b * Q, Q);
     simdgroup_multiply(adjoint_blocks[b], factor, adjoint_blocks[b]);
-    simdgroup_load(factor, queries + 8 * b, SLOTS, 0, true);  // (α̃ ⊙ F)ᵀ, [i][t]
+    simdgroup_load(factor, queries + 8 * b, SLOTS, ulong2(0, 0), true);  // (α̃ ⊙ F)ᵀ, [i][t]
     simdgroup_multiply_accumulate(adjoint_blocks[b], factor, d_read_rows, adjoint_blocks[b]);
 
     if (window_block < WINDOW - 1 && b < BLOCKS - 1) {
