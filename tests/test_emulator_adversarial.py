@@ -168,6 +168,20 @@ CASES = [
         match=r"past the end of `x`",
     ),
     Case(
+        "device read one before the start",
+        """int i = int(thread_position_in_grid.x);
+        out[i] = x[i - 1];""",
+        "flagged",
+        match=r"access before the start of `x` \(64 elements, at element -1\)",
+    ),
+    Case(
+        "device write one before the start",
+        """int i = int(thread_position_in_grid.x);
+        out[i - 1] = x[i];""",
+        "flagged",
+        match=r"wrote before the start of output `out`",
+    ),
+    Case(
         "device read 1 MB past the end",
         """uint i = thread_position_in_grid.x;
         out[i] = x[i + 262144];""",

@@ -334,15 +334,24 @@ class MetalKernelEmulator:
             print(f"Generated source code for `{self.name}`:\n```\n{kernel_source}\n```")
 
         launch = _compiled_launcher(self._cpp_source(kernel_name, parameters, template_args))
-        buffers = [
-            _GuardedBuffer.holding(name, self._input_buffer(x))
-            for name, x in zip(self.input_names, arrays)
-        ]
+        inputs_by_placement: dict[bool, list[_GuardedBuffer]] = {}
         results = []
         for schedule in range(self.schedules):
+            # Odd schedules put buffers at the start of their pages, even ones
+            # at the end, so that a read just past either end faults in one.
+            at_page_start = schedule % 2 == 1
+            if at_page_start not in inputs_by_placement:
+                inputs_by_placement[at_page_start] = [
+                    _GuardedBuffer.holding(name, self._input_buffer(x), at_page_start=at_page_start)
+                    for name, x in zip(self.input_names, arrays)
+                ]
+            buffers = inputs_by_placement[at_page_start]
             outputs = [
                 _GuardedBuffer.holding(
-                    name, _output_buffer(shape, dtype, init_value), writable=True
+                    name,
+                    _output_buffer(shape, dtype, init_value),
+                    writable=True,
+                    at_page_start=at_page_start,
                 )
                 for name, shape, dtype in zip(self.output_names, output_shapes, output_dtypes)
             ]
@@ -695,10 +704,11 @@ def _reserve(size: int) -> int:
 
 @dataclass
 class _GuardedBuffer:
-    """A kernel buffer in its own mapping, between two 1 GiB guards (so that
-    accesses up to 1 GiB past either end fault), its end at most 15 bytes of
-    slack from the guard after it (writes to the slack are reported after the
-    launch); inputs are read-only."""
+    """A kernel buffer in its own pages between two 1 GiB guards (so that
+    accesses up to 1 GiB past either end fault), at the start or the end of
+    its pages: at most 15 bytes of slack from the guard on that side, the
+    rest of the pages on the other (writes to the slack are reported after
+    the launch); inputs are read-only."""
 
     name: str
     array: np.ndarray
@@ -706,10 +716,13 @@ class _GuardedBuffer:
     data_address: int  # the first byte the array spans
     data_bytes: int
     mapping_range: tuple[int, int]
-    slack: np.ndarray
+    slack_before: np.ndarray
+    slack_after: np.ndarray
 
     @classmethod
-    def holding(cls, name: str, source: np.ndarray, writable: bool = False) -> "_GuardedBuffer":
+    def holding(
+        cls, name: str, source: np.ndarray, writable: bool = False, at_page_start: bool = False
+    ) -> "_GuardedBuffer":
         low, high = _byte_span(source)
         span = high - low
         padded = -(-span // 16) * 16
@@ -719,10 +732,11 @@ class _GuardedBuffer:
         data_pages = (ctypes.c_char * data_bytes).from_address(base + _GUARD_BYTES)
         weakref.finalize(data_pages, _libc.munmap, base, size)
         _protect(base + _GUARD_BYTES, data_bytes, mmap.PROT_READ | mmap.PROT_WRITE)
-        data_offset = data_bytes - padded
+        data_offset = 0 if at_page_start else data_bytes - padded
         ctypes.memmove(base + _GUARD_BYTES + data_offset, source.ctypes.data + low, span)
-        slack = np.frombuffer(data_pages, np.uint8, count=padded - span, offset=data_offset + span)
-        slack[...] = _SLACK_BYTE
+        pages = np.frombuffer(data_pages, np.uint8)
+        pages[:data_offset] = _SLACK_BYTE
+        pages[data_offset + span :] = _SLACK_BYTE
         array = np.ndarray(
             source.shape,
             source.dtype,
@@ -733,13 +747,26 @@ class _GuardedBuffer:
         if not writable:
             _protect(base + _GUARD_BYTES, data_bytes, mmap.PROT_READ)
         data_address = base + _GUARD_BYTES + data_offset
-        return cls(name, array, writable, data_address, span, (base, base + size), slack)
+        return cls(
+            name,
+            array,
+            writable,
+            data_address,
+            span,
+            (base, base + size),
+            pages[:data_offset],
+            pages[data_offset + span :],
+        )
 
     def check_slack(self, kernel_name: str) -> None:
-        if np.any(self.slack != _SLACK_BYTE):
-            raise MetalKernelError(
-                f"[metal_kernel emulator] {kernel_name}: wrote past the end of output `{self.name}`"
-            )
+        for where, slack in (
+            ("before the start", self.slack_before),
+            ("past the end", self.slack_after),
+        ):
+            if np.any(slack != _SLACK_BYTE):
+                raise MetalKernelError(
+                    f"[metal_kernel emulator] {kernel_name}: wrote {where} of output `{self.name}`"
+                )
 
     def describe(self, address: int, is_write: bool) -> str | None:
         """What an access to `address` is, if it falls in this buffer's mapping."""

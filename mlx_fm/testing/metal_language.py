@@ -370,9 +370,30 @@ def _is_declared(tokens: list[_Token], index: int) -> bool:
     if before.text == ",":  # `float a = 0, b = 1;`, `uint i, j;`
         return after in ("=", ";", "[", ",")
     if before.text in (">", "*", "&", "&&"):
-        if after == "(":
-            return _follows_parentheses(tokens, index + 1) == "{"
+        if after == "(":  # a function definition, or `vec<T, 2> x(...);`
+            follower = _follows_parentheses(tokens, index + 1)
+            return follower == "{" or (
+                follower in (";", ",") and _template_type_starts(tokens, index - 1)
+            )
         return after in ("=", ";", ",", ")", "[", ":", "{")
+    return False
+
+
+def _template_type_starts(tokens: list[_Token], closing: int) -> bool:
+    """Whether the `>` at `closing` ends a template type that starts a
+    statement, as `vec<T, 2>` in `; vec<T, 2> x(...)`."""
+    if tokens[closing].text != ">":
+        return False
+    depth = 0
+    for index in range(closing, 0, -1):
+        depth += {">": 1, "<": -1}.get(tokens[index].text, 0)
+        if depth == 0:
+            start = index - 2  # the token before the template's name
+            return (
+                start < 0
+                or tokens[start].text in ("{", "}", ";", ":")
+                or (tokens[start].text in _CPP_KEYWORDS)
+            )
     return False
 
 
