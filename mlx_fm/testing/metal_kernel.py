@@ -25,18 +25,34 @@ What a GPU would punish is reported rather than run by luck:
 - barrier rules (`MetalKernelError`): every thread of a threadgroup must reach
   the same barrier call the same number of times, and a barrier without
   ``mem_threadgroup`` is refused in a kernel with threadgroup memory;
-- memory: device buffers are guarded (accesses up to 64 KB past either end
-  fault, inputs are read-only), private and threadgroup arrays are bounds
-  checked (``-fsanitize=bounds``), errors name the buffer or the source line and
-  the index; threadgroup memory is poisoned (NaN) for each threadgroup and
-  limited to Metal's 32 KB; threadgroups above ``max_threads_per_threadgroup``
-  (896 by default, as a register-heavy pipeline's limit may be) are refused;
-- the language (`MetalLanguageError`, or a compile error from a static
-  assertion): ``std::``, ``double``, the C library, suffixed and missing math
-  functions, static locals, recursion, pointers without an address space,
-  initialized threadgroup variables, variable-length arrays, atomics and SIMD
-  reductions of types Metal lacks; ``constant`` pointers do not convert to
-  ``device`` ones; ``min``/``max`` of floats ignore a NaN as Metal's do.
+- memory: device buffers are guarded: each lies between two 1 GiB
+  inaccessible regions (reserved address space, no memory), at the end of its
+  pages in even schedules and at their start in odd ones, so that reads and
+  writes up to 1 GiB past either end fault (writes within the pages' slack are
+  reported after the launch); inputs are read-only; private and threadgroup
+  arrays are bounds checked (``-fsanitize=bounds``); errors name the buffer or
+  the source line and the index; threadgroup memory is poisoned (NaN) for each
+  threadgroup and limited to Metal's 32 KB; threadgroups above
+  ``max_threads_per_threadgroup`` (896 by default, as a register-heavy
+  pipeline's limit may be) are refused;
+- the language (`MetalLanguageError`, checked when a launch first
+  instantiates the kernel, as MLX compiles it; see `metal_language`): a
+  deny-list with a message for each construct (``std::``, ``double``, the C
+  library, C's suffixed and Metal's missing math functions, static locals,
+  recursion, pointers without an address space, initialized threadgroup
+  variables), then an allow-list: every function called and type declared
+  with must be defined in the kernel's header or source, be a template
+  parameter, input, output or thread attribute, or belong to the Metal
+  Standard Library or MLX's prelude; a compile error from a static assertion
+  or g++ for variable-length arrays, atomics and SIMD reductions of types
+  Metal lacks; ``constant`` pointers do not convert to ``device`` ones;
+  ``min``/``max`` of floats ignore a NaN as Metal's do.
+
+MLX's prelude (``mlx/backend/metal/kernels/utils.h`` and the files it
+includes) is emulated whole: ``Limits``, ``WorkPerThread``, ``elem_to_loc``
+and its variants, ``LoopedElemToLoc``, ``ceildiv``, ``log1p`` and ``hypot``
+(computed as MLX does), 64-bit, bool and complex SIMD shuffles,
+``complex64_t``, ``cast_to``, ``ConditionalType``, ``schedule_row_tile``.
 
 Differences from the GPU that remain: calls run eagerly (not inside
 ``mx.compile``) on one CPU thread; math functions are the correctly rounded CPU
@@ -44,8 +60,13 @@ ones; outputs without ``init_value`` start as NaN (floating types) or all-ones
 bits (integers) so that unwritten elements stand out; threads switch only at
 barriers and SIMD-group functions, so a race inside one read-modify-write
 (``out[0] += x`` from many threads) shows only where the order of the updates
-changes the result; accesses beyond the 64 KB guards, and pointers derived
-from a `constant` input through a cast, are not checked; outputs of
+changes the result; accesses more than 1 GiB out of bounds (they may reach
+another buffer), reads within a page of an end with a single schedule, and
+pointers derived from a `constant` input through a cast are not checked; the
+language check reads names, not types: it does not see a member function
+Metal lacks, a constant (``M_PI``) that g++ defines and Metal does not, or a
+type named only inside a template argument; Metal's packed vectors, matrix
+types and pack functions are refused as unsupported; outputs of
 ``atomic_outputs`` kernels are not compared between schedules; simdgroup
 matrices are 8x8 only, without ``thread_elements()`` (their lane layout is not
 Apple's), and their products accumulate in float in index order; every
