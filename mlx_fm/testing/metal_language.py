@@ -389,11 +389,7 @@ def _template_type_starts(tokens: list[_Token], closing: int) -> bool:
         depth += {">": 1, "<": -1}.get(tokens[index].text, 0)
         if depth == 0:
             start = index - 2  # the token before the template's name
-            return (
-                start < 0
-                or tokens[start].text in ("{", "}", ";", ":")
-                or (tokens[start].text in _CPP_KEYWORDS)
-            )
+            return start < 0 or tokens[start].text in {"{", "}", ";", ":", *_CPP_KEYWORDS}
     return False
 
 
@@ -405,7 +401,9 @@ def _follows_parentheses(tokens: list[_Token], opening: int) -> str:
         depth += {"(": 1, ")": -1}.get(tokens[index].text, 0)
         if depth == 0:
             rest = [token.text for token in tokens[index + 1 : index + 3]]
-            return (rest[1:] if rest[:1] == ["const"] else rest[:1] or [""])[0]
+            if rest[:1] == ["const"]:
+                rest = rest[1:]
+            return rest[0] if rest else ""
     return ""
 
 
@@ -415,7 +413,7 @@ def _enumerators(tokens: list[_Token]) -> set[str]:
         if token.text != "enum":
             continue
         opening = next(
-            (i for i in range(index, len(tokens)) if tokens[i].text in "{;"), len(tokens)
+            (i for i in range(index, len(tokens)) if tokens[i].text in ("{", ";")), len(tokens)
         )
         expects_name = True
         for inner in tokens[opening + 1 :]:
