@@ -3,24 +3,24 @@
 import mlx.core as mx
 
 
-@mx.compile
 def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     """Slot weights α̃ over the last axis (the m slots), in float32.
 
     Dense (top_k == m): softmax(ρ / τ). Sparse: the softmax restricted to its
-    top_k entries and renormalized; every other slot gets exactly 0.
+    top_k entries and renormalized, i.e. the softmax of the top_k logits alone;
+    every other slot gets exactly 0.
     """
     logits = router_logits.astype(mx.float32) / temperature
-    slot_weights = mx.softmax(logits, axis=-1, precise=True)
-    num_slots = slot_weights.shape[-1]
-    if top_k >= num_slots:
-        return slot_weights
-    top = mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k]
-    keep = mx.put_along_axis(
-        mx.zeros_like(slot_weights), mx.stop_gradient(top), mx.array(1.0, mx.float32), axis=-1
-    )
-    kept = slot_weights * keep
-    return kept / kept.sum(axis=-1, keepdims=True)
+    if top_k >= logits.shape[-1]:
+        return _softmax(logits)
+    top = mx.stop_gradient(mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k])
+    weights = _softmax(mx.take_along_axis(logits, top, axis=-1))
+    return mx.put_along_axis(mx.zeros_like(logits), top, weights, axis=-1)
+
+
+@mx.compile
+def _softmax(logits: mx.array) -> mx.array:
+    return mx.softmax(logits, axis=-1, precise=True)
 
 
 @mx.compile
