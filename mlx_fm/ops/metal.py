@@ -407,7 +407,7 @@ class FMKernels:
         d_reads: mx.array,
         d_final_state: mx.array,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        batch, length, heads, width = x.shape
+        batch, _, heads, width = x.shape
         slots = slot_weights.shape[-1]
         tiles = self._chunkwise_backward_tiles(width, slots)
         _check_threadgroup_memory(
@@ -416,20 +416,14 @@ class FMKernels:
             slots,
         )
         all_tiles = -(-width // (8 * tiles)) * tiles
-        d_x, d_slot_weights_partial, d_eta_partial, d_state = self._chunkwise_backward_kernel(
-            inputs=[x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+        return _run_backward(
+            self._chunkwise_backward_kernel,
+            [x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+            blocks=all_tiles,
             template=_chunkwise_template(slots, tiles),
             grid=(SIMD_WIDTH, all_tiles, batch * heads),
             threadgroup=(SIMD_WIDTH, tiles, 1),
-            output_shapes=[
-                x.shape,
-                (batch, length, heads, all_tiles, slots),
-                (batch, length, heads, all_tiles),
-                d_final_state.shape,
-            ],
-            output_dtypes=[mx.float32] * 4,
         )
-        return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
 
     def _scan_sequential_inference(
         self, x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array
@@ -471,7 +465,7 @@ class FMKernels:
         d_reads: mx.array,
         d_final_state: mx.array,
     ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-        batch, length, heads, width = x.shape
+        batch, _, heads, width = x.shape
         slots = slot_weights.shape[-1]
         columns = max(
             1,
@@ -483,21 +477,36 @@ class FMKernels:
             ),
         )
         _check_threadgroup_memory("scan backward", (2 * columns * slots + 2 * columns) * 4, slots)
-        blocks = -(-width // columns)
-        d_x, d_slot_weights_partial, d_eta_partial, d_state = self._backward_kernel(
-            inputs=[x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+        return _run_backward(
+            self._backward_kernel,
+            [x, slot_weights, eta, checkpoints, d_reads, d_final_state],
+            blocks=-(-width // columns),
             template=[("M", slots), ("CHUNK", self.scan_chunk), ("COLUMNS", columns)],
             grid=(SIMD_WIDTH, width, batch * heads),
             threadgroup=(SIMD_WIDTH, columns, 1),
-            output_shapes=[
-                x.shape,
-                (batch, length, heads, blocks, slots),
-                (batch, length, heads, blocks),
-                d_final_state.shape,
-            ],
-            output_dtypes=[mx.float32] * 4,
         )
-        return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
+
+
+def _run_backward(
+    kernel: KernelLauncher, inputs: list[mx.array], *, blocks: int, **launch
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """A backward kernel on [x, slot_weights, eta, checkpoints, d_reads, d_final_state]:
+    d_x, d_slot_weights, d_eta, d_state, the middle two summed over the `blocks` of value
+    columns that each wrote its own partial sums."""
+    x, slot_weights, d_final_state = inputs[0], inputs[1], inputs[-1]
+    batch, length, heads, _ = x.shape
+    d_x, d_slot_weights_partial, d_eta_partial, d_state = kernel(
+        inputs=inputs,
+        output_shapes=[
+            x.shape,
+            (batch, length, heads, blocks, slot_weights.shape[-1]),
+            (batch, length, heads, blocks),
+            d_final_state.shape,
+        ],
+        output_dtypes=[mx.float32] * 4,
+        **launch,
+    )
+    return d_x, d_slot_weights_partial.sum(axis=-2), d_eta_partial.sum(axis=-1), d_state
 
 
 def _chunkwise_template(slots: int, tiles: int) -> list[tuple[str, int]]:
