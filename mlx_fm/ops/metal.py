@@ -126,43 +126,33 @@ class FMKernels:
             ["out", "new_state"],
         )
 
+    def _build_scan(self, name: str, source: str, checkpoints: bool) -> KernelLauncher:
+        """A forward scan source built with or without the checkpoints its backward reads
+        (FM_SCAN_CHECKPOINTS); each build has its own name, as MLX caches a library by name."""
+        return self._build(
+            name,
+            ["x", "slot_weights", "eta", "state"],
+            ["reads", "final_state", *(["checkpoints"] if checkpoints else [])],
+            source=source,
+            header=f"#define FM_SCAN_CHECKPOINTS {int(checkpoints)}\n",
+        )
+
     @cached_property
     def _forward_kernel(self) -> KernelLauncher:
-        return self._build(
-            "fm_scan_forward",
-            ["x", "slot_weights", "eta", "state"],
-            ["reads", "final_state", "checkpoints"],
-            header="#define FM_SCAN_CHECKPOINTS 1\n",
-        )
+        return self._build_scan("fm_scan_forward", "fm_scan_forward", checkpoints=True)
 
     @cached_property
     def _inference_forward_kernel(self) -> KernelLauncher:
-        # Its own name: MLX caches a kernel's library by name.
-        return self._build(
-            "fm_scan_forward_inference",
-            ["x", "slot_weights", "eta", "state"],
-            ["reads", "final_state"],
-            source="fm_scan_forward",
-            header="#define FM_SCAN_CHECKPOINTS 0\n",
-        )
+        return self._build_scan("fm_scan_forward_inference", "fm_scan_forward", checkpoints=False)
 
     @cached_property
     def _chunkwise_kernel(self) -> KernelLauncher:
-        return self._build(
-            "fm_scan_chunkwise",
-            ["x", "slot_weights", "eta", "state"],
-            ["reads", "final_state"],
-            header="#define FM_SCAN_CHECKPOINTS 0\n",
-        )
+        return self._build_scan("fm_scan_chunkwise", "fm_scan_chunkwise", checkpoints=False)
 
     @cached_property
     def _chunkwise_checkpointing_kernel(self) -> KernelLauncher:
-        return self._build(
-            "fm_scan_chunkwise_checkpoints",
-            ["x", "slot_weights", "eta", "state"],
-            ["reads", "final_state", "checkpoints"],
-            source="fm_scan_chunkwise",
-            header="#define FM_SCAN_CHECKPOINTS 1\n",
+        return self._build_scan(
+            "fm_scan_chunkwise_checkpoints", "fm_scan_chunkwise", checkpoints=True
         )
 
     @cached_property
