@@ -98,7 +98,10 @@ def routing_summary(model_dir: Path, books: Path) -> list:
     model, tokenizer = mlx_fm.load(model_dir)
     documents = read_documents([books / INSPECTED_BOOK])
     stats = routing_stats(model, text_tokens(documents, tokenizer, INSPECTED_TOKENS))
-    return json.loads(json.dumps(layer_summary(stats)).replace("Infinity", "null"))
+    summaries = layer_summary(stats)
+    for summary in summaries:
+        summary["lifetime"] = [None if math.isinf(v) else v for v in summary["lifetime"]]
+    return summaries
 
 
 def card(run: Path, config, chosen: str, measured: dict, extra: dict) -> dict:

@@ -263,6 +263,9 @@ def run(args) -> dict:
     return results
 
 
+RATE_NAMES = ("prompt", "decode")
+
+
 def print_ratios(results: dict):
     if "FM" not in results or len(results) < 2:
         return
@@ -282,9 +285,6 @@ def print_ratios(results: dict):
             "training "
             + " ".join(f"FM/{name} {fm.training / m.training:.2f}x" for name, m in others.items())
         )
-
-
-RATE_NAMES = ("prompt", "decode")
 
 
 @fail_cleanly
