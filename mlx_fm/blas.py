@@ -12,16 +12,23 @@ renames it), so a copy whose SONAME reads ``libgfortran.so.5`` is written once t
 the user's cache and loaded first. Nothing is printed: ``blas_info()`` and
 ``python -m mlx_fm`` say what happened.
 
+Each library is first tried in a child process (once per library and CPU; the verdict is
+cached): OpenBLAS builds that are not DYNAMIC_ARCH carry one CPU's kernels, and on an older
+CPU the first matmul dies of an illegal instruction, which would take this process with it.
+
 Environment:
     MLX_FM_BLAS=off         do nothing
     MLX_FM_BLAS=/path/lib   load this library instead of searching
 """
 
 import ctypes
+import hashlib
 import importlib.metadata
 import os
 import platform
+import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,6 +87,7 @@ def load_fast_blas() -> Optional[str]:
         _status["reason"] = "no OpenBLAS found (pip install cmeel-openblas)"
         for path in paths:
             try:
+                _check_runs(path)
                 _load_global(path)
             except OSError as error:
                 _status["reason"] = f"cannot load {path}: {error}"
@@ -117,6 +125,97 @@ def _load_gfortran() -> None:
     ctypes.CDLL(str(_renamed_copy(source)), mode=ctypes.RTLD_GLOBAL)
 
 
+# The child that tries a library: this file, loaded by path so that neither the mlx_fm package
+# (which would load a BLAS itself) nor the working directory's modules are imported.
+_CHILD = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.spec_from_file_location('mlx_fm_blas_check', sys.argv[1])\n"
+    "module = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
+    "sys.exit(module.multiplies_correctly(sys.argv[2]))\n"
+)
+_CHECK_TIMEOUT_S = 120
+
+
+def _check_runs(path: Path) -> None:
+    """Raise BlasLoadError unless `path` multiplies correctly on this CPU, as tried once in a
+    child process (the verdict is cached per library and CPU)."""
+    verdict_file = _cache_dir() / "blas-checks" / _verdict_key(path)
+    try:
+        verdict = verdict_file.read_text()
+    except OSError:
+        verdict = _try_in_child(path)
+        if verdict is not None:
+            try:
+                _write_atomically(verdict_file, verdict.encode())
+            except OSError:  # an unwritable cache: try again next time
+                pass
+    if verdict is None:
+        raise BlasLoadError(f"trying it took over {_CHECK_TIMEOUT_S} s")
+    if verdict != "ok":
+        raise BlasLoadError(verdict)
+
+
+def _verdict_key(path: Path) -> str:
+    """A name for (this library file, this CPU)."""
+    stat = path.stat()
+    try:
+        cpu = [
+            line
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith(("flags", "Features", "model name", "CPU part"))
+        ][:4]
+    except OSError:
+        cpu = []
+    identity = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), platform.machine()]
+    return hashlib.sha256("\n".join(identity + cpu).encode()).hexdigest()[:32]
+
+
+def _try_in_child(path: Path) -> Optional[str]:
+    """"ok", or why `path` cannot be used; None if the child took too long."""
+    try:
+        child = subprocess.run(
+            [sys.executable, "-I", "-c", _CHILD, __file__, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if child.returncode == 0:
+        return "ok"
+    built_for = f", built as {child.stdout.strip()}" if child.stdout.strip() else ""
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        return f"its first matmul crashed on this CPU ({name}{built_for})"
+    lines = child.stderr.strip().splitlines() or ["no message"]
+    return f"its first matmul failed ({lines[-1]}{built_for})"
+
+
+def multiplies_correctly(path: str) -> int:
+    """In a child process: load `path`, print its build configuration, and multiply two 64×64
+    matrices with its cblas_sgemm. 0 if the product is right."""
+    _load_global(Path(path))
+    library = ctypes.CDLL(path)
+    if hasattr(library, "openblas_get_config"):
+        library.openblas_get_config.restype = ctypes.c_char_p
+        print(library.openblas_get_config().decode(errors="replace"), flush=True)
+    size = 64
+    matrix = ctypes.c_float * (size * size)
+    a = matrix(*[float(i % 7) for i in range(size * size)])
+    identity = matrix(*[float(i % (size + 1) == 0) for i in range(size * size)])
+    product = matrix()
+    row_major, no_transpose = 101, 111
+    library.cblas_sgemm(
+        *(row_major, no_transpose, no_transpose, size, size, size, ctypes.c_float(1.0)),
+        *(a, size, identity, size, ctypes.c_float(0.0), product, size),
+    )
+    if list(product) != list(a):
+        print("A·I ≠ A", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mlx_fm"
@@ -128,14 +227,18 @@ def _renamed_copy(source: Path) -> Path:
     target = _cache_dir() / f"gfortran-{stat.st_size}-{stat.st_mtime_ns}" / "libgfortran.so.5"
     if target.exists():
         return target
-    data = with_soname(source.read_bytes(), GFORTRAN_SONAME)
+    _write_atomically(target, with_soname(source.read_bytes(), GFORTRAN_SONAME), mode=0o755)
+    return target
+
+
+def _write_atomically(target: Path, data: bytes, mode: int = 0o644) -> None:
+    """Concurrent first imports each write a whole file, and none sees half of one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=".libgfortran.")
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     with os.fdopen(handle, "wb") as file:
         file.write(data)
-    os.chmod(staging, 0o755)
-    os.replace(staging, target)  # atomic: concurrent first imports each write a whole file
-    return target
+    os.chmod(staging, mode)
+    os.replace(staging, target)
 
 
 def _dynamic_section(data: bytes) -> tuple[dict, int]:

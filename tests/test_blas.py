@@ -1,6 +1,7 @@
 """The fast BLAS that `import mlx_fm` loads on Linux from what pip installs."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,63 @@ def test_a_library_that_cannot_load_is_reported_not_raised(tmp_path):
 
 
 @linux_only
+def compiled_blas(tmp_path: Path, body: str) -> Path:
+    """A shared library whose cblas_sgemm is `body`."""
+    compiler = shutil.which("gcc") or pytest.skip("no C compiler")
+    source, library = tmp_path / "sgemm.c", tmp_path / "libopenblas.so.0"
+    source.write_text(f"void cblas_sgemm(void) {{ {body} }}\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", library, source], check=True)
+    return library
+
+
+MULTIPLY_AND_REPORT = (
+    "import mlx_fm, mlx.core as mx\n"
+    "print(mlx_fm.blas_info()['reason'])\n"
+    "print((mx.ones((64, 64)) @ mx.full((64, 64), 2.0))[0, 0].item())\n"
+)
+
+
+@linux_only
+def test_a_library_that_crashes_on_this_cpu_is_tried_in_a_child_and_skipped(tmp_path):
+    """A BLAS built for a newer CPU dies of an illegal instruction in its first matmul: that
+    happens in a child, and MLX keeps its own BLAS."""
+    library = compiled_blas(tmp_path, "__builtin_trap();")
+    env = {"MLX_FM_BLAS": str(library), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for _ in range(2):  # the second import reads the cached verdict
+        result = run_python(MULTIPLY_AND_REPORT, **env)
+        assert result.returncode == 0, result.stderr
+        reason, product = result.stdout.splitlines()
+        crashed = f"cannot load {library}: its first matmul crashed on this CPU (SIG"
+        assert reason.startswith(crashed)
+        assert product == "128.0"
+    assert len(list((tmp_path / "cache/mlx_fm/blas-checks").iterdir())) == 1
+
+
+@linux_only
+def test_a_library_that_multiplies_wrongly_is_skipped(tmp_path):
+    library = compiled_blas(tmp_path, "")  # leaves the product as it was: zeros
+    result = run_python(
+        MULTIPLY_AND_REPORT, MLX_FM_BLAS=str(library), XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"cannot load {library}: its first matmul failed (A·I ≠ A)",
+        "128.0",
+    ]
+
+
+@linux_only
+def test_the_verdict_on_a_library_is_taken_from_the_cache(tmp_path):
+    library = compiled_blas(tmp_path, "")
+    verdict = tmp_path / "cache/mlx_fm/blas-checks" / blas._verdict_key(library)
+    verdict.parent.mkdir(parents=True)
+    verdict.write_text("a verdict from the cache")
+    result = run_python(
+        MULTIPLY_AND_REPORT, MLX_FM_BLAS=str(library), XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    assert result.stdout.splitlines()[0] == f"cannot load {library}: a verdict from the cache"
+
+
 def test_soname_is_rewritten_in_place_and_nothing_else_changes():
     original = bundled_gfortran().read_bytes()
     renamed = blas.with_soname(original, b"libgfortran.so.5")
