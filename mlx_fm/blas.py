@@ -172,7 +172,7 @@ def _verdict_key(path: Path) -> str:
 
 
 def _try_in_child(path: Path) -> Optional[str]:
-    """"ok", or why `path` cannot be used; None if the child took too long."""
+    """ "ok", or why `path` cannot be used; None if the child took too long."""
     try:
         child = subprocess.run(
             [sys.executable, "-I", "-c", _CHILD, __file__, str(path)],
