@@ -15,7 +15,8 @@ parameters FLOPs a token, at the GEMM speed of a prompt segment).
 
 With --train-seq-len, each model's training speed too: tokens/s of mlx_fm.train's own
 step (forward, backward, AdamW) on random windows. With --batch N, decode tokens/s of
-mlx-lm's batch_generate over N prompts against the same over one.
+mlx-lm's batch_generate over N prompts against the same over one. With --bits N, the FM
+model quantized to N bits (its own weights, groups of 64) against its float self.
 """
 
 import argparse
@@ -200,6 +201,9 @@ def build_parser():
     parser.add_argument(
         "--batch", type=int, default=0, help="also time batch_generate over this many prompts"
     )
+    parser.add_argument(
+        "--bits", type=int, default=0, help="also time the FM model quantized to this many bits"
+    )
     return parser
 
 
@@ -211,6 +215,34 @@ class Measured:
     contexts: dict = field(default_factory=dict)
     training: Optional[float] = None
     batch_decode: Optional[tuple] = None
+
+
+def quantized_copy(model: nn.Module, args, bits: int) -> nn.Module:
+    """The FM model with its own weights, quantized to `bits` in groups of 64."""
+    quantized = fm_model(args, args.fm_layers)
+    quantized.update(model.parameters())
+    nn.quantize(quantized, group_size=64, bits=bits)
+    mx.eval(quantized.parameters())
+    return quantized
+
+
+def measure_quantized(model: nn.Module, measured: "Measured", args) -> "Measured":
+    """The FM model quantized to --bits, printed against its float self in `measured`."""
+    quantized = quantized_copy(model, args, args.bits)
+    measure(quantized, 64, 2, args.vocab_size)  # warm-up: compile, allocate, float copies
+    print(f"FM {args.bits}-bit (groups of 64), against the float FM model:")
+    result = Measured()
+    for context in args.contexts:
+        rates = result.contexts[context] = measure(
+            quantized, context, args.decode_tokens, args.vocab_size
+        )
+        prompt, decode, _ = measured.contexts[context]
+        print(
+            f"  {context:6d} tokens: prompt {rates[0]:9.1f} tok/s ({rates[0] / prompt:.2f}x), "
+            f"decode {rates[1]:7.1f} tok/s ({rates[1] / decode:.2f}x), peak {rates[2]:6.3f} GB",
+            flush=True,
+        )
+    return result
 
 
 def run(args) -> dict:
@@ -259,6 +291,8 @@ def run(args) -> dict:
                 f"({args.train_batch} x {args.train_seq_len} tokens a step)",
                 flush=True,
             )
+        if key == "fm" and args.bits:
+            results[f"FM {args.bits}-bit"] = measure_quantized(model, measured, args)
         del model
     return results
 
@@ -267,9 +301,10 @@ RATE_NAMES = ("prompt", "decode")
 
 
 def print_ratios(results: dict):
-    if "FM" not in results or len(results) < 2:
+    others = {name: m for name, m in results.items() if not name.startswith("FM")}
+    if "FM" not in results or not others:
         return
-    fm, others = results["FM"], {name: m for name, m in results.items() if name != "FM"}
+    fm = results["FM"]
     print(
         f"\n{'context':>8} "
         + " ".join(f"{'FM/' + name + ' ' + what:>22}" for name in others for what in RATE_NAMES)

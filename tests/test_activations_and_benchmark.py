@@ -56,10 +56,14 @@ def test_benchmark_compares_models_of_matching_size(capsys):
             "2",
             "--batch",
             "3",
+            "--bits",
+            "4",
         ]
     )
     results = benchmark.run(args)
-    assert set(results) == {"FM", "Llama", "Mamba-2"}
+    assert set(results) == {"FM", "FM 4-bit", "Llama", "Mamba-2"}
+    prompt, decode, peak = results["FM 4-bit"].contexts[40]
+    assert prompt > 0 and decode > 0 and peak > 0
     counts = {}
     for line in capsys.readouterr().out.splitlines():
         if "parameters" in line:
@@ -68,15 +72,27 @@ def test_benchmark_compares_models_of_matching_size(capsys):
             assert "prompt bound" in rest and "decode floor" in rest
     for name in ("Llama", "Mamba-2"):
         assert abs(counts[name] - counts["FM"]) / counts["FM"] < 0.35
-    for measured in results.values():
+    for name in ("FM", "Llama", "Mamba-2"):
+        measured = results[name]
         prompt, decode, peak = measured.contexts[40]
         assert prompt > 0 and decode > 0 and peak > 0
         assert measured.training > 0 and min(measured.batch_decode) > 0
     benchmark.print_ratios(results)
     out = capsys.readouterr().out
-    assert "FM/Mamba-2 decode" in out
+    assert "FM/Mamba-2 decode" in out and "FM/FM 4-bit" not in out
     fm, mamba2 = results["FM"].training, results["Mamba-2"].training
     assert f"FM/Mamba-2 {fm / mamba2:.2f}x" in out
+
+
+def test_the_benchmarks_quantized_model_is_its_float_model_quantized():
+    args = benchmark.build_parser().parse_args(["--hidden-size", "64", "--fm-layers", "1"])
+    model = benchmark.fm_model(args, 1)
+    quantized = benchmark.quantized_copy(model, args, 4)
+    layer = quantized.layers[0].mixer.in_proj
+    assert isinstance(layer, nn.QuantizedLinear) and layer.bits == 4
+    weight = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4)
+    expected = model.layers[0].mixer.in_proj.weight
+    assert (mx.abs(weight - expected).mean() / mx.abs(expected).mean()).item() < 0.1
 
 
 def test_benchmark_training_runs_the_trainers_step():

@@ -7,7 +7,7 @@ from mlx_fm.ops import fm_recurrent
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import batch_generate, generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
@@ -138,6 +138,42 @@ def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(tied, m
     dequantized = model(tokens)
     monkeypatch.setattr(factorization_memory, "_DEQUANTIZE_FROM_TOKENS", 10**9)
     assert relative_error(dequantized, model(tokens)) < 1e-5
+
+
+def test_quantized_decode_on_float_copies_equals_quantized_matmul_and_follows_new_weights(
+    monkeypatch,
+):
+    """On the CPU a compiled decode step multiplies by float copies of the quantized weights:
+    the same logits as MLX's quantized matmul, kept out of the parameters, and remade when
+    the weights change (not constants of the compiled graph)."""
+    model = tiny_model(hidden_size=64, intermediate_size=64, top_k=4)
+    nn.quantize(model, group_size=32, bits=4)
+    parameters = tree_flatten(model.parameters())
+    prompt = mx.array([[5, 80, 31, 7, 99]])
+    copies, quantized = make_prompt_cache(model), make_prompt_cache(model)
+    for cache in (copies, quantized):
+        model(prompt, cache=cache)
+    for step, token in enumerate(([[9]], [[11]], [[13]])):
+        if step == 2:
+            requantized = tiny_model(hidden_size=64, intermediate_size=64, top_k=4, seed=3)
+            nn.quantize(requantized, group_size=32, bits=4)
+            model.update(requantized.parameters())
+        fast = model(mx.array(token), cache=copies)
+        with monkeypatch.context() as patch:
+            patch.setattr(factorization_memory, "_dequantizes", lambda layer, x: False)
+            slow = model(
+                mx.array(token),
+                cache=quantized,
+                input_embeddings=model.backbone.embeddings(mx.array(token)),
+            )
+        assert relative_error(fast, slow) < 1e-5
+    quantized_layers = [
+        m
+        for _, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    ]
+    assert len(model._float_copies) == len(quantized_layers) > 0
+    assert [name for name, _ in tree_flatten(model.parameters())] == [n for n, _ in parameters]
 
 
 def test_cache_state_is_float32_and_does_not_grow():

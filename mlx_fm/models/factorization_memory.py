@@ -6,6 +6,7 @@ loads after `sanitize` with no renaming. The decode cache of each layer is an
 float32, last K−1 conv inputs] that can also be rewound by a few tokens.
 """
 
+import contextvars
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -191,21 +192,30 @@ def _last_inputs(window: mx.array, keep: int, lengths: Optional[mx.array]) -> mx
 
 # From this many tokens a quantized layer multiplies by its dequantized weight on the CPU.
 _DEQUANTIZE_FROM_TOKENS = 16
+_QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def _dequantizes(layer: nn.Module, x: mx.array) -> bool:
-    """Whether `layer` (quantized) multiplies `x` by its dequantized weight: on MLX's CPU
-    back-end a quantized matmul over a prompt's many tokens runs several times slower than
-    dequantizing the weight and a BLAS GEMM; a decode step's few tokens stay quantized."""
+    """Whether `layer` (quantized) multiplies `x` by its weight in float. MLX's CPU quantized
+    matmul is scalar: about 3× slower than a float matrix-vector product here, and several
+    times slower than dequantizing and a BLAS GEMM for a prompt's many tokens. So on the CPU a
+    prompt dequantizes, and a decode step uses the float copy decoding keeps (`_FloatCopies`)."""
     return (
-        isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-        and x.size // x.shape[-1] >= _DEQUANTIZE_FROM_TOKENS
+        isinstance(layer, _QUANTIZED)
         and mx.default_device() == mx.cpu
+        and (x.size // x.shape[-1] >= _DEQUANTIZE_FROM_TOKENS or _FloatCopies.of(layer) is not None)
     )
 
 
 def _dequantized(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
-    weight = mx.dequantize(
+    weight = _FloatCopies.of(layer)
+    if weight is None:
+        weight = _float_weight(layer)
+    return weight if weight.dtype == dtype else weight.astype(dtype)  # astype would copy
+
+
+def _float_weight(layer: nn.Module) -> mx.array:
+    return mx.dequantize(
         layer["weight"],
         layer["scales"],
         layer.get("biases"),
@@ -213,7 +223,57 @@ def _dequantized(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
         bits=layer.bits,
         mode=layer.mode,
     )
-    return weight.astype(dtype)
+
+
+class _FloatCopies:
+    """Float copies of a model's quantized weights, which decoding on the CPU multiplies by.
+
+    `refresh` (before each compiled decode step) keeps on every quantized layer, outside its
+    parameters, a float copy of its weight, remade when the weight is replaced, and lists the
+    copies in a list the compiled step takes as inputs: they must not be constants of its
+    graph, which would go stale. While it traces, every array in that list and in the
+    parameters is a placeholder, so the trace takes a layer's copy by its place in the list."""
+
+    ATTRIBUTE = "_float_copy"  # (the weight it was made from, the copy, the list, its index)
+    tracing_decode = contextvars.ContextVar("tracing_decode", default=False)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Optional[mx.array]:
+        kept = layer.__dict__.get(cls.ATTRIBUTE)
+        if kept is None:
+            return None
+        source, copy, copies, index = kept
+        if cls.tracing_decode.get():
+            return copies[index]
+        return copy if source is layer["weight"] else None
+
+    @classmethod
+    def refresh(cls, model: nn.Module, copies: list[mx.array]) -> None:
+        if mx.default_device() != mx.cpu:
+            copies.clear()
+            return
+        layers = _quantized_layers(model)
+        made = []
+        for index, layer in enumerate(layers):
+            copy = cls.of(layer)
+            if copy is None:
+                copy = _float_weight(layer)
+                made.append(copy)
+            layer.__dict__[cls.ATTRIBUTE] = (layer["weight"], copy, copies, index)
+        mx.eval(made)
+        copies[:] = [layer.__dict__[cls.ATTRIBUTE][1] for layer in layers]
+
+
+def _quantized_layers(tree) -> list[nn.Module]:
+    """The quantized layers of a module tree, in a fixed order: a plain walk, which a decode
+    step can afford (Module.named_modules costs ~0.4 ms on a 8-layer model here)."""
+    found = []
+    for value in tree.values() if isinstance(tree, dict) else tree:
+        if isinstance(value, _QUANTIZED):
+            found.append(value)
+        elif isinstance(value, (dict, list, tuple)):
+            found += _quantized_layers(value)
+    return found
 
 
 def _project(layer: nn.Module, x: mx.array) -> mx.array:
@@ -292,6 +352,9 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.backbone = Backbone(args)
         self._compiled_step = None
+        # A list the compiled decode step reads as inputs; set past Module.__setattr__, which
+        # would make a list of arrays part of the parameters.
+        object.__setattr__(self, "_float_copies", [])
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -316,11 +379,16 @@ class Model(nn.Module):
     def _decode(self, inputs: mx.array, cache: list[FMCache]) -> mx.array:
         """One token per row, as one compiled graph over every layer: per-op dispatch, not
         arithmetic, is most of a decode step's cost. The caches are its inputs and outputs."""
+        _FloatCopies.refresh(self, self._float_copies)
         if self._compiled_step is None:
-            self._compiled_step = mx.compile(self._step, inputs=self.state)
+            self._compiled_step = mx.compile(self._step, inputs=[self.state, self._float_copies])
         mask = create_ssm_mask(inputs, cache[0])
         masks = () if mask is None else (mask,)
-        logits, contents = self._compiled_step(inputs, [c.cache for c in cache], *masks)
+        tracing = _FloatCopies.tracing_decode.set(True)
+        try:
+            logits, contents = self._compiled_step(inputs, [c.cache for c in cache], *masks)
+        finally:
+            _FloatCopies.tracing_decode.reset(tracing)
         for layer_cache, after in zip(cache, contents):
             keep = layer_cache.snapshots_for(1)
             layer_cache.record([layer_cache.cache, after][1 - keep :], 1)
