@@ -26,13 +26,14 @@ def fm_chunked(
     slot_weights: mx.array,
     eta: mx.array,
     state: mx.array | None = None,
-    chunk_size: int = 16,
+    chunk_size: int = 32,
     segment: int = 256,
 ) -> tuple[mx.array, mx.array]:
     """The scan over T tokens: x (B, T, H, P), slot_weights (B, T, H, m), eta (B, T, H).
 
     Returns the reads r (B, T, H, P) and the final state (B, H, m, P), float32.
-    `chunk_size` must be a power of two.
+    `chunk_size` must be a power of two. 32 was the fastest here for m = 32 to 128, forward
+    and gradient (against 16: 4–10% and 10–22% faster; 64 was between them).
     """
     batch, length, heads, width = x.shape
     num_slots = slot_weights.shape[-1]
