@@ -83,7 +83,7 @@ class FactorizationMemory(nn.Module):
         carries, as they are before each of the last `keep` tokens and after the last one
         (keep + 1 lists, empty when no cache carries them)."""
         if self.conv_kernel == 0:
-            return _silu(x), [[] for _ in range(keep + 1)]
+            return silu(x), [[] for _ in range(keep + 1)]
         carry = self.conv_kernel - 1
         cached = contents is not None and carry > 0
         if cached and contents[1] is not None:
@@ -151,19 +151,6 @@ class FactorizationMemory(nn.Module):
         return out, [[state, *conv] for state, conv in zip(states, carried)]
 
 
-# Below this many values SiLU is x·sigmoid(x), one kernel (~25 us for a decode step's 1024
-# values here); the polynomial form (ops/activations.py) is several kernels, and faster from
-# a few thousand values on.
-_SIGMOID_SILU_BELOW = 2048
-
-
-def _silu(x: mx.array) -> mx.array:
-    if x.size >= _SIGMOID_SILU_BELOW:
-        return silu(x)
-    wide = x.astype(mx.float32)
-    return (wide * mx.sigmoid(wide)).astype(x.dtype)
-
-
 @mx.compile
 def _causal_conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     """SiLU(depthwise conv) of a (B, K−1+T, E) window with MLX conv weights (E, K, 1)."""
@@ -173,12 +160,12 @@ def _causal_conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.
     out = bias.astype(window.dtype)
     for tap in range(taps):
         out = out + weight[:, tap : tap + 1] * window[:, tap : tap + length]
-    return _silu(out)
+    return silu(out)
 
 
 @mx.compile
 def _gate(out: mx.array, z: mx.array) -> mx.array:
-    return out * _silu(z)
+    return out * silu(z)
 
 
 def _last_inputs(window: mx.array, keep: int, lengths: Optional[mx.array]) -> mx.array:
@@ -292,7 +279,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        hidden = _silu(_project(self.gate_proj, x)) * _project(self.up_proj, x)
+        hidden = silu(_project(self.gate_proj, x)) * _project(self.up_proj, x)
         return _project(self.down_proj, hidden)
 
 

@@ -1,9 +1,10 @@
 """SiLU from multiplies and adds.
 
-On MLX's CPU back-end exp and sigmoid cost ~25 ns per element, 30× a multiply,
+On MLX's CPU back-end exp and sigmoid cost ~15–25 ns per element, 30× a multiply,
 and SiLU runs on 2·expand·hidden_size values per token and layer. Built from a
 polynomial and a power-of-two scaling, and compiled into one kernel, it costs
-~5 ns, to float32 rounding (relative error < 3e-7).
+~3.5 ns, to float32 rounding (relative error < 3e-7). Every step is an add, a
+multiply or a bit operation: mx.round alone would cost a quarter of that.
 """
 
 import mlx.core as mx
@@ -11,23 +12,27 @@ import mlx.core as mx
 _LOG2_E = 1.4426950408889634
 _LN2_HIGH, _LN2_LOW = 0.693145751953125, 1.428606765330187e-06  # Cody–Waite split of ln 2
 _EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)  # e^r for |r| ≤ ln(2)/2
+# Adding 1.5·2^23 to a float32 of magnitude < 2^22 rounds it to an integer (to nearest, as
+# the add itself rounds) and leaves that integer in the low bits of the sum's mantissa.
+_ROUNDER = 12582912.0
+_ROUNDER_BITS = 0x4B400000  # the bits of 1.5·2^23 as a float32
 
 
 def _exp(x: mx.array) -> mx.array:
-    """e^x for float32 x, as 2^n · e^r with n = round(x / ln 2); 0 and inf outside ±87."""
-    clipped = mx.clip(x, -87.0, 87.0)
-    n = mx.stop_gradient(mx.round(clipped * _LOG2_E))  # piecewise constant: no gradient
-    r = clipped - n * _LN2_HIGH - n * _LN2_LOW
+    """e^x for float32 x in [−87, 87], as 2^n · e^r with n = round(x / ln 2)."""
+    rounded = mx.stop_gradient(x * _LOG2_E + _ROUNDER)  # piecewise constant: no gradient
+    n = rounded - _ROUNDER
+    r = x - n * _LN2_HIGH - n * _LN2_LOW
     power = _EXP_TAYLOR[-1]
     for coefficient in reversed(_EXP_TAYLOR[:-1]):
         power = power * r + coefficient
-    two_to_n = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32))
-    outside = mx.where(x < 0, 0.0, mx.inf)
-    return mx.where(mx.abs(x) > 87.0, outside, power * two_to_n)
+    exponent = mx.view(rounded, mx.int32) - (_ROUNDER_BITS - 127)  # n + the float32 bias
+    return power * mx.view(mx.left_shift(exponent, 23), mx.float32)
 
 
 @mx.compile
 def silu(x: mx.array) -> mx.array:
-    """x · sigmoid(x), computed in float32, returned in x's dtype."""
+    """x · sigmoid(x), computed in float32, returned in x's dtype. Below −87 (where SiLU
+    is below 1e-35 in magnitude) it returns SiLU(−87) ≈ −1.4e-36."""
     wide = x.astype(mx.float32)
-    return (wide / (1 + _exp(-wide))).astype(x.dtype)
+    return (mx.maximum(wide, -87.0) / (1 + _exp(mx.clip(-wide, -87.0, 87.0)))).astype(x.dtype)
