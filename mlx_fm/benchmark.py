@@ -209,10 +209,12 @@ def build_parser():
 
 @dataclass
 class Measured:
-    """One model's figures: per context (prompt tok/s, decode tok/s, peak GB), and if asked,
-    training tok/s and (batch_generate tok/s over --batch prompts, over one prompt)."""
+    """One model's figures: per context (prompt tok/s, decode tok/s, peak GB) and (prompt
+    bound, decode floor), and if asked, training tok/s and (batch_generate tok/s over --batch
+    prompts, over one prompt)."""
 
     contexts: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
     training: Optional[float] = None
     batch_decode: Optional[tuple] = None
 
@@ -246,8 +248,9 @@ def measure_quantized(model: nn.Module, measured: "Measured", args) -> "Measured
 
 
 def run(args) -> dict:
-    """{model name: Measured}, printed as it goes, with each model's fraction of the prompt bound
-    and the decode floor."""
+    """{model name: Measured}, printed as it goes, with each rate's fraction of the prompt bound
+    or the decode floor, measured right after it: on a noisy machine a limit measured minutes
+    away would not share the rate's conditions."""
     mx.random.seed(0)
     target = parameter_count(fm_model(args, args.fm_layers))
     results = {}
@@ -256,19 +259,19 @@ def run(args) -> dict:
         model = BUILDERS[key](args, layers)
         mx.eval(model.parameters())
         measure(model, 64, 2, args.vocab_size)  # warm-up: compile and allocate
-        bound, floor = prompt_bound(model, args.hidden_size), decode_floor(model)
         print(
-            f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters; "
-            f"prompt bound {bound:.0f} tok/s, decode floor {floor:.0f} tok/s"
+            f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters "
+            "(in brackets, each rate against the prompt bound or decode floor measured after it)"
         )
         measured = results[NAMES[key]] = Measured()
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
-            measured.contexts[context] = result
+            limits = prompt_bound(model, args.hidden_size), decode_floor(model)
+            measured.contexts[context], measured.limits[context] = result, limits
             print(
                 f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s "
-                f"({result[0] / bound:4.0%} of bound), decode {result[1]:7.1f} tok/s "
-                f"({result[1] / floor:4.0%} of floor), peak {result[2]:6.3f} GB",
+                f"({result[0] / limits[0]:4.0%} of {limits[0]:.0f}), decode {result[1]:7.1f} tok/s "
+                f"({result[1] / limits[1]:4.0%} of {limits[1]:.0f}), peak {result[2]:6.3f} GB",
                 flush=True,
             )
         if args.batch:

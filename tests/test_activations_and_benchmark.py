@@ -64,18 +64,19 @@ def test_benchmark_compares_models_of_matching_size(capsys):
     assert set(results) == {"FM", "FM 4-bit", "Llama", "Mamba-2"}
     prompt, decode, peak = results["FM 4-bit"].contexts[40]
     assert prompt > 0 and decode > 0 and peak > 0
-    counts = {}
+    counts, against_limits = {}, 0
     for line in capsys.readouterr().out.splitlines():
         if "parameters" in line:
             name, rest = line.split(":")
             counts[name] = float(rest.split(",")[1].split("M")[0])
-            assert "prompt bound" in rest and "decode floor" in rest
+        against_limits += line.count("% of ")
+    assert against_limits == 2 * 3  # the prompt and decode rates of FM, Llama and Mamba-2
     for name in ("Llama", "Mamba-2"):
         assert abs(counts[name] - counts["FM"]) / counts["FM"] < 0.35
     for name in ("FM", "Llama", "Mamba-2"):
         measured = results[name]
         prompt, decode, peak = measured.contexts[40]
-        assert prompt > 0 and decode > 0 and peak > 0
+        assert prompt > 0 and decode > 0 and peak > 0 and min(measured.limits[40]) > 0
         assert measured.training > 0 and min(measured.batch_decode) > 0
     benchmark.print_ratios(results)
     out = capsys.readouterr().out
