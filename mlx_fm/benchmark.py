@@ -228,25 +228,6 @@ def quantized_copy(model: nn.Module, args, bits: int) -> nn.Module:
     return quantized
 
 
-def measure_quantized(model: nn.Module, measured: "Measured", args) -> "Measured":
-    """The FM model quantized to --bits, printed against its float self in `measured`."""
-    quantized = quantized_copy(model, args, args.bits)
-    measure(quantized, 64, 2, args.vocab_size)  # warm-up: compile, allocate, float copies
-    print(f"FM {args.bits}-bit (groups of 64), against the float FM model:")
-    result = Measured()
-    for context in args.contexts:
-        rates = result.contexts[context] = measure(
-            quantized, context, args.decode_tokens, args.vocab_size
-        )
-        prompt, decode, _ = measured.contexts[context]
-        print(
-            f"  {context:6d} tokens: prompt {rates[0]:9.1f} tok/s ({rates[0] / prompt:.2f}x), "
-            f"decode {rates[1]:7.1f} tok/s ({rates[1] / decode:.2f}x), peak {rates[2]:6.3f} GB",
-            flush=True,
-        )
-    return result
-
-
 def run(args) -> dict:
     """{model name: Measured}, printed as it goes, with each rate's fraction of the prompt bound
     or the decode floor, measured right after it: on a noisy machine a limit measured minutes
@@ -264,6 +245,11 @@ def run(args) -> dict:
             "(in brackets, each rate against the prompt bound or decode floor measured after it)"
         )
         measured = results[NAMES[key]] = Measured()
+        quantized = None
+        if key == "fm" and args.bits:
+            quantized = quantized_copy(model, args, args.bits)
+            measure(quantized, 64, 2, args.vocab_size)  # warm-up, and its float copies
+            quantized_measured = results[f"FM {args.bits}-bit"] = Measured()
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
             limits = prompt_bound(model, args.hidden_size), decode_floor(model)
@@ -274,6 +260,15 @@ def run(args) -> dict:
                 f"({result[1] / limits[1]:4.0%} of {limits[1]:.0f}), peak {result[2]:6.3f} GB",
                 flush=True,
             )
+            if quantized is not None:  # right after its float self, in the same conditions
+                rates = measure(quantized, context, args.decode_tokens, args.vocab_size)
+                quantized_measured.contexts[context] = rates
+                print(
+                    f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s "
+                    f"({rates[0] / result[0]:.2f}x float), decode {rates[1]:7.1f} tok/s "
+                    f"({rates[1] / result[1]:.2f}x float), peak {rates[2]:6.3f} GB",
+                    flush=True,
+                )
         if args.batch:
             measured.batch_decode = tuple(
                 batch_decode_rate(model, n, args.decode_tokens, args.vocab_size)
@@ -294,9 +289,7 @@ def run(args) -> dict:
                 f"({args.train_batch} x {args.train_seq_len} tokens a step)",
                 flush=True,
             )
-        if key == "fm" and args.bits:
-            results[f"FM {args.bits}-bit"] = measure_quantized(model, measured, args)
-        del model
+        del model, quantized
     return results
 
 
