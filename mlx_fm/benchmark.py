@@ -177,11 +177,17 @@ def timed_rate(work, count: int, seconds: float = 0.5) -> float:
     return count / fastest
 
 
-def decode_floor(model: nn.Module) -> float:
-    """Steps/s of the model's matrix-vector products alone, batch 1."""
+def decode_floor(model: nn.Module, steps: int = 16) -> float:
+    """Steps/s of the model's matrix-vector products alone, batch 1, timed in windows of
+    `steps` steps, as long as a decode window."""
     matrices = weight_matrices(model)
     vectors = [mx.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices]
-    return timed_rate(lambda: mx.eval([v @ w.T for v, w in zip(vectors, matrices)]), 1)
+
+    def window():
+        for _ in range(steps):
+            mx.eval([v @ w.T for v, w in zip(vectors, matrices)])
+
+    return timed_rate(window, steps, seconds=1.0)
 
 
 def prompt_bound(model: nn.Module, hidden_size: int) -> float:
@@ -263,7 +269,10 @@ def run(args) -> dict:
             quantized_measured = results[f"FM {args.bits}-bit"] = Measured()
         for context in args.contexts:
             result = measure(model, context, args.decode_tokens, args.vocab_size)
-            limits = prompt_bound(model, args.hidden_size), decode_floor(model)
+            limits = (
+                prompt_bound(model, args.hidden_size),
+                decode_floor(model, max(args.decode_tokens // DECODE_WINDOWS, 1)),
+            )
             measured.contexts[context], measured.limits[context] = result, limits
             print(
                 f"  {context:6d} tokens: prompt {result[0]:9.1f} tok/s "
