@@ -24,8 +24,10 @@ model quantized to N bits (its own weights, groups of 64) against its float self
 """
 
 import argparse
+import gc
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 from typing import Optional
 
@@ -113,11 +115,13 @@ def layers_to_match(build, args, target: int) -> int:
     return max(1, round((target - (one - per_layer)) / per_layer))
 
 
-def measure(model, context: int, decode_tokens: int, vocab_size: int):
+def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: float = 0.0):
     """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens and
-    `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of them)."""
+    `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of them). The peak is
+    `resident` GB (the model's own: see `resident_gb`) plus the most the two added to it."""
     tokens = mx.random.randint(0, vocab_size, (1, context))
     mx.clear_cache()
+    start = mx.get_active_memory()
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
     start = time.perf_counter()
@@ -136,7 +140,20 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int):
             mx.async_eval(token)
         mx.eval(token)
         decode_rate = max(decode_rate, window / (time.perf_counter() - start))
-    return prompt_rate, decode_rate, mx.get_peak_memory() / 1e9
+    return prompt_rate, decode_rate, resident + (mx.get_peak_memory() - start) / 1e9
+
+
+def resident_gb(build, vocab_size: int) -> tuple:
+    """(the model `build()` returns, warmed up; the memory it holds in GB: its weights, and a
+    quantized FM model's float copies), measured whatever else is resident."""
+    gc.collect()  # arrays no longer referenced but not yet collected would go mid-measurement
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model = build()
+    mx.eval(model.parameters())
+    measure(model, 64, 2, vocab_size)  # warm-up: compile, allocate, float copies
+    mx.clear_cache()
+    return model, (mx.get_active_memory() - before) / 1e9
 
 
 def training_rate(model, seq_len: int, batch_size: int, vocab_size: int) -> float:
@@ -254,9 +271,7 @@ def run(args) -> dict:
     results = {}
     for key in args.models:
         layers = args.fm_layers if key == "fm" else layers_to_match(BUILDERS[key], args, target)
-        model = BUILDERS[key](args, layers)
-        mx.eval(model.parameters())
-        measure(model, 64, 2, args.vocab_size)  # warm-up: compile and allocate
+        model, resident = resident_gb(partial(BUILDERS[key], args, layers), args.vocab_size)
         print(
             f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters "
             "(in brackets, each rate against the prompt bound or decode floor measured after it)"
@@ -264,11 +279,12 @@ def run(args) -> dict:
         measured = results[NAMES[key]] = Measured()
         quantized = None
         if key == "fm" and args.bits:
-            quantized = quantized_copy(model, args, args.bits)
-            measure(quantized, 64, 2, args.vocab_size)  # warm-up, and its float copies
+            quantized, quantized_resident = resident_gb(
+                partial(quantized_copy, model, args, args.bits), args.vocab_size
+            )
             quantized_measured = results[f"FM {args.bits}-bit"] = Measured()
         for context in args.contexts:
-            result = measure(model, context, args.decode_tokens, args.vocab_size)
+            result = measure(model, context, args.decode_tokens, args.vocab_size, resident)
             limits = (
                 prompt_bound(model, args.hidden_size),
                 decode_floor(model, max(args.decode_tokens // DECODE_WINDOWS, 1)),
@@ -281,7 +297,9 @@ def run(args) -> dict:
                 flush=True,
             )
             if quantized is not None:  # right after its float self, in the same conditions
-                rates = measure(quantized, context, args.decode_tokens, args.vocab_size)
+                rates = measure(
+                    quantized, context, args.decode_tokens, args.vocab_size, quantized_resident
+                )
                 quantized_measured.contexts[context] = rates
                 print(
                     f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s "

@@ -1,11 +1,14 @@
 """The polynomial SiLU, and the mlx_fm.benchmark tool."""
 
+from functools import partial
+
 from mlx_fm import benchmark
 from mlx_fm.ops.activations import silu
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 
 def test_silu_matches_the_exact_one_to_float32_rounding():
@@ -94,6 +97,24 @@ def test_the_benchmarks_quantized_model_is_its_float_model_quantized():
     weight = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4)
     expected = model.layers[0].mixer.in_proj.weight
     assert (mx.abs(weight - expected).mean() / mx.abs(expected).mean()).item() < 0.1
+
+
+def test_resident_memory_is_the_models_own():
+    """Peak memory is a model's own (weights, and a quantized model's float copies) plus what
+    a prompt adds: not that of another model still alive beside it."""
+    args = benchmark.build_parser().parse_args(["--hidden-size", "128", "--vocab-size", "300"])
+    first, first_gb = benchmark.resident_gb(partial(benchmark.fm_model, args, 2), 300)
+    second, second_gb = benchmark.resident_gb(partial(benchmark.fm_model, args, 4), 300)
+
+    def weights_gb(model):
+        return sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
+
+    assert weights_gb(first) <= first_gb and weights_gb(second) <= second_gb
+    assert second_gb < weights_gb(second) + weights_gb(first)
+    quantized, quantized_gb = benchmark.resident_gb(
+        partial(benchmark.quantized_copy, second, args, 4), 300
+    )
+    assert quantized_gb >= sum(c.nbytes for c in quantized._float_copies) / 1e9 > 0
 
 
 def test_benchmark_training_runs_the_trainers_step():
