@@ -121,7 +121,7 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
     `resident` GB (the model's own: see `resident_gb`) plus the most the two added to it."""
     tokens = mx.random.randint(0, vocab_size, (1, context))
     mx.clear_cache()
-    start = mx.get_active_memory()
+    active_before = mx.get_active_memory()
     mx.reset_peak_memory()
     cache = make_prompt_cache(model)
     start = time.perf_counter()
@@ -140,7 +140,7 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
             mx.async_eval(token)
         mx.eval(token)
         decode_rate = max(decode_rate, window / (time.perf_counter() - start))
-    return prompt_rate, decode_rate, resident + (mx.get_peak_memory() - start) / 1e9
+    return prompt_rate, decode_rate, resident + (mx.get_peak_memory() - active_before) / 1e9
 
 
 def resident_gb(build, vocab_size: int) -> tuple:

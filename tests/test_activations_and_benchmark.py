@@ -111,6 +111,11 @@ def test_resident_memory_is_the_models_own():
 
     assert weights_gb(first) <= first_gb and weights_gb(second) <= second_gb
     assert second_gb < weights_gb(second) + weights_gb(first)
+    ballast = mx.zeros((50_000_000,))  # 0.2 GB of another model's, alive throughout
+    mx.eval(ballast)
+    peak = benchmark.measure(second, 40, 2, 300, resident=second_gb)[2]
+    assert second_gb < peak < second_gb + 0.1
+    del ballast
     quantized, quantized_gb = benchmark.resident_gb(
         partial(benchmark.quantized_copy, second, args, 4), 300
     )
