@@ -12,6 +12,7 @@ import statistics
 
 import mlx_fm
 from mlx_fm.benchmark import measure
+from mlx_fm.cli import fail_cleanly
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +24,7 @@ def float_copy(path):
     return dequantize_model(model)
 
 
+@fail_cleanly
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a quantized model (default: bundled)")
@@ -32,7 +34,7 @@ def main():
     args = parser.parse_args()
     quantized, _ = mlx_fm.load(args.model)
     if not any(isinstance(m, nn.QuantizedLinear) for _, m in quantized.named_modules()):
-        raise SystemExit(f"{args.model or 'the bundled model'} is not quantized")
+        raise ValueError(f"{args.model or 'the bundled model'} is not quantized")
     models = {"quantized": quantized, "float": float_copy(args.model)}
     vocab_size = quantized.args.vocab_size
     for model in models.values():
