@@ -157,11 +157,12 @@ def resident_gb(build, vocab_size: int) -> tuple:
 
 
 def training_rate(model, seq_len: int, batch_size: int, vocab_size: int) -> float:
-    """Tokens/s of mlx_fm.train's compiled step (forward, backward, AdamW, clipping)."""
+    """Tokens/s of mlx_fm.train's compiled step (forward, backward, AdamW, clipping), the
+    fastest of at least three steps."""
     config = TrainConfig(data=["random"], output="unused", seq_len=seq_len, batch_size=batch_size)
     step = make_train_step(model, build_optimizer(config), config, mx.distributed.init())
     windows = mx.random.randint(0, vocab_size, (batch_size, seq_len + 1))
-    return timed_rate(lambda: step(windows), batch_size * seq_len, seconds=2.0)
+    return timed_rate(lambda: step(windows), batch_size * seq_len, seconds=2.0, runs=3)
 
 
 def batch_decode_rate(model, prompts: int, decode_tokens: int, vocab_size: int) -> float:
@@ -182,16 +183,16 @@ def weight_matrices(model: nn.Module) -> list[mx.array]:
     return matrices
 
 
-def timed_rate(work, count: int, seconds: float = 0.5) -> float:
+def timed_rate(work, count: int, seconds: float = 0.5, runs: int = 1) -> float:
     """Units of `count` per second of the fastest of the runs of `work()` (which evaluates)
-    in about `seconds`."""
+    in about `seconds`, and at least `runs` of them."""
     work()
-    fastest, start = float("inf"), time.perf_counter()
-    while fastest == float("inf") or time.perf_counter() - start < seconds:
+    durations, start = [], time.perf_counter()
+    while len(durations) < runs or time.perf_counter() - start < seconds:
         run_start = time.perf_counter()
         work()
-        fastest = min(fastest, time.perf_counter() - run_start)
-    return count / fastest
+        durations.append(time.perf_counter() - run_start)
+    return count / min(durations)
 
 
 def decode_floor(model: nn.Module, steps: int = 16) -> float:
