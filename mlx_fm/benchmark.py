@@ -115,6 +115,11 @@ def layers_to_match(build, args, target: int) -> int:
     return max(1, round((target - (one - per_layer)) / per_layer))
 
 
+def decode_window(decode_tokens: int) -> int:
+    """Tokens in one timed decode window (the decode floor is timed in windows as long)."""
+    return max(decode_tokens // DECODE_WINDOWS, 1)
+
+
 def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: float = 0.0):
     """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens and
     `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of them). The peak is
@@ -131,7 +136,7 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
     token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
     mx.eval(token)
     prompt_rate = context / (time.perf_counter() - start)
-    window = max(decode_tokens // DECODE_WINDOWS, 1)
+    window = decode_window(decode_tokens)
     decode_rate = 0.0
     for _ in range(-(-decode_tokens // window)):
         start = time.perf_counter()
@@ -288,7 +293,7 @@ def run(args) -> dict:
             result = measure(model, context, args.decode_tokens, args.vocab_size, resident)
             limits = (
                 prompt_bound(model, args.hidden_size),
-                decode_floor(model, max(args.decode_tokens // DECODE_WINDOWS, 1)),
+                decode_floor(model, decode_window(args.decode_tokens)),
             )
             measured.contexts[context], measured.limits[context] = result, limits
             print(
