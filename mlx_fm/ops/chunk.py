@@ -47,7 +47,7 @@ def fm_chunked(
 
     def head_major(a: mx.array) -> mx.array:
         a = mx.pad(a, [(0, 0), (0, padded - length), (0, 0), (0, 0)])
-        return a.transpose(0, 2, 1, 3)
+        return mx.contiguous(a.transpose(0, 2, 1, 3))
 
     x, slot_weights, theta = map(head_major, (x, slot_weights, theta))
     segment_reads = []
