@@ -10,6 +10,7 @@ def main() -> None:
     info = blas_info()
     print(f"mlx_fm {__version__}")
     print(f"BLAS used by MLX: {info['library']} ({info['reason']})")
+    print(f"matrix-vector products: {info['matrix_vector']}")
     print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
     speeds = matmul_gflops(SIZE)
     print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")

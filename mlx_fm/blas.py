@@ -16,16 +16,26 @@ Each library is first tried in a child process (once per library and CPU; the ve
 cached): OpenBLAS builds that are not DYNAMIC_ARCH carry one CPU's kernels, and on an older
 CPU the first matmul dies of an illegal instruction, which would take this process with it.
 
+MLX multiplies a vector by a matrix with cblas_sgemm, which in OpenBLAS first copies the whole
+matrix: 3-5x the time of its sgemv, and most of a decode step. Where a C compiler is found,
+``blas_gemv.c`` is built once into the cache, tried in a child with the library, and loaded
+ahead of it, so that MLX binds its cblas_sgemm: a product with one row or one column goes to
+the library's sgemv, every other to its sgemm.
+
 Environment:
     MLX_FM_BLAS=off         do nothing
     MLX_FM_BLAS=/path/lib   load this library instead of searching
+    MLX_FM_GEMV=off         leave matrix-vector products to the library's sgemm
 """
 
 import ctypes
 import hashlib
 import importlib.metadata
+import itertools
 import os
 import platform
+import shlex
+import shutil
 import signal
 import struct
 import subprocess
@@ -36,6 +46,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 ENV_VAR = "MLX_FM_BLAS"
+GEMV_ENV_VAR = "MLX_FM_GEMV"
+GEMV_SOURCE = Path(__file__).with_name("blas_gemv.c")
+_OFF = ("off", "0", "none", "false")
 GFORTRAN_SONAME = b"libgfortran.so.5"
 _SYSTEM_PATHS = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -44,8 +57,9 @@ _SYSTEM_PATHS = (
     "/usr/lib/libopenblas.so.0",
 )
 
-# What happened, for `blas_info()`: the library loaded, or why none was.
-_status: dict = {"library": None, "reason": "not attempted"}
+# What happened, for `blas_info()`: the library loaded, or why none was; and whether
+# matrix-vector products go to its sgemv, or why not.
+_status: dict = {"library": None, "reason": "not attempted", "gemv": "no library loaded"}
 
 
 class BlasLoadError(OSError):
@@ -78,7 +92,7 @@ def load_fast_blas() -> Optional[str]:
     setting = os.environ.get(ENV_VAR, "").strip()
     if platform.system() != "Linux":
         _status["reason"] = "not Linux: MLX uses Accelerate or Metal"
-    elif setting.lower() in ("off", "0", "none", "false"):
+    elif setting.lower() in _OFF:
         _status["reason"] = f"switched off by {ENV_VAR}={setting}"
     elif "mlx.core" in sys.modules:
         _status["reason"] = "mlx.core was imported before mlx_fm"
@@ -88,7 +102,7 @@ def load_fast_blas() -> Optional[str]:
         for path in paths:
             try:
                 _check_runs(path)
-                _load_global(path)
+                _load_with_gemv(path)
             except OSError as error:
                 _status["reason"] = f"cannot load {path}: {error}"
                 continue
@@ -97,14 +111,78 @@ def load_fast_blas() -> Optional[str]:
     return _status["library"]
 
 
-def _load_global(path: Path) -> None:
+def _load_with_gemv(path: Path) -> None:
+    """Load `path` globally, behind the sgemm of blas_gemv.c where that can be built and works
+    with it. Symbols resolve in load order, so the forwarding sgemm is loaded first, and only
+    once `path` has loaded (locally): a forwarding sgemm with nothing to forward to must never
+    be what MLX binds."""
+    library = _load(path, ctypes.RTLD_LOCAL)
     try:
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        if not hasattr(library, "cblas_sgemv"):
+            raise BlasLoadError("the library has no cblas_sgemv")
+        forward = ctypes.CDLL(str(_gemv_forward(path)), mode=ctypes.RTLD_GLOBAL)
+    except OSError as error:
+        _status["gemv"] = str(error)
+        forward = None
+    _load(path, ctypes.RTLD_GLOBAL)  # now global too, behind the forwarding sgemm
+    if forward is not None:
+        _forward(forward, library)
+        _status["gemv"] = "forwarded"
+
+
+def _forward(forward: ctypes.CDLL, library: ctypes.CDLL) -> None:
+    forward.forward_to(
+        ctypes.cast(library.cblas_sgemm, ctypes.c_void_p),
+        ctypes.cast(library.cblas_sgemv, ctypes.c_void_p),
+    )
+
+
+def _gemv_forward(path: Path) -> Path:
+    """blas_gemv.c built, and tried with `path` in a child; BlasLoadError says why not."""
+    setting = os.environ.get(GEMV_ENV_VAR, "").strip()
+    if setting.lower() in _OFF:
+        raise BlasLoadError(f"switched off by {GEMV_ENV_VAR}={setting}")
+    forward = _built_gemv_forward()
+    _check_runs(path, forward)
+    return forward
+
+
+def _built_gemv_forward() -> Path:
+    """The shared library built from blas_gemv.c, once per source and compiler, in the cache."""
+    compiler = os.environ.get("CC") or next(
+        filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None
+    )
+    if not compiler:
+        raise BlasLoadError("no C compiler (cc, gcc or clang) to build mlx_fm/blas_gemv.c")
+    identity = [GEMV_SOURCE.read_bytes(), compiler.encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\n".join(identity)).hexdigest()[:32]
+    target = _cache_dir() / "blas-gemv" / f"{key}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as staging:
+        built = Path(staging) / "blas_gemv.so"
+        command = [*shlex.split(compiler), "-O2", "-shared", "-fPIC", "-o", str(built)]
+        try:
+            subprocess.run(
+                [*command, str(GEMV_SOURCE)], capture_output=True, timeout=120, check=True
+            )
+        except subprocess.CalledProcessError as error:
+            lines = error.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise BlasLoadError(f"{compiler} could not build blas_gemv.c ({lines[-1]})") from None
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise BlasLoadError(f"{compiler} could not build blas_gemv.c ({error})") from None
+        _write_atomically(target, built.read_bytes(), mode=0o755)
+    return target
+
+
+def _load(path: Path, mode: int) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(str(path), mode=mode)
     except OSError as error:
         if GFORTRAN_SONAME.decode() not in str(error):
             raise
         _load_gfortran()
-        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL(str(path), mode=mode)
 
 
 def _load_gfortran() -> None:
@@ -132,19 +210,20 @@ _CHILD = (
     "spec = importlib.util.spec_from_file_location('mlx_fm_blas_check', sys.argv[1])\n"
     "module = importlib.util.module_from_spec(spec)\n"
     "spec.loader.exec_module(module)\n"
-    "sys.exit(module.multiplies_correctly(sys.argv[2]))\n"
+    "sys.exit(module.multiplies_correctly(*sys.argv[2:]))\n"
 )
 _CHECK_TIMEOUT_S = 120
 
 
-def _check_runs(path: Path) -> None:
-    """Raise BlasLoadError unless `path` multiplies correctly on this CPU, as tried once in a
-    child process (the verdict is cached per library and CPU)."""
-    verdict_file = _cache_dir() / "blas-checks" / _verdict_key(path)
+def _check_runs(path: Path, forward: Optional[Path] = None) -> None:
+    """Raise BlasLoadError unless `path` (behind the forwarding sgemm `forward`, if given)
+    multiplies correctly on this CPU, as tried once in a child process (the verdict is cached
+    per library, forwarding sgemm and CPU)."""
+    verdict_file = _cache_dir() / "blas-checks" / _verdict_key(path, forward)
     try:
         verdict = verdict_file.read_text()
     except OSError:
-        verdict = _try_in_child(path)
+        verdict = _try_in_child(path, forward)
         if verdict is not None:
             try:
                 _write_atomically(verdict_file, verdict.encode())
@@ -156,8 +235,8 @@ def _check_runs(path: Path) -> None:
         raise BlasLoadError(verdict)
 
 
-def _verdict_key(path: Path) -> str:
-    """A name for (this library file, this CPU)."""
+def _verdict_key(path: Path, forward: Optional[Path] = None) -> str:
+    """A name for (this library file, the forwarding sgemm, this CPU)."""
     stat = path.stat()
     try:
         cpu = [
@@ -168,14 +247,17 @@ def _verdict_key(path: Path) -> str:
     except OSError:
         cpu = []
     identity = [str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns), platform.machine()]
+    if forward is not None:
+        identity.append(str(forward))  # its name is a hash of its source and compiler
     return hashlib.sha256("\n".join(identity + cpu).encode()).hexdigest()[:32]
 
 
-def _try_in_child(path: Path) -> Optional[str]:
-    """ "ok", or why `path` cannot be used; None if the child took too long."""
+def _try_in_child(path: Path, forward: Optional[Path] = None) -> Optional[str]:
+    """ "ok", or why `path` (behind `forward`) cannot be used; None if the child took too long."""
+    extra = [] if forward is None else [str(forward)]
     try:
         child = subprocess.run(
-            [sys.executable, "-I", "-c", _CHILD, __file__, str(path)],
+            [sys.executable, "-I", "-c", _CHILD, __file__, str(path), *extra],
             capture_output=True,
             text=True,
             timeout=_CHECK_TIMEOUT_S,
@@ -192,28 +274,81 @@ def _try_in_child(path: Path) -> Optional[str]:
     return f"its first matmul failed ({lines[-1]}{built_for})"
 
 
-def multiplies_correctly(path: str) -> int:
-    """In a child process: load `path`, print its build configuration, and multiply two 64×64
-    matrices with its cblas_sgemm. 0 if the product is right."""
-    _load_global(Path(path))
-    library = ctypes.CDLL(path)
+def multiplies_correctly(path: str, forward: Optional[str] = None) -> int:
+    """In a child process: load `path` (behind the forwarding sgemm `forward`, if given), print
+    its build configuration, and multiply two 64×64 matrices with the cblas_sgemm that MLX
+    would bind; with `forward`, also products with one row or column. 0 if all are right."""
+    if forward is not None:
+        forwarding = ctypes.CDLL(forward, mode=ctypes.RTLD_GLOBAL)
+    library = _load(Path(path), ctypes.RTLD_GLOBAL)
     if hasattr(library, "openblas_get_config"):
         library.openblas_get_config.restype = ctypes.c_char_p
         print(library.openblas_get_config().decode(errors="replace"), flush=True)
+    if forward is not None:
+        _forward(forwarding, library)
+    sgemm = ctypes.CDLL(None).cblas_sgemm  # the first global definition, as MLX binds it
     size = 64
     matrix = ctypes.c_float * (size * size)
     a = matrix(*[float(i % 7) for i in range(size * size)])
     identity = matrix(*[float(i % (size + 1) == 0) for i in range(size * size)])
     product = matrix()
     row_major, no_transpose = 101, 111
-    library.cblas_sgemm(
+    sgemm(
         *(row_major, no_transpose, no_transpose, size, size, size, ctypes.c_float(1.0)),
         *(a, size, identity, size, ctypes.c_float(0.0), product, size),
     )
     if list(product) != list(a):
         print("A·I ≠ A", file=sys.stderr)
         return 1
+    if forward is not None and not _vector_products_right(sgemm):
+        print("a product with one row or column is wrong", file=sys.stderr)
+        return 1
     return 0
+
+
+def _vector_products_right(sgemm) -> bool:
+    """Whether C = 2AB + βC is exact for each order and transposition, with one row or one
+    column, leading dimensions longer than the rows, and β = 0 over a C holding NaNs."""
+    cases = itertools.product(
+        (101, 102), (111, 112), (111, 112), ((1, 3, 4), (3, 1, 4), (1, 1, 4)), (0.0, 0.5)
+    )
+    return all(_vector_product_right(sgemm, *case) for case in cases)
+
+
+class _Stored:
+    """A rows×cols float matrix stored in BLAS `order` with a padded leading dimension."""
+
+    def __init__(self, order: int, rows: int, cols: int, seed: int, transposed: bool = False):
+        self.row_major, self.transposed = order == 101, transposed
+        self.lead = (cols if self.row_major else rows) + 1
+        size = self.lead * (rows if self.row_major else cols)
+        self.values = [float((i * 7 + seed) % 5 - 2) for i in range(size)]
+
+    def index(self, i: int, j: int) -> int:
+        """Where entry (i, j) of the matrix, or of its transpose if `transposed`, is stored."""
+        i, j = (j, i) if self.transposed else (i, j)
+        return i * self.lead + j if self.row_major else i + j * self.lead
+
+
+def _vector_product_right(sgemm, order, trans_a, trans_b, shape, beta) -> bool:
+    m, n, k = shape
+    plain = 111
+    a = _Stored(order, *((m, k) if trans_a == plain else (k, m)), 3, trans_a != plain)
+    b = _Stored(order, *((k, n) if trans_b == plain else (n, k)), 1, trans_b != plain)
+    c = _Stored(order, m, n, 2)
+    if beta == 0.0:
+        c.values = [float("nan")] * len(c.values)
+    expected = list(c.values)
+    for i, j in itertools.product(range(m), range(n)):
+        total = sum(a.values[a.index(i, p)] * b.values[b.index(p, j)] for p in range(k))
+        kept = 0.0 if beta == 0.0 else beta * c.values[c.index(i, j)]
+        expected[c.index(i, j)] = 2.0 * total + kept
+    a_values, b_values, c_values = ((ctypes.c_float * len(x.values))(*x.values) for x in (a, b, c))
+    sgemm(
+        *(order, trans_a, trans_b, m, n, k, ctypes.c_float(2.0), a_values, a.lead, b_values),
+        *(b.lead, ctypes.c_float(beta), c_values, c.lead),
+    )
+    return [str(x) for x in c_values] == [str(x) for x in expected]
 
 
 def _cache_dir() -> Path:
@@ -295,12 +430,16 @@ def with_soname(data: bytes, soname: bytes) -> bytes:
 
 
 def blas_info() -> dict:
-    """Which BLAS MLX's CPU back-end uses, and why."""
+    """Which BLAS MLX's CPU back-end uses, and why; and what multiplies a vector by a matrix."""
     library = _status["library"]
+    forwarded = library is not None and _status["gemv"] == "forwarded"
     return {
         "library": library or "MLX's bundled reference BLAS",
         "optimized": library is not None,
         "reason": _status["reason"],
+        "matrix_vector": "sgemv (forwarded by mlx_fm/blas_gemv.c)"
+        if forwarded
+        else f"sgemm ({_status['gemv']})",
     }
 
 

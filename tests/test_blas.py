@@ -130,6 +130,72 @@ def test_the_verdict_on_a_library_is_taken_from_the_cache(tmp_path):
     assert result.stdout.splitlines()[0] == f"cannot load {library}: a verdict from the cache"
 
 
+def gemv_forwarded() -> bool:
+    return mlx_fm.blas_info()["matrix_vector"].startswith("sgemv")
+
+
+@linux_only
+def test_matrix_vector_products_go_to_sgemv_and_agree_with_numpy():
+    """Where a C compiler is found (CI has one), a product with one row or one column goes to
+    sgemv through blas_gemv.c; whichever way MLX lays it out, it agrees with numpy."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert gemv_forwarded(), mlx_fm.blas_info()
+    rng = np.random.default_rng(0)
+    for m, k, n in ((1, 512, 300), (300, 512, 1), (1, 7, 1), (5, 3, 4)):
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        for a_mx in (mx.array(a), mx.array(a.T).T):
+            for b_mx in (mx.array(b), mx.array(b.T).T):
+                assert np.allclose(np.array(a_mx @ b_mx), a @ b, atol=1e-4), (m, k, n)
+        c = rng.standard_normal((m, n), dtype=np.float32)
+        got = mx.addmm(mx.array(c), mx.array(a), mx.array(b), alpha=2.0, beta=0.5)
+        assert np.allclose(np.array(got), 0.5 * c + 2 * a @ b, atol=1e-4)
+    heads = rng.standard_normal((16, 1, 32), dtype=np.float32)
+    states = rng.standard_normal((16, 32, 64), dtype=np.float32)
+    assert np.allclose(np.array(mx.array(heads) @ mx.array(states)), heads @ states, atol=1e-4)
+
+
+GEMV_REPORT = (
+    "import mlx_fm, mlx.core as mx\n"
+    "print(mlx_fm.blas_info()['matrix_vector'])\n"
+    "print((mx.ones((1, 64)) @ mx.full((64, 64), 2.0))[0, 0].item())\n"
+)
+
+
+@linux_only
+@pytest.mark.parametrize(
+    "setting, said",
+    [
+        ({"MLX_FM_GEMV": "off"}, "sgemm (switched off by MLX_FM_GEMV=off)"),
+        ({"CC": "/no/such/cc"}, "sgemm (/no/such/cc could not build blas_gemv.c ("),
+    ],
+)
+def test_without_the_forwarding_sgemm_matrix_vector_products_stay_right(tmp_path, setting, said):
+    result = run_python(GEMV_REPORT, XDG_CACHE_HOME=str(tmp_path), **setting)
+    assert result.returncode == 0, result.stderr
+    reported, product = result.stdout.splitlines()
+    assert reported.startswith(said) and product == "128.0"
+    assert result.stderr == ""
+
+
+@linux_only
+def test_a_forwarding_sgemm_that_multiplies_wrongly_is_refused_in_the_child(tmp_path):
+    """The child tries every order and transposition: one wrong branch is caught."""
+    compiler = shutil.which("gcc") or pytest.skip("no C compiler")
+    source = blas.GEMV_SOURCE.read_text()
+    wrong = source.replace("b_plain ? TRANS : NO_TRANS", "NO_TRANS")
+    assert wrong != source
+    (tmp_path / "wrong.c").write_text(wrong)
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-o", tmp_path / "wrong.so", tmp_path / "wrong.c"],
+        check=True,
+    )
+    library = blas._status["library"] or pytest.skip("no OpenBLAS loaded")
+    verdict = blas._try_in_child(Path(library), tmp_path / "wrong.so")
+    assert verdict.startswith("its first matmul failed (a product with one row or column is wrong")
+    assert blas._try_in_child(Path(library), blas._built_gemv_forward()) == "ok"
+
+
 def test_soname_is_rewritten_in_place_and_nothing_else_changes():
     original = bundled_gfortran().read_bytes()
     renamed = blas.with_soname(original, b"libgfortran.so.5")
@@ -158,5 +224,6 @@ def test_python_m_mlx_fm_says_what_it_measures():
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].startswith("BLAS used by MLX:") and lines[2].startswith("measuring")
-    assert "GFLOP/s" in lines[3]
+    assert lines[1].startswith("BLAS used by MLX:")
+    assert lines[2] == f"matrix-vector products: {mlx_fm.blas_info()['matrix_vector']}"
+    assert lines[3].startswith("measuring") and "GFLOP/s" in lines[4]

@@ -46,6 +46,7 @@ def fm_chunked(
     theta = eta[..., None] * slot_weights
 
     def head_major(a: mx.array) -> mx.array:
+        """Padded, (B, H, T, ·), and copied: the segments' ops run faster on it than on a view."""
         a = mx.pad(a, [(0, 0), (0, padded - length), (0, 0), (0, 0)])
         return mx.contiguous(a.transpose(0, 2, 1, 3))
 
