@@ -8,21 +8,26 @@ from mlx_fm.ops.activations import silu
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 
-def test_silu_matches_the_exact_one_to_float32_rounding():
-    x = mx.concatenate([mx.linspace(-100, 100, 20001), mx.array([-1e30, 1e30, 0.0, -0.0])])
+# The polynomial, to float32 rounding; and on one token's values x·sigmoid(x), to the accuracy
+# of MLX's sigmoid (up to 3.6e-6 relative, in the far negative tail where SiLU is below 1e-15).
+@pytest.mark.parametrize("count, rtol", [(20001, 5e-7), (2001, 4e-6)])
+def test_silu_matches_the_exact_one(count, rtol):
+    x = mx.concatenate([mx.linspace(-100, 100, count), mx.array([-1e30, 1e30, 0.0, -0.0])])
     wide = np.array(x, dtype=np.float64)
     with np.errstate(over="ignore"):
         exact = wide / (1 + np.exp(-wide))
     got = np.array(silu(x), dtype=np.float64)
     assert np.all(np.isfinite(got))
-    assert np.allclose(got, exact, rtol=5e-7, atol=1e-30)
+    assert np.allclose(got, exact, rtol=rtol, atol=1e-30)
 
 
-def test_silu_gradient_matches_the_exact_one():
-    x = mx.linspace(-30, 30, 6001)
+@pytest.mark.parametrize("count", [6001, 1001])
+def test_silu_gradient_matches_the_exact_one(count):
+    x = mx.linspace(-30, 30, count)
     got = mx.grad(lambda v: silu(v).sum())(x)
     want = mx.grad(lambda v: nn.silu(v).sum())(x)
     assert mx.allclose(got, want, rtol=1e-5, atol=1e-6).item()
