@@ -367,6 +367,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if min(args.contexts) < 2 or args.decode_tokens < 1:
         raise ValueError("contexts must be at least 2 tokens and --decode-tokens at least 1")
+    blas = mlx_fm.blas_info()
+    print(f"BLAS: {blas['library']}; matrix-vector products: {blas['matrix_vector']}")
     print_ratios(run(args))
 
 
