@@ -1,9 +1,9 @@
-"""The polynomial SiLU, and the mlx_fm.benchmark tool."""
+"""The polynomial SiLU and softmax, and the mlx_fm.benchmark tool."""
 
 from functools import partial
 
 from mlx_fm import benchmark
-from mlx_fm.ops.activations import silu
+from mlx_fm.ops.activations import silu, softmax
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +39,24 @@ def test_silu_keeps_the_input_dtype():
     assert out.dtype == mx.bfloat16
     exact = nn.silu(x.astype(mx.float32))  # rounding to bfloat16 costs at most 2^-9 relative
     assert mx.allclose(out.astype(mx.float32), exact, rtol=2**-8, atol=1e-6).item()
+
+
+@pytest.mark.parametrize("rows", [2000, 16])  # the polynomial, and one token's mx.softmax
+def test_softmax_matches_the_exact_one_and_its_gradient(rows):
+    logits = mx.random.normal((rows, 8), key=mx.random.key(1)) * 20
+    logits[0] = mx.array([0.0, -81.0, -88.0, -1e30, 5.0, 5.0, -3.0, 1.0])
+    exact = np.array(logits, dtype=np.float64)
+    exact = np.exp(exact - exact.max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    got = np.array(softmax(logits), dtype=np.float64)
+    # float32 logits minus their largest carry ~4e-6 absolute error into e^x: in either path
+    assert np.allclose(got, exact, rtol=1e-5, atol=1e-30 if rows == 16 else 3e-38)
+    assert got[0, 1] > 0 and got[0, 3] == 0  # e^-86 of the largest, and e^-1e30
+    assert got[0, 2] == 0 or rows == 16  # e^-93: 0 in the polynomial path
+    weights = mx.arange(8, dtype=mx.float32)
+    gradient = mx.grad(lambda v: (softmax(v) * weights).sum())(logits)
+    want = mx.grad(lambda v: (mx.softmax(v, axis=-1, precise=True) * weights).sum())(logits)
+    assert mx.allclose(gradient, want, rtol=1e-5, atol=1e-5).item()
 
 
 def test_benchmark_compares_models_of_matching_size(capsys):

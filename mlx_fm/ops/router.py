@@ -2,6 +2,8 @@
 
 import mlx.core as mx
 
+from .activations import softmax
+
 
 def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     """Slot weights α̃ over the last axis (the m slots), in float32.
@@ -12,15 +14,10 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     """
     logits = router_logits.astype(mx.float32) / temperature
     if top_k >= logits.shape[-1]:
-        return _softmax(logits)
+        return softmax(logits)
     top = mx.stop_gradient(mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k])
-    weights = _softmax(mx.take_along_axis(logits, top, axis=-1))
+    weights = softmax(mx.take_along_axis(logits, top, axis=-1))
     return mx.put_along_axis(mx.zeros_like(logits), top, weights, axis=-1)
-
-
-@mx.compile
-def _softmax(logits: mx.array) -> mx.array:
-    return mx.softmax(logits, axis=-1, precise=True)
 
 
 @mx.compile
