@@ -120,14 +120,11 @@ def _load_with_gemv(path: Path) -> None:
     try:
         if not hasattr(library, "cblas_sgemv"):
             raise BlasLoadError("the library has no cblas_sgemv")
-        forward = ctypes.CDLL(str(_gemv_forward(path)), mode=ctypes.RTLD_GLOBAL)
+        _forward(ctypes.CDLL(str(_gemv_forward(path)), mode=ctypes.RTLD_GLOBAL), library)
+        _status["gemv"] = "forwarded"
     except OSError as error:
         _status["gemv"] = str(error)
-        forward = None
     _load(path, ctypes.RTLD_GLOBAL)  # now global too, behind the forwarding sgemm
-    if forward is not None:
-        _forward(forward, library)
-        _status["gemv"] = "forwarded"
 
 
 def _forward(forward: ctypes.CDLL, library: ctypes.CDLL) -> None:
