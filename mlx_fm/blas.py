@@ -49,6 +49,7 @@ ENV_VAR = "MLX_FM_BLAS"
 GEMV_ENV_VAR = "MLX_FM_GEMV"
 GEMV_SOURCE = Path(__file__).with_name("blas_gemv.c")
 _OFF = ("off", "0", "none", "false")
+ROW_MAJOR, COL_MAJOR, NO_TRANS, TRANS = 101, 102, 111, 112  # CBLAS's enum values
 GFORTRAN_SONAME = b"libgfortran.so.5"
 _SYSTEM_PATHS = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -289,9 +290,8 @@ def multiplies_correctly(path: str, forward: Optional[str] = None) -> int:
     a = matrix(*[float(i % 7) for i in range(size * size)])
     identity = matrix(*[float(i % (size + 1) == 0) for i in range(size * size)])
     product = matrix()
-    row_major, no_transpose = 101, 111
     sgemm(
-        *(row_major, no_transpose, no_transpose, size, size, size, ctypes.c_float(1.0)),
+        *(ROW_MAJOR, NO_TRANS, NO_TRANS, size, size, size, ctypes.c_float(1.0)),
         *(a, size, identity, size, ctypes.c_float(0.0), product, size),
     )
     if list(product) != list(a):
@@ -306,8 +306,10 @@ def multiplies_correctly(path: str, forward: Optional[str] = None) -> int:
 def _vector_products_right(sgemm) -> bool:
     """Whether C = 2AB + βC is exact for each order and transposition, with one row or one
     column, leading dimensions longer than the rows, and β = 0 over a C holding NaNs."""
+    transpositions = (NO_TRANS, TRANS)
+    shapes = ((1, 3, 4), (3, 1, 4), (1, 1, 4))
     cases = itertools.product(
-        (101, 102), (111, 112), (111, 112), ((1, 3, 4), (3, 1, 4), (1, 1, 4)), (0.0, 0.5)
+        (ROW_MAJOR, COL_MAJOR), transpositions, transpositions, shapes, (0.0, 0.5)
     )
     return all(_vector_product_right(sgemm, *case) for case in cases)
 
@@ -316,7 +318,7 @@ class _Stored:
     """A rows×cols float matrix stored in BLAS `order` with a padded leading dimension."""
 
     def __init__(self, order: int, rows: int, cols: int, seed: int, transposed: bool = False):
-        self.row_major, self.transposed = order == 101, transposed
+        self.row_major, self.transposed = order == ROW_MAJOR, transposed
         self.lead = (cols if self.row_major else rows) + 1
         size = self.lead * (rows if self.row_major else cols)
         self.values = [float((i * 7 + seed) % 5 - 2) for i in range(size)]
@@ -329,9 +331,8 @@ class _Stored:
 
 def _vector_product_right(sgemm, order, trans_a, trans_b, shape, beta) -> bool:
     m, n, k = shape
-    plain = 111
-    a = _Stored(order, *((m, k) if trans_a == plain else (k, m)), 3, trans_a != plain)
-    b = _Stored(order, *((k, n) if trans_b == plain else (n, k)), 1, trans_b != plain)
+    a = _Stored(order, *((m, k) if trans_a == NO_TRANS else (k, m)), 3, trans_a != NO_TRANS)
+    b = _Stored(order, *((k, n) if trans_b == NO_TRANS else (n, k)), 1, trans_b != NO_TRANS)
     c = _Stored(order, m, n, 2)
     if beta == 0.0:
         c.values = [float("nan")] * len(c.values)

@@ -72,14 +72,19 @@ def test_a_library_that_cannot_load_is_reported_not_raised(tmp_path):
     assert f"cannot load {broken}" in result.stdout and "'optimized': False" in result.stdout
 
 
+def compiled(tmp_path: Path, source: str, name: str) -> Path:
+    """`source` (C) built into the shared library tmp_path/name."""
+    compiler = shutil.which("gcc") or pytest.skip("no C compiler")
+    source_file, library = tmp_path / f"{name}.c", tmp_path / name
+    source_file.write_text(source)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", library, source_file], check=True)
+    return library
+
+
 @linux_only
 def compiled_blas(tmp_path: Path, body: str) -> Path:
     """A shared library whose cblas_sgemm is `body`."""
-    compiler = shutil.which("gcc") or pytest.skip("no C compiler")
-    source, library = tmp_path / "sgemm.c", tmp_path / "libopenblas.so.0"
-    source.write_text(f"void cblas_sgemm(void) {{ {body} }}\n")
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", library, source], check=True)
-    return library
+    return compiled(tmp_path, f"void cblas_sgemm(void) {{ {body} }}\n", "libopenblas.so.0")
 
 
 MULTIPLY_AND_REPORT = (
@@ -181,17 +186,12 @@ def test_without_the_forwarding_sgemm_matrix_vector_products_stay_right(tmp_path
 @linux_only
 def test_a_forwarding_sgemm_that_multiplies_wrongly_is_refused_in_the_child(tmp_path):
     """The child tries every order and transposition: one wrong branch is caught."""
-    compiler = shutil.which("gcc") or pytest.skip("no C compiler")
     source = blas.GEMV_SOURCE.read_text()
     wrong = source.replace("b_plain ? TRANS : NO_TRANS", "NO_TRANS")
     assert wrong != source
-    (tmp_path / "wrong.c").write_text(wrong)
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-o", tmp_path / "wrong.so", tmp_path / "wrong.c"],
-        check=True,
-    )
+    forward = compiled(tmp_path, wrong, "wrong.so")
     library = blas._status["library"] or pytest.skip("no OpenBLAS loaded")
-    verdict = blas._try_in_child(Path(library), tmp_path / "wrong.so")
+    verdict = blas._try_in_child(Path(library), forward)
     assert verdict.startswith("its first matmul failed (a product with one row or column is wrong")
     assert blas._try_in_child(Path(library), blas._built_gemv_forward()) == "ok"
 
