@@ -156,8 +156,11 @@ def _causal_conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.
     """SiLU(depthwise conv) of a (B, K−1+T, E) window with MLX conv weights (E, K, 1)."""
     taps = weight.shape[1]
     length = window.shape[1] - taps + 1
-    weight = weight.T.astype(window.dtype)  # (1, K, E): one view, sliced by tap
-    out = bias.astype(window.dtype)
+    weight = weight.T.astype(window.dtype)  # (1, K, E)
+    bias = bias.astype(window.dtype)
+    if length == 1:  # a decode step: one product and one sum, not a graph node per tap
+        return silu((window * weight).sum(axis=1, keepdims=True) + bias)
+    out = bias
     for tap in range(taps):
         out = out + weight[:, tap : tap + 1] * window[:, tap : tap + length]
     return silu(out)

@@ -12,10 +12,14 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     top_k entries and renormalized, i.e. the softmax of the top_k logits alone;
     every other slot gets exactly 0.
     """
-    logits = router_logits.astype(mx.float32) / temperature
-    if top_k >= logits.shape[-1]:
+    logits = router_logits.astype(mx.float32)
+    if temperature != 1:  # dividing by 1 would still be a graph node of its own
+        logits = logits / temperature
+    num_slots = logits.shape[-1]
+    if top_k >= num_slots:
         return softmax(logits)
-    top = mx.stop_gradient(mx.argpartition(-logits, kth=top_k - 1, axis=-1)[..., :top_k])
+    top = mx.argpartition(logits, kth=num_slots - top_k, axis=-1)[..., num_slots - top_k :]
+    top = mx.stop_gradient(top)
     weights = softmax(mx.take_along_axis(logits, top, axis=-1))
     return mx.put_along_axis(mx.zeros_like(logits), top, weights, axis=-1)
 
