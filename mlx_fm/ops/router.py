@@ -18,8 +18,8 @@ def route(router_logits: mx.array, temperature: float, top_k: int) -> mx.array:
     num_slots = logits.shape[-1]
     if top_k >= num_slots:
         return softmax(logits)
-    top = mx.argpartition(logits, kth=num_slots - top_k, axis=-1)[..., num_slots - top_k :]
-    top = mx.stop_gradient(top)
+    first = num_slots - top_k  # argpartition leaves the top_k largest from here on
+    top = mx.stop_gradient(mx.argpartition(logits, kth=first, axis=-1)[..., first:])
     weights = softmax(mx.take_along_axis(logits, top, axis=-1))
     return mx.put_along_axis(mx.zeros_like(logits), top, weights, axis=-1)
 
