@@ -176,6 +176,27 @@ def test_quantized_decode_on_float_copies_equals_quantized_matmul_and_follows_ne
     assert [name for name, _ in tree_flatten(model.parameters())] == [n for n, _ in parameters]
 
 
+def test_a_model_quantized_after_it_decoded_decodes_on_float_copies_of_its_new_weights(
+    monkeypatch,
+):
+    model = tiny_model(hidden_size=64, intermediate_size=64, top_k=4)
+    prompt, token = mx.array([[5, 80, 31, 7, 99]]), mx.array([[9]])
+    cache = make_prompt_cache(model)
+    model(prompt, cache=cache)
+    model(token, cache=cache)  # a compiled step, on float weights: no copies
+    assert model._float_copies == []
+    nn.quantize(model, group_size=32, bits=4)
+    copies, quantized = make_prompt_cache(model), make_prompt_cache(model)
+    for cache in (copies, quantized):
+        model(prompt, cache=cache)
+    fast = model(token, cache=copies)
+    with monkeypatch.context() as patch:
+        patch.setattr(factorization_memory, "_dequantizes", lambda layer, x: False)
+        slow = model(token, cache=quantized, input_embeddings=model.backbone.embeddings(token))
+    assert relative_error(fast, slow) < 1e-5
+    assert len(model._float_copies) == len(model._float_sources) > 0
+
+
 def test_cache_state_is_float32_and_does_not_grow():
     model = tiny_model().apply(lambda p: p.astype(mx.bfloat16))
     cache = make_prompt_cache(model)

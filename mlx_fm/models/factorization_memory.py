@@ -8,6 +8,7 @@ float32, last K−1 conv inputs] that can also be rewound by a few tokens.
 
 import contextvars
 import dataclasses
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -239,11 +240,17 @@ class _FloatCopies:
         return copy if source is layer["weight"] else None
 
     @classmethod
-    def refresh(cls, model: nn.Module, copies: list[mx.array]) -> None:
+    def refresh(cls, model: nn.Module, copies: list[mx.array], sources: list[mx.array]) -> None:
+        """`sources` are the weights of the last refresh: while they are the same arrays, in
+        the same order, the copies stand and a step checks no more than that."""
         if mx.default_device() != mx.cpu:
             copies.clear()
+            sources.clear()
             return
         layers = _quantized_layers(model)
+        weights = [layer["weight"] for layer in layers]
+        if len(weights) == len(sources) and all(map(operator.is_, weights, sources)):
+            return
         made = []
         for index, layer in enumerate(layers):
             copy = cls.of(layer)
@@ -253,6 +260,7 @@ class _FloatCopies:
             layer.__dict__[cls.ATTRIBUTE] = (layer["weight"], copy, copies, index)
         mx.eval(made)
         copies[:] = [layer.__dict__[cls.ATTRIBUTE][1] for layer in layers]
+        sources[:] = weights
 
 
 def _quantized_layers(tree) -> list[nn.Module]:
@@ -343,9 +351,10 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.backbone = Backbone(args)
         self._compiled_step = None
-        # A list the compiled decode step reads as inputs; set past Module.__setattr__, which
-        # would make a list of arrays part of the parameters.
+        # The float copies the compiled decode step reads as inputs, and the weights they were
+        # made from; set past Module.__setattr__, which would make them parameters.
         object.__setattr__(self, "_float_copies", [])
+        object.__setattr__(self, "_float_sources", [])
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -370,7 +379,7 @@ class Model(nn.Module):
     def _decode(self, inputs: mx.array, cache: list[FMCache]) -> mx.array:
         """One token per row, as one compiled graph over every layer: per-op dispatch, not
         arithmetic, is most of a decode step's cost. The caches are its inputs and outputs."""
-        _FloatCopies.refresh(self, self._float_copies)
+        _FloatCopies.refresh(self, self._float_copies, self._float_sources)
         if self._compiled_step is None:
             self._compiled_step = mx.compile(self._step, inputs=[self.state, self._float_copies])
         mask = create_ssm_mask(inputs, cache[0])
