@@ -283,6 +283,14 @@ def _project(layer: nn.Module, x: mx.array) -> mx.array:
     return out + layer["bias"] if "bias" in layer else out
 
 
+def _embed(layer: nn.Module, inputs: mx.array) -> mx.array:
+    """layer(inputs) for an Embedding or a QuantizedEmbedding. A quantized one with a float
+    copy (`_FloatCopies`: decoding on the CPU) takes the rows of the copy, one gather, rather
+    than gathering and dequantizing rows of its weight, scales and biases."""
+    copy = _FloatCopies.of(layer)
+    return layer(inputs) if copy is None else copy[inputs]
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -335,7 +343,7 @@ class Backbone(nn.Module):
         cache: Optional[list[FMCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
-        h = self.embeddings(inputs) if input_embeddings is None else input_embeddings
+        h = _embed(self.embeddings, inputs) if input_embeddings is None else input_embeddings
         if cache is None:
             cache = [None] * len(self.layers)
         mask = create_ssm_mask(h, cache[0])
@@ -398,7 +406,7 @@ class Model(nn.Module):
     def _step(
         self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array] = None
     ) -> tuple[mx.array, list[Contents]]:
-        h = self.backbone.embeddings(inputs)
+        h = _embed(self.backbone.embeddings, inputs)
         after = []
         for layer, layer_contents in zip(self.layers, contents):
             h, layer_contents = layer.step(h, mask, layer_contents)
