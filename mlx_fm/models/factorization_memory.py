@@ -251,15 +251,16 @@ class _FloatCopies:
         weights = [layer["weight"] for layer in layers]
         if len(weights) == len(sources) and all(map(operator.is_, weights, sources)):
             return
-        made = []
-        for index, layer in enumerate(layers):
+        made, current = [], []
+        for index, (layer, weight) in enumerate(zip(layers, weights)):
             copy = cls.of(layer)
             if copy is None:
                 copy = _float_weight(layer)
                 made.append(copy)
-            layer.__dict__[cls.ATTRIBUTE] = (layer["weight"], copy, copies, index)
+            layer.__dict__[cls.ATTRIBUTE] = (weight, copy, copies, index)
+            current.append(copy)
         mx.eval(made)
-        copies[:] = [layer.__dict__[cls.ATTRIBUTE][1] for layer in layers]
+        copies[:] = current
         sources[:] = weights
 
 
