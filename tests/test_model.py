@@ -140,6 +140,13 @@ def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(tied, m
     assert relative_error(dequantized, model(tokens)) < 1e-5
 
 
+def decoded_on_quantized_matmul(model, token, cache, monkeypatch):
+    """The logits of a decode step on MLX's quantized matmul, not the float copies."""
+    with monkeypatch.context() as patch:
+        patch.setattr(factorization_memory, "_dequantizes", lambda layer, x: False)
+        return model(token, cache=cache, input_embeddings=model.backbone.embeddings(token))
+
+
 def test_quantized_decode_on_float_copies_equals_quantized_matmul_and_follows_new_weights(
     monkeypatch,
 ):
@@ -159,13 +166,7 @@ def test_quantized_decode_on_float_copies_equals_quantized_matmul_and_follows_ne
             nn.quantize(requantized, group_size=32, bits=4)
             model.update(requantized.parameters())
         fast = model(mx.array(token), cache=copies)
-        with monkeypatch.context() as patch:
-            patch.setattr(factorization_memory, "_dequantizes", lambda layer, x: False)
-            slow = model(
-                mx.array(token),
-                cache=quantized,
-                input_embeddings=model.backbone.embeddings(mx.array(token)),
-            )
+        slow = decoded_on_quantized_matmul(model, mx.array(token), quantized, monkeypatch)
         assert relative_error(fast, slow) < 1e-5
     quantized_layers = [
         m
@@ -190,9 +191,7 @@ def test_a_model_quantized_after_it_decoded_decodes_on_float_copies_of_its_new_w
     for cache in (copies, quantized):
         model(prompt, cache=cache)
     fast = model(token, cache=copies)
-    with monkeypatch.context() as patch:
-        patch.setattr(factorization_memory, "_dequantizes", lambda layer, x: False)
-        slow = model(token, cache=quantized, input_embeddings=model.backbone.embeddings(token))
+    slow = decoded_on_quantized_matmul(model, token, quantized, monkeypatch)
     assert relative_error(fast, slow) < 1e-5
     assert len(model._float_copies) == len(model._float_sources) > 0
 
