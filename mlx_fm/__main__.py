@@ -1,4 +1,7 @@
-"""`python -m mlx_fm`: the version, which BLAS MLX uses, and how fast its matmuls are."""
+"""`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, and how
+fast its matmuls are."""
+
+import mlx.core as mx
 
 from . import __version__
 from .blas import blas_info, matmul_gflops
@@ -6,11 +9,19 @@ from .blas import blas_info, matmul_gflops
 SIZE = 1024
 
 
+def cache_limit() -> int:
+    """MLX's buffer cache limit in bytes (reading it means setting it: set it back)."""
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
 def main() -> None:
     info = blas_info()
     print(f"mlx_fm {__version__}")
     print(f"BLAS used by MLX: {info['library']} ({info['reason']})")
     print(f"matrix-vector products: {info['matrix_vector']}")
+    print(f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB")
     print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
     speeds = matmul_gflops(SIZE)
     print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx_fm
 from mlx_fm import blas
+from mlx_fm.__main__ import cache_limit
 
 import mlx.core as mx
 import numpy as np
@@ -61,6 +62,15 @@ def test_blas_can_be_switched_off():
     assert result.returncode == 0, result.stderr
     assert "switched off" in result.stdout
     assert result.stderr == ""
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="a setting of MLX's CPU back-end")
+def test_on_the_cpu_mlx_keeps_an_eighth_of_its_memory_limit_of_freed_buffers():
+    code = "import mlx_fm, mlx.core as mx; print(mx.set_cache_limit(0), mx.get_memory_limit())"
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    kept, memory_limit = map(int, result.stdout.split())
+    assert kept == memory_limit // 8 > 32 * 2**20  # MLX's own CPU limit is 32 MB
 
 
 def test_a_library_that_cannot_load_is_reported_not_raised(tmp_path):
@@ -226,4 +236,5 @@ def test_python_m_mlx_fm_says_what_it_measures():
     lines = result.stdout.splitlines()
     assert lines[1].startswith("BLAS used by MLX:")
     assert lines[2] == f"matrix-vector products: {mlx_fm.blas_info()['matrix_vector']}"
-    assert lines[3].startswith("measuring") and "GFLOP/s" in lines[4]
+    assert lines[3] == f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB"
+    assert lines[4].startswith("measuring") and "GFLOP/s" in lines[5]
