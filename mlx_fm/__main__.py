@@ -5,6 +5,7 @@ import mlx.core as mx
 
 from . import __version__
 from .blas import blas_info, matmul_gflops
+from .cli import fail_cleanly
 
 SIZE = 1024
 
@@ -16,6 +17,7 @@ def cache_limit() -> int:
     return limit
 
 
+@fail_cleanly
 def main() -> None:
     info = blas_info()
     print(f"mlx_fm {__version__}")

@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import functools
 import io
+import os
 import sys
 from typing import Callable, Iterator, Union
 
@@ -22,6 +23,9 @@ def fail_cleanly(main: Callable) -> Callable:
         try:
             with _usage_errors_raised():
                 return main(*args, **kwargs)
+        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+            sys.exit(1)
         except (ModelLoadError, ValueError, FileNotFoundError, OSError) as error:
             print(f"mlx_fm: error: {one_line(error)}", file=sys.stderr)
             sys.exit(1)

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 from mlx_fm import ModelLoadError, load, load_model, save_pretrained
 
@@ -91,3 +93,16 @@ def test_unreachable_hub_repo_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="cannot fetch model 'nobody/no-such-fm-model'"):
         load_model("nobody/no-such-fm-model")
+
+
+@pytest.mark.parametrize("module", ["mlx_fm.generate", "mlx_fm"])
+def test_a_reader_that_leaves_early_ends_a_command_quietly(module):
+    """`... | head -c 5`: the command stops without a traceback or an error line."""
+    args = ["--prompt", "Once upon a time", "--max-tokens", "300"] if module != "mlx_fm" else []
+    command = [sys.executable, "-m", module, *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(5)
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1
+    assert stderr == b"", stderr.decode(errors="replace")
