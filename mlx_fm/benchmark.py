@@ -9,8 +9,8 @@ and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
 
 Noise on a shared machine only ever slows a run down, so a decode rate is that of the
-fastest of four windows of its tokens, and the limits below and training that of the
-fastest of their runs; a prompt is timed once.
+fastest of four windows of its tokens, a prompt's that of the fastest of three runs (one
+run from 8,192 tokens on), and the limits below and training that of the fastest of their runs.
 
 Each model is also held against this machine's limits, measured in the same run:
 the decode floor (a batch-1 decode step must stream every weight matrix once: the
@@ -47,6 +47,8 @@ from .utils import parameter_count
 
 PREFILL_STEP = 2048
 DECODE_WINDOWS = 4  # decode is timed in this many windows of tokens, and the fastest counts
+PROMPT_RUNS = 3  # a prompt is timed this many times, each on a fresh cache, and the fastest counts
+ONE_PROMPT_RUN_FROM = 8192  # tokens: longer prompts are timed once (Llama's 16K takes minutes)
 BATCH_PROMPT_TOKENS = 128
 
 
@@ -121,21 +123,25 @@ def decode_window(decode_tokens: int) -> int:
 
 
 def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: float = 0.0):
-    """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens and
-    `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of them). The peak is
-    `resident` GB (the model's own: see `resident_gb`) plus the most the two added to it."""
+    """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens (the
+    fastest of its runs) and `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of
+    them). The peak is `resident` GB (the model's own: see `resident_gb`) plus the most the two
+    added to it."""
     tokens = mx.random.randint(0, vocab_size, (1, context))
     mx.clear_cache()
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
-    cache = make_prompt_cache(model)
-    start = time.perf_counter()
-    for begin in range(0, context - 1, PREFILL_STEP):
-        model(tokens[:, begin : min(begin + PREFILL_STEP, context - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-    token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
-    mx.eval(token)
-    prompt_rate = context / (time.perf_counter() - start)
+    prompt_seconds = []
+    for _ in range(1 if context >= ONE_PROMPT_RUN_FROM else PROMPT_RUNS):
+        cache = make_prompt_cache(model)
+        start = time.perf_counter()
+        for begin in range(0, context - 1, PREFILL_STEP):
+            model(tokens[:, begin : min(begin + PREFILL_STEP, context - 1)], cache=cache)
+            mx.eval([c.state for c in cache])
+        token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
+        mx.eval(token)
+        prompt_seconds.append(time.perf_counter() - start)
+    prompt_rate = context / min(prompt_seconds)
     window = decode_window(decode_tokens)
     decode_rate = 0.0
     for _ in range(-(-decode_tokens // window)):
