@@ -1,11 +1,12 @@
-"""`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, and how
-fast its matmuls are."""
+"""`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, how a
+prompt's scan runs, and how fast its matmuls are."""
 
 import mlx.core as mx
 
 from . import __version__
 from .blas import blas_info, matmul_gflops
 from .cli import fail_cleanly
+from .ops import native
 
 SIZE = 1024
 
@@ -24,6 +25,7 @@ def main() -> None:
     print(f"BLAS used by MLX: {info['library']} ({info['reason']})")
     print(f"matrix-vector products: {info['matrix_vector']}")
     print(f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB")
+    print(f"FM's scan on a prompt: {native.status()}")
     print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
     speeds = matmul_gflops(SIZE)
     print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")

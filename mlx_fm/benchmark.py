@@ -40,6 +40,7 @@ from mlx_lm.models import llama, mamba2
 from mlx_lm.models.cache import make_prompt_cache
 
 from .cli import fail_cleanly
+from .ops import native
 from .training.config import TrainConfig
 from .training.optimizer import build_optimizer
 from .training.trainer import make_train_step
@@ -161,6 +162,7 @@ def resident_gb(build, vocab_size: int) -> tuple:
     mx.clear_cache()
     before = mx.get_active_memory()
     model = build()
+    model.eval()  # for inference, as mlx_fm.load and mlx_lm.load return models
     mx.eval(model.parameters())
     measure(model, 64, 2, vocab_size)  # warm-up: compile, allocate, float copies
     mx.clear_cache()
@@ -170,6 +172,7 @@ def resident_gb(build, vocab_size: int) -> tuple:
 def training_rate(model, seq_len: int, batch_size: int, vocab_size: int) -> float:
     """Tokens/s of mlx_fm.train's compiled step (forward, backward, AdamW, clipping), the
     fastest of at least three steps."""
+    model.train()  # as mlx_fm.train trains it
     config = TrainConfig(data=["random"], output="unused", seq_len=seq_len, batch_size=batch_size)
     step = make_train_step(model, build_optimizer(config), config, mx.distributed.init())
     windows = mx.random.randint(0, vocab_size, (batch_size, seq_len + 1))
@@ -375,6 +378,7 @@ def main(argv=None):
         raise ValueError("contexts must be at least 2 tokens and --decode-tokens at least 1")
     blas = mlx_fm.blas_info()
     print(f"BLAS: {blas['library']}; matrix-vector products: {blas['matrix_vector']}")
+    print(f"FM's scan on a prompt: {native.status()}")
     print_ratios(run(args))
 
 

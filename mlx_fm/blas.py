@@ -146,29 +146,37 @@ def _gemv_forward(path: Path) -> Path:
 
 
 def _built_gemv_forward() -> Path:
-    """The shared library built from blas_gemv.c, once per source and compiler, in the cache."""
+    return built_library(GEMV_SOURCE, "blas-gemv")
+
+
+def built_library(source: Path, name: str, flags: tuple[str, ...] = ("-O2",)) -> Path:
+    """The shared library built from the C file `source`, once per source, flags and compiler,
+    in the cache under `name`; BlasLoadError says why it could not be built."""
     compiler = os.environ.get("CC") or next(
         filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None
     )
     if not compiler:
-        raise BlasLoadError("no C compiler (cc, gcc or clang) to build mlx_fm/blas_gemv.c")
-    identity = [GEMV_SOURCE.read_bytes(), compiler.encode(), platform.machine().encode()]
+        raise BlasLoadError(f"no C compiler (cc, gcc or clang) to build mlx_fm's {source.name}")
+    identity = [
+        source.read_bytes(),
+        compiler.encode(),
+        platform.machine().encode(),
+        *map(str.encode, flags),
+    ]
     key = hashlib.sha256(b"\n".join(identity)).hexdigest()[:32]
-    target = _cache_dir() / "blas-gemv" / f"{key}.so"
+    target = _cache_dir() / name / f"{key}.so"
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as staging:
-        built = Path(staging) / "blas_gemv.so"
-        command = [*shlex.split(compiler), "-O2", "-shared", "-fPIC", "-o", str(built)]
+        built = Path(staging) / f"{name}.so"
+        command = [*shlex.split(compiler), *flags, "-shared", "-fPIC", "-o", str(built)]
         try:
-            subprocess.run(
-                [*command, str(GEMV_SOURCE)], capture_output=True, timeout=120, check=True
-            )
+            subprocess.run([*command, str(source)], capture_output=True, timeout=120, check=True)
         except subprocess.CalledProcessError as error:
             lines = error.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-            raise BlasLoadError(f"{compiler} could not build blas_gemv.c ({lines[-1]})") from None
+            raise BlasLoadError(f"{compiler} could not build {source.name} ({lines[-1]})") from None
         except (OSError, subprocess.TimeoutExpired) as error:
-            raise BlasLoadError(f"{compiler} could not build blas_gemv.c ({error})") from None
+            raise BlasLoadError(f"{compiler} could not build {source.name} ({error})") from None
         _write_atomically(target, built.read_bytes(), mode=0o755)
     return target
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx_fm
 from mlx_fm import blas
 from mlx_fm.__main__ import cache_limit
+from mlx_fm.ops import native
 
 import mlx.core as mx
 import numpy as np
@@ -237,4 +238,5 @@ def test_python_m_mlx_fm_says_what_it_measures():
     assert lines[1].startswith("BLAS used by MLX:")
     assert lines[2] == f"matrix-vector products: {mlx_fm.blas_info()['matrix_vector']}"
     assert lines[3] == f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB"
-    assert lines[4].startswith("measuring") and "GFLOP/s" in lines[5]
+    assert lines[4] == f"FM's scan on a prompt: {native.status()}"
+    assert lines[5].startswith("measuring") and "GFLOP/s" in lines[6]

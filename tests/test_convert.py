@@ -67,6 +67,8 @@ def reference_logits(model):
 
 
 def mlx_logits(model):
+    """The logits of TOKENS in inference mode, as `load_model` returns models."""
+    model.eval()
     return np.array(model(mx.array(TOKENS)).astype(mx.float32))
 
 

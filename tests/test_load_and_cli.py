@@ -16,6 +16,7 @@ from conftest import run_cli, tiny_model
 def test_save_then_load_gives_the_same_logits(tmp_path, tiny_model_dir):
     model, _ = load_model(tiny_model_dir)
     original = tiny_model()
+    original.eval()  # for inference, as load_model returns models
     tokens = mx.array([[1, 2, 3, 4]])
     assert mx.allclose(model(tokens), original(tokens)).item()
     save_pretrained(tmp_path / "copy", model)

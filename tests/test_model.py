@@ -280,3 +280,16 @@ def test_only_training_asks_the_scan_for_backward_checkpoints(monkeypatch):
     model(tokens)
     layers = len(model.layers)
     assert asked == [True] * layers + [False] * layers
+
+
+def test_an_inference_prompt_equals_a_training_forward_whichever_scan_runs():
+    """In eval mode a prompt's scan runs in C on the CPU (mlx_fm/ops/native.py), in training
+    mode on MLX ops: the two forwards agree, with a cache and without one."""
+    model = tiny_model()
+    tokens = mx.random.randint(0, TINY["vocab_size"], (2, 70))
+    model.train()
+    expected = model(tokens)
+    model.eval()
+    assert relative_error(model(tokens), expected) < 1e-5
+    cache = model.make_cache()
+    assert relative_error(model(tokens, cache=cache), expected) < 1e-5
