@@ -22,6 +22,9 @@ matrix: 3-5x the time of its sgemv, and most of a decode step. Where a C compile
 ahead of it, so that MLX binds its cblas_sgemm: a product with one row or one column goes to
 the library's sgemv, every other to its sgemm.
 
+OpenBLAS's threads are told to sleep sooner after a product (OPENBLAS_THREAD_TIMEOUT=20, unless
+set): see THREAD_TIMEOUT.
+
 Environment:
     MLX_FM_BLAS=off         do nothing
     MLX_FM_BLAS=/path/lib   load this library instead of searching
@@ -49,6 +52,11 @@ ENV_VAR = "MLX_FM_BLAS"
 GEMV_ENV_VAR = "MLX_FM_GEMV"
 GEMV_SOURCE = Path(__file__).with_name("blas_gemv.c")
 _OFF = ("off", "0", "none", "false")
+# After each product OpenBLAS's threads spin for 2^28 cycles (~0.1 s) before they sleep, and the
+# spinning one holds a core that the work in between could use (on 2 cores: the C mix's second
+# thread, mlx_fm/ops/native.py). 2^20 cycles (~0.4 ms) still spans the gap between a decode
+# step's products. Read by OpenBLAS when it loads; a value the user set is kept.
+THREAD_TIMEOUT_ENV_VAR, THREAD_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT", "20"
 ROW_MAJOR, COL_MAJOR, NO_TRANS, TRANS = 101, 102, 111, 112  # CBLAS's enum values
 GFORTRAN_SONAME = b"libgfortran.so.5"
 _SYSTEM_PATHS = (
@@ -98,6 +106,7 @@ def load_fast_blas() -> Optional[str]:
     elif "mlx.core" in sys.modules:
         _status["reason"] = "mlx.core was imported before mlx_fm"
     else:
+        os.environ.setdefault(THREAD_TIMEOUT_ENV_VAR, THREAD_TIMEOUT)
         paths = [Path(setting)] if setting else list(_candidates())
         _status["reason"] = "no OpenBLAS found (pip install cmeel-openblas)"
         for path in paths:

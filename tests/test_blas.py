@@ -240,3 +240,10 @@ def test_python_m_mlx_fm_says_what_it_measures():
     assert lines[3] == f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB"
     assert lines[4] == f"FM's scan on a prompt: {native.status()}"
     assert lines[5].startswith("measuring") and "GFLOP/s" in lines[6]
+
+
+@linux_only
+def test_openblas_threads_are_told_to_sleep_sooner_unless_the_user_says_otherwise():
+    code = "import os, mlx_fm; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    assert run_python(code).stdout == "20\n"
+    assert run_python(code, OPENBLAS_THREAD_TIMEOUT="26").stdout == "26\n"

@@ -1,4 +1,4 @@
-"""The FM scan: step recurrence, chunked form and fused C loop held to the same numbers."""
+"""The FM scan: step recurrence, chunked form and the fused C mix held to the same numbers."""
 
 import os
 import subprocess
@@ -35,14 +35,6 @@ def random_scan_inputs(
     return x, slot_weights, eta, state
 
 
-def fm_native(*arguments):
-    if not native.available():
-        pytest.skip(f"no C scan here: {native.status()}")
-    return native.fm_native(*arguments)
-
-
-SCANS = [fm_chunked, fm_native]  # the parallel forms, each held to the step recurrence
-
 CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the chunk, long T
     (1, 16, 16),
     (1, 16, 4),
@@ -55,14 +47,13 @@ CASES = [  # (length, slots, top_k): T = 1, T < chunk, T not a multiple of the c
 ]
 
 
-@pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("length,slots,top_k", CASES)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_scan_equals_step(scan, length, slots, top_k, with_state):
+def test_chunked_equals_step(length, slots, top_k, with_state):
     x, slot_weights, eta, state = random_scan_inputs(2, length, 2, 8, slots, top_k)
     state = state if with_state else None
     expected, expected_state = fm_recurrent(x, slot_weights, eta, state)
-    actual, actual_state = scan(x, slot_weights, eta, state)
+    actual, actual_state = fm_chunked(x, slot_weights, eta, state)
     assert relative_error(actual, expected) < 1e-4
     assert relative_error(actual_state, expected_state) < 1e-4
 
@@ -75,8 +66,7 @@ def test_chunk_sizes_do_not_change_the_result():
         assert relative_error(actual, expected) < 1e-4, chunk_size
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_extreme_inputs_stay_finite(scan):
+def test_extreme_inputs_stay_finite():
     """Router logits of ±50 at τ = 0.05, η within float32 rounding of 1, a long sequence."""
     batch, length, heads, width, slots = 1, 2048, 2, 8, 16
     mx.random.seed(3)
@@ -86,7 +76,7 @@ def test_extreme_inputs_stay_finite(scan):
         slot_weights = route(logits, 0.05, top_k)
         eta = mx.sigmoid(mx.full((batch, length, heads), 40.0))
         expected, expected_state = fm_recurrent(x, slot_weights, eta)
-        actual, state = scan(x, slot_weights, eta)
+        actual, state = fm_chunked(x, slot_weights, eta)
         for array in (actual, state):
             assert mx.isfinite(array).all().item()
         assert relative_error(actual, expected) < 1e-4
@@ -113,8 +103,7 @@ def test_one_token_layout_is_the_step_recurrence_bit_for_bit():
     assert np.array_equal(np.array(after), np.array(step_after))
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_unselected_slots_are_bit_for_bit_unchanged(scan):
+def test_unselected_slots_are_bit_for_bit_unchanged():
     x, slot_weights, eta, state = random_scan_inputs(2, 24, 3, 8, 16, 2)
     # One step: slots outside this token's top-k.
     _, after_step = fm_step(x[:, 0], slot_weights[:, 0], eta[:, 0], state)
@@ -122,15 +111,14 @@ def test_unselected_slots_are_bit_for_bit_unchanged(scan):
     assert untouched.sum() > 0
     assert np.array_equal(np.array(after_step)[untouched], np.array(state)[untouched])
     # One chunk: slots that no token of the chunk selected.
-    _, after_chunk = scan(x, slot_weights, eta, state)
+    _, after_chunk = fm_chunked(x, slot_weights, eta, state, chunk_size=32)
     untouched = np.array((slot_weights == 0).all(axis=1))
     assert untouched.sum() > 0
     assert np.array_equal(np.array(after_chunk)[untouched], np.array(state)[untouched])
     assert not np.array_equal(np.array(after_chunk)[~untouched], np.array(state)[~untouched])
 
 
-@pytest.mark.parametrize("scan", SCANS)
-def test_gradients_of_scan_and_step_agree(scan):
+def test_gradients_of_chunked_and_step_agree():
     x, slot_weights, eta, state = random_scan_inputs(1, 70, 2, 4, 8, 3, logit_scale=1.0)
     logits = mx.random.normal(slot_weights.shape)
     probe = mx.random.normal(x.shape)
@@ -141,7 +129,7 @@ def test_gradients_of_scan_and_step_agree(scan):
 
     arguments = (x, logits, eta, state)
     expected = mx.grad(lambda *a: loss(fm_recurrent, *a), argnums=(0, 1, 2, 3))(*arguments)
-    actual = mx.grad(lambda *a: loss(scan, *a), argnums=(0, 1, 2, 3))(*arguments)
+    actual = mx.grad(lambda *a: loss(fm_chunked, *a), argnums=(0, 1, 2, 3))(*arguments)
     for got, want in zip(actual, expected):
         assert mx.isfinite(got).all().item()
         assert relative_error(got, want) < 1e-4
@@ -198,33 +186,88 @@ def test_mix_masked_tokens_leave_the_state_untouched():
     assert relative_error(state[1:], state_unpadded) < 1e-6
 
 
-def mix_inputs(length=40, heads=2, width=8, slots=8, seed=4):
+def mix_inputs(batch=2, length=40, heads=2, width=8, slots=8, seed=4, logit_scale=1.0):
     mx.random.seed(seed)
-    x = mx.random.normal((2, length, heads, width))
-    logits = mx.random.normal((2, length, heads, slots))
-    gates = mx.random.normal((2, length, heads))
-    bias = mx.zeros((heads,))
-    return x, logits, gates, gates, bias, bias
+    x = mx.random.normal((batch, length, heads, width))
+    logits = mx.random.normal((batch, length, heads, slots)) * logit_scale
+    update, merge = (mx.random.normal((batch, length, heads)) for _ in range(2))
+    eta_bias, mu_bias = (mx.random.normal((heads,)) for _ in range(2))
+    return x, logits, update, merge, eta_bias, mu_bias
 
 
-def test_inference_on_the_cpu_scans_in_c_where_the_graph_can_be_evaluated(monkeypatch):
+def needs_c():
     if not native.available():
-        pytest.skip(f"no C scan here: {native.status()}")
+        pytest.skip(f"no C mix here: {native.status()}")
+
+
+@pytest.mark.parametrize("length,slots,top_k", CASES)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_c_mix_equals_the_mix_on_mlx_ops(length, slots, top_k, with_state, temperature):
+    """keep_checkpoints=False on the CPU runs the mix in C; True (training) on MLX ops."""
+    needs_c()
+    inputs = mix_inputs(length=length, slots=slots, logit_scale=3.0)
+    state = mx.random.normal((2, 2, slots, 8)) if with_state else None
+    for mask in (None, mx.random.uniform(shape=(2, length)) > 0.2):
+        options = dict(top_k=top_k, temperature=temperature, state=state, mask=mask)
+        expected, expected_state = fm_mix(*inputs, **options)
+        actual, actual_state = fm_mix(*inputs, **options, keep_checkpoints=False)
+        assert relative_error(actual, expected) < 1e-5
+        assert relative_error(actual_state, expected_state) < 1e-5
+
+
+def test_the_c_mix_keeps_exactly_top_k_slots_and_leaves_the_others_bit_for_bit():
+    needs_c()
+    x, logits, update, merge, eta_bias, mu_bias = mix_inputs(length=2, slots=16)
+    logits = mx.zeros_like(logits)  # every slot tied: the lowest top_k are written
+    state = mx.random.normal((2, 2, 16, 8))
+    _, after = fm_mix(
+        *(x, logits, update, merge, eta_bias, mu_bias),
+        **dict(top_k=5, temperature=1.0, state=state, keep_checkpoints=False),
+    )
+    changed = np.array((after != state).any(axis=-1))
+    assert changed[..., :5].all() and not changed[..., 5:].any()
+
+
+def test_gradients_through_the_c_mix_are_those_of_the_mix_on_mlx_ops():
+    needs_c()
+    inputs = mix_inputs(length=50)
+    probe = mx.random.normal(inputs[0].shape)
+    state = mx.random.normal((2, 2, 8, 8))
+
+    def loss(keep_checkpoints, *arrays):
+        out, final = fm_mix(
+            *arrays[:-1],
+            top_k=3,
+            temperature=1.0,
+            state=arrays[-1],
+            keep_checkpoints=keep_checkpoints,
+        )
+        return (out * probe).sum() + final.sum()
+
+    arguments = (*inputs, state)
+    argnums = tuple(range(len(arguments)))
+    expected = mx.grad(lambda *a: loss(True, *a), argnums=argnums)(*arguments)
+    actual = mx.grad(lambda *a: loss(False, *a), argnums=argnums)(*arguments)
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) < 1e-5
+
+
+def test_inference_on_the_cpu_mixes_in_c_where_the_graph_can_be_evaluated(monkeypatch):
+    needs_c()
     calls = []
 
-    def counting(*arguments):
+    def counting(*arguments, **options):
         calls.append(arguments[0].shape)
-        return scan_in_c(*arguments)
+        return mix_in_c(*arguments, **options)
 
-    scan_in_c = native.fm_native
-    monkeypatch.setattr(native, "fm_native", counting)
+    mix_in_c = native.fm_mix_native
+    monkeypatch.setattr(native, "fm_mix_native", counting)
     inputs, options = mix_inputs(), dict(top_k=3, temperature=1.0)
-    training_out, training_state = fm_mix(*inputs, **options)
+    training_out, _ = fm_mix(*inputs, **options)
     assert calls == []
-    out, state = fm_mix(*inputs, **options, keep_checkpoints=False)
+    fm_mix(*inputs, **options, keep_checkpoints=False)
     assert len(calls) == 1
-    assert relative_error(out, training_out) < 1e-5
-    assert relative_error(state, training_state) < 1e-5
     # mx.compile does not let a graph be evaluated while it traces: MLX ops there.
     compiled = mx.compile(lambda *a: fm_mix(*a, **options, keep_checkpoints=False))
     compiled_out, _ = compiled(*inputs)
@@ -235,18 +278,7 @@ def test_inference_on_the_cpu_scans_in_c_where_the_graph_can_be_evaluated(monkey
     assert len(calls) == 1 and native.status() == "MLX ops (MLX_FM_OPS_ONLY=1)"
 
 
-def test_masked_tokens_leave_the_c_scans_state_untouched():
-    if not native.available():
-        pytest.skip(f"no C scan here: {native.status()}")
-    x, logits, update, merge, bias, _ = mix_inputs(length=12)
-    mask = mx.array([[True] * 12, [False] * 5 + [True] * 7])
-    options = dict(top_k=8, temperature=1.0, keep_checkpoints=False)
-    _, state = fm_mix(x, logits, update, merge, bias, bias, mask=mask, **options)
-    _, unpadded = fm_mix(*(a[1:, 5:] for a in (x, logits, update, merge)), bias, bias, **options)
-    assert np.array_equal(np.array(state[1:]), np.array(unpadded))
-
-
-def test_without_a_c_compiler_the_scan_stays_on_mlx_ops(tmp_path):
+def test_without_a_c_compiler_the_mix_stays_on_mlx_ops(tmp_path):
     environment = dict(os.environ, CC="/no/such/cc", XDG_CACHE_HOME=str(tmp_path))
     program = (
         "from mlx_fm.ops import native; import mlx.core as mx\n"
@@ -258,4 +290,4 @@ def test_without_a_c_compiler_the_scan_stays_on_mlx_ops(tmp_path):
     assert result.returncode == 0, result.stderr
     available, status = result.stdout.splitlines()
     assert available == "False"
-    assert status.startswith("MLX ops (/no/such/cc could not build fm_scan_cpu.c (")
+    assert status.startswith("MLX ops (/no/such/cc could not build fm_mix_cpu.c (")

@@ -5,7 +5,7 @@ The op family, side by side (as flash-linear-attention's fla/ops/<op>/):
 - router.py: the slot weights α̃ (softmax, top-k), the gates η and μ, the merge;
 - recurrent.py: the step recurrence, one token at a time (decode, and the reference);
 - chunk.py: the chunked parallel form (prompts and training);
-- native.py: the fused recurrent form in C, for inference on the CPU;
+- native.py: route, gates, scan and merge fused in C, for inference on the CPU;
 - metal.py: the fused Metal kernels (sources in metal/): a decode step and a
   differentiable scan.
 
@@ -60,8 +60,8 @@ def fm_mix(
     token with a state takes the decode step, anything else the scan.
     `keep_checkpoints=False` (inference) runs the scan without saving the
     states its backward needs: still differentiable, at the cost of a
-    second forward in the backward. On the CPU it runs the scan in C
-    (`native`) where the graph can be evaluated there and then.
+    second forward in the backward. On the CPU, more than one token then
+    runs in C (`native`) where the graph can be evaluated there and then.
     """
     if kernels is None and metal.use_kernels():
         kernels = metal.default_kernels()
@@ -80,6 +80,15 @@ def fm_mix(
             mask=None if mask is None else mask[:, 0],
         )
         return out[:, None], state
+    inference = not decoding and not keep_checkpoints and kernels is None
+    if inference and _runs_native(x, router_logits, state):
+        return native.fm_mix_native(
+            *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
+            top_k=top_k,
+            temperature=temperature,
+            state=state,
+            mask=mask,
+        )
     x, slot_weights, eta, mu = prepare(
         x,
         router_logits,
@@ -95,19 +104,15 @@ def fm_mix(
         read, state = kernels.scan(x, slot_weights, eta, state, keep_checkpoints=keep_checkpoints)
     elif decoding:
         read, state = fm_token(x, slot_weights, eta, state)
-    elif not keep_checkpoints and _runs_native(x, slot_weights, eta, state):
-        read, state = native.fm_native(x, slot_weights, eta, state)
     else:
         read, state = fm_chunked(x, slot_weights, eta, state)
     return merge(read, x, mu), state
 
 
-def _runs_native(
-    x: mx.array, slot_weights: mx.array, eta: mx.array, state: mx.array | None
-) -> bool:
+def _runs_native(x: mx.array, router_logits: mx.array, state: mx.array | None) -> bool:
     if not native.available():
         return False
-    return native.evaluates_here(x, slot_weights, eta, *([] if state is None else [state]))
+    return native.evaluates_here(x, router_logits, *([] if state is None else [state]))
 
 
 def fm_mix_keeping(

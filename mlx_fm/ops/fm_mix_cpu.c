@@ -1,0 +1,127 @@
+/* The FM mixer's core (route, gates, write, read, merge: docs/SPEC.md) as one loop over the
+   tokens of each (row, head), for inference on the CPU (mlx_fm/ops/native.py).
+
+   Per token and head: the slot weights are the softmax of the top_k router logits / τ (ties go
+   to the lower slot), η = sigmoid(update + η bias) (0 for a masked token), μ = sigmoid(merge +
+   μ bias); every slot with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ
+   a·slot over those slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0
+   are skipped, so they stay bit for bit as they were. The heads are independent and are shared
+   among `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P),
+   router (B, T, H, m), update and merge (B, T, H), biases (H), mask (B, T) bytes or null, state
+   (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a thread. */
+
+#include <math.h>
+#include <pthread.h>
+
+#define MAX_THREADS 64
+
+typedef struct {
+    long batch, length, heads, slots, width, top_k, first, last; /* heads first..last−1 */
+    float temperature;
+    const float *x, *router, *update, *merge, *eta_bias, *mu_bias;
+    const unsigned char *mask;
+    float *state, *out, *weights; /* weights: top_k floats of scratch */
+    long *chosen;                 /* top_k slot indices of scratch */
+} Share;
+
+static float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+/* The top_k slots by router logit / τ (of equal logits, the lower slot first) into chosen, and
+   the softmax of their logits into weights, in the same order; returns how many (top_k). */
+static long route(const Share *s, const float *router) {
+    long count = 0, k = s->top_k;
+    float *logits = s->weights;
+    for (long i = 0; i < s->slots; i++) {
+        float logit = s->temperature == 1.0f ? router[i] : router[i] / s->temperature;
+        if (k == s->slots) { /* dense: every slot, in order */
+            logits[count] = logit;
+            s->chosen[count++] = i;
+            continue;
+        }
+        if (count == k && !(logit > logits[k - 1]))
+            continue;
+        long at = count < k ? count++ : k - 1;
+        for (; at > 0 && logit > logits[at - 1]; at--) {
+            logits[at] = logits[at - 1];
+            s->chosen[at] = s->chosen[at - 1];
+        }
+        logits[at] = logit;
+        s->chosen[at] = i;
+    }
+    float total = 0.0f, largest = logits[0];
+    for (long j = 1; j < count; j++)
+        largest = logits[j] > largest ? logits[j] : largest;
+    for (long j = 0; j < count; j++)
+        total += logits[j] = expf(logits[j] - largest);
+    for (long j = 0; j < count; j++)
+        logits[j] /= total;
+    return count;
+}
+
+static void mix_token(const Share *s, long row, long t, long head) {
+    long width = s->width, token = (row * s->length + t) * s->heads + head;
+    float *state = s->state + (row * s->heads + head) * s->slots * width;
+    const float *restrict x = s->x + token * width;
+    float *restrict out = s->out + token * width;
+    long chosen = route(s, s->router + token * s->slots);
+    float eta = sigmoid(s->update[token] + s->eta_bias[head]);
+    if (s->mask && !s->mask[row * s->length + t])
+        eta = 0.0f;
+    for (long p = 0; p < width; p++)
+        out[p] = 0.0f;
+    for (long j = 0; j < chosen; j++) {
+        float weight = s->weights[j];
+        if (weight == 0.0f)
+            continue;
+        float theta = eta * weight, keep = 1.0f - theta;
+        float *restrict slot = state + s->chosen[j] * width;
+        for (long p = 0; p < width; p++) {
+            slot[p] = keep * slot[p] + theta * x[p];
+            out[p] += weight * slot[p];
+        }
+    }
+    float mu = sigmoid(s->merge[token] + s->mu_bias[head]);
+    for (long p = 0; p < width; p++)
+        out[p] = mu * out[p] + (1.0f - mu) * x[p];
+}
+
+/* Token by token, this share's heads: consecutive memory, which the CPU prefetches. */
+static void *mix_share(void *share) {
+    const Share *s = share;
+    for (long row = 0; row < s->batch; row++)
+        for (long t = 0; t < s->length; t++)
+            for (long head = s->first; head < s->last; head++)
+                mix_token(s, row, t, head);
+    return 0;
+}
+
+/* A share whose thread cannot be started is mixed on this one. */
+void fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
+            float temperature, const float *x, const float *router, const float *update,
+            const float *merge, const float *eta_bias, const float *mu_bias,
+            const unsigned char *mask, float *state, float *out, long *scratch, int threads) {
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > heads)
+        threads = (int)heads;
+    if (threads < 1)
+        threads = 1;
+    Share shares[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 0; k < threads; k++) {
+        shares[k] = (Share){batch, length, heads, slots, width, top_k, heads * k / threads,
+                            heads * (k + 1) / threads, temperature, x, router, update, merge,
+                            eta_bias, mu_bias, mask, state, out, (float *)(scratch + 2 * k * top_k),
+                            scratch + (2 * k + 1) * top_k};
+        if (k > 0)
+            started[k] = pthread_create(&ids[k], 0, mix_share, &shares[k]) == 0;
+    }
+    mix_share(&shares[0]);
+    for (int k = 1; k < threads; k++) {
+        if (started[k])
+            pthread_join(ids[k], 0);
+        else
+            mix_share(&shares[k]);
+    }
+}
