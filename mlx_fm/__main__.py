@@ -25,7 +25,7 @@ def main() -> None:
     print(f"BLAS used by MLX: {info['library']} ({info['reason']})")
     print(f"matrix-vector products: {info['matrix_vector']}")
     print(f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB")
-    print(f"FM's scan on a prompt: {native.status()}")
+    print(f"FM's prompt mixer on the CPU: {native.status()}")
     print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
     speeds = matmul_gflops(SIZE)
     print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")

@@ -378,7 +378,7 @@ def main(argv=None):
         raise ValueError("contexts must be at least 2 tokens and --decode-tokens at least 1")
     blas = mlx_fm.blas_info()
     print(f"BLAS: {blas['library']}; matrix-vector products: {blas['matrix_vector']}")
-    print(f"FM's scan on a prompt: {native.status()}")
+    print(f"FM's prompt mixer on the CPU: {native.status()}")
     print_ratios(run(args))
 
 

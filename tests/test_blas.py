@@ -238,7 +238,7 @@ def test_python_m_mlx_fm_says_what_it_measures():
     assert lines[1].startswith("BLAS used by MLX:")
     assert lines[2] == f"matrix-vector products: {mlx_fm.blas_info()['matrix_vector']}"
     assert lines[3] == f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB"
-    assert lines[4] == f"FM's scan on a prompt: {native.status()}"
+    assert lines[4] == f"FM's prompt mixer on the CPU: {native.status()}"
     assert lines[5].startswith("measuring") and "GFLOP/s" in lines[6]
 
 

@@ -2,7 +2,7 @@
 
 from mlx_fm import ModelArgs, load
 from mlx_fm.models import factorization_memory
-from mlx_fm.ops import fm_recurrent
+from mlx_fm.ops import fm_recurrent, native
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -282,14 +282,30 @@ def test_only_training_asks_the_scan_for_backward_checkpoints(monkeypatch):
     assert asked == [True] * layers + [False] * layers
 
 
-def test_an_inference_prompt_equals_a_training_forward_whichever_scan_runs():
-    """In eval mode a prompt's scan runs in C on the CPU (mlx_fm/ops/native.py), in training
-    mode on MLX ops: the two forwards agree, with a cache and without one."""
+def test_an_inference_prompt_runs_in_c_and_equals_a_training_forward(monkeypatch):
+    """In eval mode a prompt's conv, mix and gated norm run in C on the CPU (ops/native.py),
+    in training mode on MLX ops: the two forwards agree, with a cache and without one."""
+    if not native.available():
+        pytest.skip(f"no C path here: {native.status()}")
+    calls = []
+    for name in ("conv_silu", "fm_mix_native", "gate_norm"):
+        monkeypatch.setattr(native, name, counted(getattr(native, name), name, calls))
     model = tiny_model()
     tokens = mx.random.randint(0, TINY["vocab_size"], (2, 70))
     model.train()
     expected = model(tokens)
+    assert calls == []
     model.eval()
     assert relative_error(model(tokens), expected) < 1e-5
+    layers = len(model.layers)
+    assert sorted(calls) == sorted(["conv_silu", "fm_mix_native", "gate_norm"] * layers)
     cache = model.make_cache()
     assert relative_error(model(tokens, cache=cache), expected) < 1e-5
+
+
+def counted(function, name, calls):
+    def counting(*arguments, **options):
+        calls.append(name)
+        return function(*arguments, **options)
+
+    return counting

@@ -291,3 +291,38 @@ def test_without_a_c_compiler_the_mix_stays_on_mlx_ops(tmp_path):
     available, status = result.stdout.splitlines()
     assert available == "False"
     assert status.startswith("MLX ops (/no/such/cc could not build fm_mix_cpu.c (")
+
+
+def conv_silu_pair():
+    from mlx_fm.models.factorization_memory import _causal_conv_silu
+
+    shapes = ((2, 3 + 50, 24), (24, 4, 1), (24,))
+    return _causal_conv_silu, native.conv_silu, shapes
+
+
+def gate_norm_pair():
+    from mlx_fm.models.factorization_memory import _gate
+
+    def on_ops(x, gate, weight):
+        return mx.fast.rms_norm(_gate(x, gate), weight, 1e-5)
+
+    def in_c(x, gate, weight):
+        return native.gate_norm(x, gate, weight, 1e-5)
+
+    return on_ops, in_c, ((2, 50, 24), (2, 50, 24), (24,))
+
+
+@pytest.mark.parametrize("pair", [conv_silu_pair, gate_norm_pair])
+def test_the_c_conv_and_gated_norm_equal_their_mlx_ops_with_their_gradients(pair):
+    needs_c()
+    on_ops, in_c, shapes = pair()
+    mx.random.seed(5)
+    arguments = [mx.random.normal(shape) for shape in shapes]
+    assert relative_error(in_c(*arguments), on_ops(*arguments)) < 1e-5
+    probe = mx.random.normal(on_ops(*arguments).shape)
+    fused = native.with_gradient_of(on_ops, in_c)
+    argnums = tuple(range(len(arguments)))
+    expected = mx.grad(lambda *a: (on_ops(*a) * probe).sum(), argnums=argnums)(*arguments)
+    actual = mx.grad(lambda *a: (fused(*a) * probe).sum(), argnums=argnums)(*arguments)
+    for got, want in zip(actual, expected):
+        assert relative_error(got, want) < 1e-6

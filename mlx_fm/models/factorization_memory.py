@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import operator
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
@@ -18,7 +19,7 @@ from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 
 from ..cache import DEFAULT_MAX_UNDO, Contents, FMCache
 from ..layout import MODEL_TYPE, model_settings, with_conv_layout
-from ..ops import fm_mix_keeping
+from ..ops import fm_mix_keeping, native
 from ..ops.activations import silu
 from ..ops.metal import use_kernels
 
@@ -92,7 +93,11 @@ class FactorizationMemory(nn.Module):
         else:
             history = mx.zeros((x.shape[0], carry, x.shape[-1]), x.dtype)
         window = mx.concatenate([history, x], axis=1)
-        out = _causal_conv_silu(window, self.conv1d.weight, self.conv1d.bias)
+        conv = (self.conv1d.weight, self.conv1d.bias)
+        if self._in_c(x.shape[1], window, *conv):
+            out = native.with_gradient_of(_causal_conv_silu, native.conv_silu)(window, *conv)
+        else:
+            out = _causal_conv_silu(window, *conv)
         if not cached:
             return out, [[] for _ in range(keep + 1)]
         length = x.shape[1]
@@ -148,8 +153,32 @@ class FactorizationMemory(nn.Module):
             keep_checkpoints=self.training,  # a Metal scan's backward needs them; inference not
         )
         out = out.reshape(batch, length, self.inner_size).astype(u.dtype)
-        out = _project(self.out_proj, self.norm(_gate(out, z)))
-        return out, [[state, *conv] for state, conv in zip(states, carried)]
+        return _project(self.out_proj, self._gate_norm(out, z)), [
+            [state, *conv] for state, conv in zip(states, carried)
+        ]
+
+    def _in_c(self, tokens: int, *arrays: mx.array) -> bool:
+        """Whether a prompt's work on float32 `arrays` runs in C (ops/native.py): in inference,
+        on more than one token (a decode step is one compiled graph), where C runs now."""
+        return (
+            not self.training
+            and tokens > 1
+            and all(a.dtype == mx.float32 for a in arrays)
+            and native.runs_here(*arrays)
+        )
+
+    def _gate_norm(self, out: mx.array, z: mx.array) -> mx.array:
+        """RMSNorm(out ⊙ SiLU(z)) with the mixer's norm."""
+        eps = self.norm.eps
+
+        def on_ops(out, z, weight):
+            return mx.fast.rms_norm(_gate(out, z), weight, eps)
+
+        if self._in_c(out.shape[1], out, z, self.norm.weight):
+            return native.with_gradient_of(on_ops, partial(native.gate_norm, eps=eps))(
+                out, z, self.norm.weight
+            )
+        return on_ops(out, z, self.norm.weight)
 
 
 @mx.compile

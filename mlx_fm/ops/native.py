@@ -1,22 +1,24 @@
-"""The FM mixer's core as a fused loop in C, for inference on the CPU (fm_mix_cpu.c).
+"""The FM mixer's elementwise and recurrent work in C, for inference on the CPU (fm_cpu.c).
 
-On MLX's CPU back-end every op of routing and of the chunked scan is a pass over memory on one
-thread: together about half of a prompt's time. The recurrence itself touches only the k
-written slots of a token (k·P multiply-adds a head), so one C loop per head, which routes,
-gates, writes, reads and merges token by token, the heads shared among the cores, does it in a
-fraction of that. It runs outside MLX's graph: its inputs are evaluated, handed to C as NumPy
-views and its outputs copied back. So it is taken only where an evaluation is allowed (not
-inside mx.compile or mx.vmap: `evaluates_here`), and its gradient is that of the same mix on
-MLX ops, so that a gradient through it is still exact.
+On MLX's CPU back-end every op is a pass over memory on one thread, and a prompt's routing, scan,
+conv and gates took most of its time, against the GEMMs' share. The recurrence itself touches
+only the k written slots of a token (k·P multiply-adds a head), so one C loop per head, which
+routes, gates, writes, reads and merges token by token (`fm_mix_native`), the heads shared among
+the cores, does it in a fraction of that; and the causal conv with SiLU and the gated RMSNorm are
+one pass each (`conv_silu`, `gate_norm`). They run outside MLX's graph: their inputs are
+evaluated, handed to C as NumPy views and their outputs copied back. So they are taken only where
+an evaluation is allowed (not inside mx.compile or mx.vmap: `evaluates_here`), and each has the
+gradient of the same work on MLX ops, so that a gradient through it is still exact.
 
 The library is built once per source and compiler into the user's cache, the first time a
-prompt needs it. Without a C compiler, off the CPU, or with MLX_FM_OPS_ONLY=1, the mix stays
+prompt needs it. Without a C compiler, off the CPU, or with MLX_FM_OPS_ONLY=1, all of it stays
 on MLX ops; `status()` says which.
 """
 
 import ctypes
 import os
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -25,43 +27,47 @@ from ..blas import built_library
 from .chunk import fm_chunked
 from .router import merge, prepare
 
-SOURCE = Path(__file__).with_name("fm_mix_cpu.c")
-_library: dict = {"function": None, "reason": "not built yet"}
+SOURCE = Path(__file__).with_name("fm_cpu.c")
+_LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
+_SIGNATURES = {
+    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
+    "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
+    "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
+}
+_library: dict = {"functions": None, "reason": "not built yet"}
 
 
 def available() -> bool:
-    """Whether the mix runs in C here: the CPU is the default device, MLX_FM_OPS_ONLY is not
-    1, and the library could be built (it is, on the first call)."""
+    """Whether the C path runs here: the CPU is the default device, MLX_FM_OPS_ONLY is not 1,
+    and the library could be built (it is, on the first call)."""
     if os.environ.get("MLX_FM_OPS_ONLY") == "1" or mx.default_device() != mx.cpu:
         return False
-    return _mix_function() is not None
+    return _functions() is not None
 
 
 def status() -> str:
-    """How a prompt's mix runs on the CPU, in words."""
+    """How a prompt's mixer runs on the CPU, in words."""
     if os.environ.get("MLX_FM_OPS_ONLY") == "1":
         return "MLX ops (MLX_FM_OPS_ONLY=1)"
     if mx.default_device() != mx.cpu:
         return "not on the CPU (the default device is not the CPU)"
-    if _mix_function() is None:
+    if _functions() is None:
         return f"MLX ops ({_library['reason']})"
     return f"C, fused ({SOURCE.relative_to(SOURCE.parents[2])})"
 
 
-def _mix_function():
-    if _library["function"] is None and _library["reason"] == "not built yet":
+def _functions() -> dict | None:
+    if _library["functions"] is None and _library["reason"] == "not built yet":
         try:
-            path = built_library(SOURCE, "fm-mix", ("-O3", "-pthread"))
-            function = ctypes.CDLL(str(path)).fm_mix
-        except OSError as error:
+            library = ctypes.CDLL(str(built_library(SOURCE, "fm-cpu", ("-O3", "-pthread"))))
+            functions = {name: getattr(library, name) for name in _SIGNATURES}
+        except (OSError, AttributeError) as error:
             _library["reason"] = str(error)
         else:
-            function.argtypes = (
-                [ctypes.c_long] * 6 + [ctypes.c_float] + [ctypes.c_void_p] * 10 + [ctypes.c_int]
-            )
-            function.restype = None
-            _library.update(function=function, reason="built")
-    return _library["function"]
+            for name, function in functions.items():
+                function.argtypes, function.restype = _SIGNATURES[name], None
+            _library.update(functions=functions, reason="built")
+    return _library["functions"]
 
 
 def evaluates_here(*arrays: mx.array) -> bool:
@@ -73,6 +79,42 @@ def evaluates_here(*arrays: mx.array) -> bool:
             return False
         raise
     return True
+
+
+def runs_here(*arrays: mx.array) -> bool:
+    """Whether work on `arrays` can run in C now: `available()`, and `evaluates_here`."""
+    return available() and evaluates_here(*arrays)
+
+
+def with_gradient_of(on_ops: Callable, in_c: Callable) -> Callable:
+    """A function whose value is `in_c`'s and whose gradient is `on_ops`'s (same arguments)."""
+
+    @mx.custom_function
+    def fused(*arrays):
+        return in_c(*arrays)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        if isinstance(cotangents, mx.array):
+            cotangents = [cotangents]
+        return mx.vjp(on_ops, list(primals), list(cotangents))[1]
+
+    return fused
+
+
+def _threads(units: int) -> int:
+    return min(os.cpu_count() or 1, units)
+
+
+def _on_host(*arrays: mx.array) -> list[np.ndarray]:
+    """Contiguous float32 NumPy views of `arrays`, evaluated."""
+    arrays = [mx.contiguous(a.astype(mx.float32)) for a in arrays]
+    mx.eval(arrays)
+    return [np.asarray(a) for a in arrays]
+
+
+def _address(array: np.ndarray) -> int:
+    return array.ctypes.data
 
 
 def fm_mix_native(
@@ -89,10 +131,12 @@ def fm_mix_native(
     mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
     """`fm_mix` over T tokens, in C: the merged output o (B, T, H, P) and the new state, both
-    float32. Call only where `available()` and `evaluates_here(...)` hold."""
+    float32. Call only where `runs_here(...)` holds."""
     batch, _, heads, width = x.shape
+    num_slots = router_logits.shape[-1]
+    top_k = min(top_k, num_slots)
     if state is None:
-        state = mx.zeros((batch, heads, router_logits.shape[-1], width), mx.float32)
+        state = mx.zeros((batch, heads, num_slots, width), mx.float32)
 
     def on_ops(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state):
         x, slot_weights, eta, mu = prepare(
@@ -104,35 +148,48 @@ def fm_mix_native(
         read, state = fm_chunked(x, slot_weights, eta, state)
         return merge(read, x, mu), state
 
-    @mx.custom_function
-    def mixed(*arrays):
-        return _mix_in_c(*arrays, top_k=top_k, temperature=temperature, mask=mask)
+    def in_c(*arrays):
+        *inputs, final_state = _on_host(*arrays)
+        final_state = final_state.copy()  # updated in place
+        mask_bytes = None if mask is None else np.asarray(mask, dtype=np.uint8)
+        threads = _threads(heads)
+        out = np.empty(inputs[0].shape, np.float32)
+        scratch = np.empty((threads, 2, top_k), np.int64)
+        _functions()["fm_mix"](
+            *(batch, x.shape[1], heads, num_slots, width, top_k, temperature),
+            *map(_address, inputs),
+            None if mask_bytes is None else _address(mask_bytes),
+            *map(_address, (final_state, out, scratch)),
+            threads,
+        )
+        return mx.array(out), mx.array(final_state)
 
-    @mixed.vjp
-    def mixed_vjp(primals, cotangents, outputs):
-        return mx.vjp(on_ops, list(primals), list(cotangents))[1]
-
+    mixed = with_gradient_of(on_ops, in_c)
     return mixed(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state)
 
 
-def _mix_in_c(*arrays: mx.array, top_k: int, temperature: float, mask: mx.array | None):
-    float32 = [mx.contiguous(a.astype(mx.float32)) for a in arrays[:-1]]
-    if mask is not None:
-        mask = mx.contiguous(mask.astype(mx.uint8))
-    mx.eval(float32, arrays[-1], mask)
-    x, router, update, merge, eta_bias, mu_bias = (np.asarray(a) for a in float32)
-    state = np.array(arrays[-1], dtype=np.float32, order="C")  # a copy: updated in place
-    batch, length, heads, width = x.shape
-    num_slots = router.shape[-1]
-    threads = min(os.cpu_count() or 1, heads)
-    out = np.empty(x.shape, np.float32)
-    top_k = min(top_k, num_slots)
-    scratch = np.empty((threads, 2, top_k), np.int64)
-    _mix_function()(
-        *(batch, length, heads, num_slots, width, top_k, temperature),
-        *(a.ctypes.data for a in (x, router, update, merge, eta_bias, mu_bias)),
-        None if mask is None else np.asarray(mask).ctypes.data,
-        *(a.ctypes.data for a in (state, out, scratch)),
-        threads,
+def conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """SiLU(depthwise causal conv) of a float32 (B, K−1+T, E) window with MLX conv weights
+    (E, K, 1) and bias (E,): (B, T, E). Call only where `runs_here(...)` holds."""
+    batch, span, channels = window.shape
+    taps = weight.shape[1]
+    window, weight, bias = _on_host(window, weight.reshape(channels, taps).T, bias)
+    out = np.empty((batch, span - taps + 1, channels), np.float32)
+    _functions()["fm_conv_silu"](
+        *(batch, out.shape[1], channels, taps),
+        *map(_address, (window, weight, bias, out)),
+        _threads(batch * out.shape[1]),
     )
-    return mx.array(out), mx.array(state)
+    return mx.array(out)
+
+
+def gate_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """RMSNorm(x ⊙ SiLU(gate)) · weight over the last axis, float32, for (…, E) x and gate.
+    Call only where `runs_here(...)` holds."""
+    x, gate, weight = _on_host(x, gate, weight)
+    out = np.empty(x.shape, np.float32)
+    rows = x.size // x.shape[-1]
+    _functions()["fm_gate_norm"](
+        rows, x.shape[-1], eps, *map(_address, (x, gate, weight, out)), _threads(rows)
+    )
+    return mx.array(out)

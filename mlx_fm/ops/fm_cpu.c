@@ -1,7 +1,8 @@
-/* The FM mixer's core (route, gates, write, read, merge: docs/SPEC.md) as one loop over the
-   tokens of each (row, head), for inference on the CPU (mlx_fm/ops/native.py).
+/* The FM mixer's elementwise and recurrent work in C, for inference on the CPU
+   (mlx_fm/ops/native.py): the causal conv with SiLU, the mix, and the gated RMSNorm. Each splits
+   its work among `threads` threads; a share whose thread cannot be started runs on this one.
 
-   Per token and head: the slot weights are the softmax of the top_k router logits / τ (ties go
+   fm_mix: the core (route, gates, write, read, merge: docs/SPEC.md), per token and head: the slot weights are the softmax of the top_k router logits / τ (ties go
    to the lower slot), η = sigmoid(update + η bias) (0 for a masked token), μ = sigmoid(merge +
    μ bias); every slot with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ
    a·slot over those slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0
@@ -95,33 +96,112 @@ static void *mix_share(void *share) {
     return 0;
 }
 
-/* A share whose thread cannot be started is mixed on this one. */
+/* Runs work(share) for `count` shares of `size` bytes, each on a thread of its own but the
+   first, which runs on this one (as does any whose thread cannot be started). */
+static void run_shares(void *(*work)(void *), char *shares, size_t size, int count) {
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int k = 1; k < count; k++)
+        started[k] = pthread_create(&ids[k], 0, work, shares + k * size) == 0;
+    work(shares);
+    for (int k = 1; k < count; k++) {
+        if (started[k])
+            pthread_join(ids[k], 0);
+        else
+            work(shares + k * size);
+    }
+}
+
+static int thread_count(int threads, long units) {
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > units)
+        threads = (int)units;
+    return threads < 1 ? 1 : threads;
+}
+
 void fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
             float temperature, const float *x, const float *router, const float *update,
             const float *merge, const float *eta_bias, const float *mu_bias,
             const unsigned char *mask, float *state, float *out, long *scratch, int threads) {
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > heads)
-        threads = (int)heads;
-    if (threads < 1)
-        threads = 1;
+    threads = thread_count(threads, heads);
     Share shares[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int k = 0; k < threads; k++) {
+    for (int k = 0; k < threads; k++)
         shares[k] = (Share){batch, length, heads, slots, width, top_k, heads * k / threads,
                             heads * (k + 1) / threads, temperature, x, router, update, merge,
                             eta_bias, mu_bias, mask, state, out, (float *)(scratch + 2 * k * top_k),
                             scratch + (2 * k + 1) * top_k};
-        if (k > 0)
-            started[k] = pthread_create(&ids[k], 0, mix_share, &shares[k]) == 0;
+    run_shares(mix_share, (char *)shares, sizeof(Share), threads);
+}
+
+/* Rows first..last−1 of (rows, channels) arrays (of sequences of `length` tokens). */
+typedef struct {
+    long length, channels, taps, first, last;
+    float eps;
+    const float *in, *weight, *bias, *gate;
+    float *out;
+} Rows;
+
+static float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* out[b, t, c] = SiLU(bias[c] + Σ_j weight[j, c] · in[b, t + j, c]): in (B, K−1+T, E) holds
+   the K−1 inputs before the first token, then the T tokens; weight (K, E); rows = B·T. */
+static void *conv_rows(void *share) {
+    const Rows *s = share;
+    long length = s->length, channels = s->channels, taps = s->taps;
+    for (long row = s->first; row < s->last; row++) {
+        long b = row / length, t = row % length;
+        const float *in = s->in + (b * (length + taps - 1) + t) * channels;
+        float *restrict out = s->out + row * channels;
+        for (long c = 0; c < channels; c++)
+            out[c] = s->bias[c];
+        for (long j = 0; j < taps; j++) {
+            const float *restrict tap = in + j * channels, *restrict weight = s->weight + j * channels;
+            for (long c = 0; c < channels; c++)
+                out[c] += weight[c] * tap[c];
+        }
+        for (long c = 0; c < channels; c++)
+            out[c] = silu(out[c]);
     }
-    mix_share(&shares[0]);
-    for (int k = 1; k < threads; k++) {
-        if (started[k])
-            pthread_join(ids[k], 0);
-        else
-            mix_share(&shares[k]);
+    return 0;
+}
+
+void fm_conv_silu(long batch, long length, long channels, long taps, const float *in,
+                  const float *weight, const float *bias, float *out, int threads) {
+    long rows = batch * length;
+    threads = thread_count(threads, rows);
+    Rows shares[MAX_THREADS];
+    for (int k = 0; k < threads; k++)
+        shares[k] = (Rows){length, channels, taps, rows * k / threads, rows * (k + 1) / threads,
+                           0.0f, in, weight, bias, 0, out};
+    run_shares(conv_rows, (char *)shares, sizeof(Rows), threads);
+}
+
+/* out = RMSNorm(in ⊙ SiLU(gate)) · weight over each row of (rows, channels). */
+static void *gate_norm_rows(void *share) {
+    const Rows *s = share;
+    long channels = s->channels;
+    for (long row = s->first; row < s->last; row++) {
+        const float *restrict in = s->in + row * channels, *restrict gate = s->gate + row * channels;
+        float *restrict out = s->out + row * channels;
+        float squares = 0.0f;
+        for (long c = 0; c < channels; c++) {
+            out[c] = in[c] * silu(gate[c]);
+            squares += out[c] * out[c];
+        }
+        float scale = 1.0f / sqrtf(squares / channels + s->eps);
+        for (long c = 0; c < channels; c++)
+            out[c] = out[c] * scale * s->weight[c];
     }
+    return 0;
+}
+
+void fm_gate_norm(long rows, long channels, float eps, const float *in, const float *gate,
+                  const float *weight, float *out, int threads) {
+    threads = thread_count(threads, rows);
+    Rows shares[MAX_THREADS];
+    for (int k = 0; k < threads; k++)
+        shares[k] = (Rows){0, channels, 0, rows * k / threads, rows * (k + 1) / threads, eps,
+                           in, weight, 0, gate, out};
+    run_shares(gate_norm_rows, (char *)shares, sizeof(Rows), threads);
 }
