@@ -1,5 +1,5 @@
 """`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, how a
-prompt's scan runs, and how fast its matmuls are."""
+prompt's mixer runs on the CPU, and how fast its matmuls are."""
 
 import mlx.core as mx
 

@@ -290,7 +290,7 @@ def test_without_a_c_compiler_the_mix_stays_on_mlx_ops(tmp_path):
     assert result.returncode == 0, result.stderr
     available, status = result.stdout.splitlines()
     assert available == "False"
-    assert status.startswith("MLX ops (/no/such/cc could not build fm_mix_cpu.c (")
+    assert status.startswith("MLX ops (/no/such/cc could not build fm_cpu.c (")
 
 
 def conv_silu_pair():

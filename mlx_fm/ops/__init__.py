@@ -5,7 +5,8 @@ The op family, side by side (as flash-linear-attention's fla/ops/<op>/):
 - router.py: the slot weights α̃ (softmax, top-k), the gates η and μ, the merge;
 - recurrent.py: the step recurrence, one token at a time (decode, and the reference);
 - chunk.py: the chunked parallel form (prompts and training);
-- native.py: route, gates, scan and merge fused in C, for inference on the CPU;
+- native.py: route, gates, scan and merge fused in C (and the mixer's conv and gated norm),
+  for inference on the CPU;
 - metal.py: the fused Metal kernels (sources in metal/): a decode step and a
   differentiable scan.
 

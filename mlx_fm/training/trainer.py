@@ -143,6 +143,7 @@ def model_and_optimizer(config: TrainConfig, vocab_size: int, resume_from: Optio
         state = ckpt.TrainerState(rng_key=ckpt.rng_key())
     else:
         model = load_trained_model(resume_from, config.architecture)
+        model.train()  # loading returns it in inference mode; a resumed run trains as a fresh one
         state, _ = ckpt.read_trainer_state(resume_from)
     optimizer = build_optimizer(config)
     optimizer.init(model.trainable_parameters())  # from the weights: their dtype sets the state's
