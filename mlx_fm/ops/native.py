@@ -59,7 +59,9 @@ def status() -> str:
 def _functions() -> dict | None:
     if _library["functions"] is None and _library["reason"] == "not built yet":
         try:
-            library = ctypes.CDLL(str(built_library(SOURCE, "fm-cpu", ("-O3", "-pthread"))))
+            library = ctypes.CDLL(
+                str(built_library(SOURCE, "fm-cpu", ("-O3", "-fno-trapping-math", "-pthread")))
+            )
             functions = {name: getattr(library, name) for name in _SIGNATURES}
         except (OSError, AttributeError) as error:
             _library["reason"] = str(error)
