@@ -82,7 +82,7 @@ def fm_mix(
         )
         return out[:, None], state
     inference = not decoding and not keep_checkpoints and kernels is None
-    if inference and _runs_native(x, router_logits, state):
+    if inference and native.runs_here(x, router_logits, *([] if state is None else [state])):
         return native.fm_mix_native(
             *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
             top_k=top_k,
@@ -108,12 +108,6 @@ def fm_mix(
     else:
         read, state = fm_chunked(x, slot_weights, eta, state)
     return merge(read, x, mu), state
-
-
-def _runs_native(x: mx.array, router_logits: mx.array, state: mx.array | None) -> bool:
-    if not native.available():
-        return False
-    return native.evaluates_here(x, router_logits, *([] if state is None else [state]))
 
 
 def fm_mix_keeping(
