@@ -13,6 +13,8 @@ The op family, side by side (as flash-linear-attention's fla/ops/<op>/):
 `fm_mix` is the one place that picks among them.
 """
 
+from functools import partial
+
 import mlx.core as mx
 
 from . import metal, native
@@ -89,6 +91,7 @@ def fm_mix(
             temperature=temperature,
             state=state,
             mask=mask,
+            on_ops=partial(fm_mix, top_k=top_k, temperature=temperature, mask=mask),
         )
     x, slot_weights, eta, mu = prepare(
         x,

@@ -2,13 +2,14 @@
    (mlx_fm/ops/native.py): the causal conv with SiLU, the mix, and the gated RMSNorm. Each splits
    its work among `threads` threads; a share whose thread cannot be started runs on this one.
 
-   fm_mix: the core (route, gates, write, read, merge: docs/SPEC.md), per token and head: the slot weights are the softmax of the top_k router logits / τ (ties go
-   to the lower slot), η = sigmoid(update + η bias) (0 for a masked token), μ = sigmoid(merge +
-   μ bias); every slot with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ
-   a·slot over those slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0
-   are skipped, so they stay bit for bit as they were. The heads are independent and are shared
-   among `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P),
-   router (B, T, H, m), update and merge (B, T, H), biases (H), mask (B, T) bytes or null, state
+   fm_mix: the core (route, gates, write, read, merge: docs/SPEC.md), per token and head: the
+   slot weights are the softmax of the top_k router logits / τ (ties go to the lower slot),
+   η = sigmoid(update + η bias) (0 for a masked token), μ = sigmoid(merge + μ bias); every slot
+   with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ a·slot over those
+   slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0 are skipped, so
+   they stay bit for bit as they were. The heads are independent and are shared among
+   `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P), router
+   (B, T, H, m), update and merge (B, T, H), biases (H), mask (B, T) bytes or null, state
    (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a thread. */
 
 #include <math.h>

@@ -24,8 +24,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..blas import built_library
-from .chunk import fm_chunked
-from .router import merge, prepare
 
 SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
@@ -40,20 +38,24 @@ _library: dict = {"functions": None, "reason": "not built yet"}
 def available() -> bool:
     """Whether the C path runs here: the CPU is the default device, MLX_FM_OPS_ONLY is not 1,
     and the library could be built (it is, on the first call)."""
-    if os.environ.get("MLX_FM_OPS_ONLY") == "1" or mx.default_device() != mx.cpu:
-        return False
-    return _functions() is not None
+    return _why_not() is None
 
 
 def status() -> str:
     """How a prompt's mixer runs on the CPU, in words."""
+    why_not = _why_not()
+    return f"C, fused ({SOURCE.relative_to(SOURCE.parents[2])})" if why_not is None else why_not
+
+
+def _why_not() -> str | None:
+    """None where the C path runs, else how the mixer runs instead and why."""
     if os.environ.get("MLX_FM_OPS_ONLY") == "1":
         return "MLX ops (MLX_FM_OPS_ONLY=1)"
     if mx.default_device() != mx.cpu:
         return "not on the CPU (the default device is not the CPU)"
     if _functions() is None:
         return f"MLX ops ({_library['reason']})"
-    return f"C, fused ({SOURCE.relative_to(SOURCE.parents[2])})"
+    return None
 
 
 def _functions() -> dict | None:
@@ -131,24 +133,16 @@ def fm_mix_native(
     temperature: float,
     state: mx.array | None = None,
     mask: mx.array | None = None,
+    on_ops: Callable,
 ) -> tuple[mx.array, mx.array]:
     """`fm_mix` over T tokens, in C: the merged output o (B, T, H, P) and the new state, both
-    float32. Call only where `runs_here(...)` holds."""
+    float32, with the gradient of `on_ops` (the same mix on MLX ops, taking the state as a
+    keyword). Call only where `runs_here(...)` holds."""
     batch, _, heads, width = x.shape
     num_slots = router_logits.shape[-1]
     top_k = min(top_k, num_slots)
     if state is None:
         state = mx.zeros((batch, heads, num_slots, width), mx.float32)
-
-    def on_ops(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state):
-        x, slot_weights, eta, mu = prepare(
-            *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
-            top_k=top_k,
-            temperature=temperature,
-            mask=mask,
-        )
-        read, state = fm_chunked(x, slot_weights, eta, state)
-        return merge(read, x, mu), state
 
     def in_c(*arrays):
         *inputs, final_state = _on_host(*arrays)
@@ -166,7 +160,7 @@ def fm_mix_native(
         )
         return mx.array(out), mx.array(final_state)
 
-    mixed = with_gradient_of(on_ops, in_c)
+    mixed = with_gradient_of(lambda *arrays: on_ops(*arrays[:-1], state=arrays[-1]), in_c)
     return mixed(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state)
 
 
