@@ -1,5 +1,5 @@
 """`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, how a
-prompt's mixer runs on the CPU, and how fast its matmuls are."""
+prompt's mixer and a decode step run on the CPU, and how fast its matmuls are."""
 
 import mlx.core as mx
 
@@ -26,6 +26,7 @@ def main() -> None:
     print(f"matrix-vector products: {info['matrix_vector']}")
     print(f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB")
     print(f"FM's prompt mixer on the CPU: {native.status()}")
+    print(f"FM's decode step on the CPU: {native.decode_status()}")
     print(f"measuring {SIZE}x{SIZE} float32 matmuls, about 2 s ...", flush=True)
     speeds = matmul_gflops(SIZE)
     print(f"matmul speed: MLX {speeds['mlx']:.0f} GFLOP/s, numpy {speeds['numpy']:.0f} GFLOP/s")

@@ -379,6 +379,7 @@ def main(argv=None):
     blas = mlx_fm.blas_info()
     print(f"BLAS: {blas['library']}; matrix-vector products: {blas['matrix_vector']}")
     print(f"FM's prompt mixer on the CPU: {native.status()}")
+    print(f"FM's decode step on the CPU: {native.decode_status()}")
     print_ratios(run(args))
 
 

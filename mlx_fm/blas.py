@@ -444,6 +444,16 @@ def with_soname(data: bytes, soname: bytes) -> bytes:
     return bytes(patched)
 
 
+def sgemm_address() -> Optional[int]:
+    """The address of the cblas_sgemm MLX binds (the forwarding one where it loaded), or None
+    where no optimized BLAS was loaded: then MLX's bundled one is not reachable from here."""
+    if _status["library"] is None:
+        return None
+    if "sgemm" not in _status:  # bound once, as MLX's is
+        _status["sgemm"] = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    return _status["sgemm"]
+
+
 def blas_info() -> dict:
     """Which BLAS MLX's CPU back-end uses, and why; and what multiplies a vector by a matrix."""
     library = _status["library"]

@@ -239,7 +239,8 @@ def test_python_m_mlx_fm_says_what_it_measures():
     assert lines[2] == f"matrix-vector products: {mlx_fm.blas_info()['matrix_vector']}"
     assert lines[3] == f"freed buffers MLX keeps for reuse: up to {cache_limit() / 2**30:.1f} GiB"
     assert lines[4] == f"FM's prompt mixer on the CPU: {native.status()}"
-    assert lines[5].startswith("measuring") and "GFLOP/s" in lines[6]
+    assert lines[5] == f"FM's decode step on the CPU: {native.decode_status()}"
+    assert lines[6].startswith("measuring") and "GFLOP/s" in lines[7]
 
 
 @linux_only
@@ -247,3 +248,24 @@ def test_openblas_threads_are_told_to_sleep_sooner_unless_the_user_says_otherwis
     code = "import os, mlx_fm; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
     assert run_python(code).stdout == "20\n"
     assert run_python(code, OPENBLAS_THREAD_TIMEOUT="26").stdout == "26\n"
+
+
+@linux_only
+def test_without_an_optimized_blas_a_decode_step_is_one_compiled_mlx_graph():
+    code = (
+        "import mlx_fm, mlx.core as mx\n"
+        "from mlx_fm.ops import native\n"
+        "from mlx_lm.models.cache import make_prompt_cache\n"
+        "model = mlx_fm.Model(mlx_fm.ModelArgs(vocab_size=50, hidden_size=16, "
+        "num_hidden_layers=1, num_heads=2, num_slots=4))\n"
+        "model.eval()\n"
+        "cache = make_prompt_cache(model)\n"
+        "model(mx.array([[1, 2, 3]]), cache=cache)\n"
+        "print(native.decode_status()); print(model(mx.array([[4]]), cache=cache).shape)"
+    )
+    result = run_python(code, MLX_FM_BLAS="off")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "one compiled MLX graph (no optimized BLAS was loaded: see python -m mlx_fm)",
+        "(1, 1, 50)",
+    ]

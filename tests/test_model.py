@@ -1,6 +1,7 @@
 """The FM language model as an mlx-lm model: config, weights, cache, generation."""
 
 from mlx_fm import ModelArgs, load
+from mlx_fm.cache import FMCache
 from mlx_fm.models import factorization_memory
 from mlx_fm.ops import fm_recurrent, native
 
@@ -11,6 +12,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.generate import batch_generate, generate
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from conftest import TINY, relative_error, tiny_model
 
@@ -309,3 +311,129 @@ def counted(function, name, calls):
         return function(*arguments, **options)
 
     return counting
+
+
+def decoded(model, prompt, tokens, *, training, update_at=None):
+    """Each decode step's logits and the caches after them, with the model in training mode
+    (a compiled step on MLX ops) or in eval mode (in C on the CPU); the weights scaled by 1.25
+    before step `update_at`."""
+    model.train(training)
+    cache = make_prompt_cache(model)
+    model(prompt, cache=cache)
+    logits = []
+    for step, token in enumerate(tokens):
+        if step == update_at:
+            model.update(tree_map(lambda p: p * 1.25, model.parameters()))
+        logits.append(model(mx.array(token), cache=cache))
+    if update_at is not None:
+        model.update(tree_map(lambda p: p / 1.25, model.parameters()))
+    return logits, cache
+
+
+def assert_decodes_alike(model, prompt, tokens, update_at=None):
+    expected, expected_cache = decoded(model, prompt, tokens, training=True, update_at=update_at)
+    actual, cache = decoded(model, prompt, tokens, training=False, update_at=update_at)
+    for a, b in zip(actual, expected):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-5
+    for layer_cache, expected_layer in zip(cache, expected_cache):
+        for a, b in zip(layer_cache.cache, expected_layer.cache):
+            assert a.dtype == b.dtype and relative_error(a, b) < 1e-5
+        assert layer_cache.trimmable_tokens == expected_layer.trimmable_tokens
+
+
+def decode_steps_in_c(monkeypatch) -> list:
+    if not native.decodes_here():
+        pytest.skip(f"no C decode step here: {native.decode_status()}")
+    calls = []
+    monkeypatch.setattr(
+        native.DecodeStep, "__call__", counted(native.DecodeStep.__call__, "", calls)
+    )
+    return calls
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"conv_kernel": 0, "intermediate_size": 0},
+        {"conv_kernel": 1, "top_k": 8},
+        {"conv_kernel": 2, "tie_word_embeddings": True},
+        {"router_temperature": 0.5, "top_k": 1},
+    ],
+)
+def test_an_inference_decode_step_runs_in_c_and_equals_the_compiled_step(overrides, monkeypatch):
+    """In eval mode on the CPU a decode step of the whole model runs in C (native.DecodeStep):
+    the logits and caches of the compiled step on MLX ops, for every layer shape, two rows, and
+    weights that change between steps."""
+    calls = decode_steps_in_c(monkeypatch)
+    model = tiny_model(**overrides)
+    prompt = mx.array([[5, 80, 31, 7, 99], [1, 2, 3, 4, 6]])
+    tokens = ([[9], [10]], [[11], [12]], [[13], [14]], [[15], [16]])
+    assert_decodes_alike(model, prompt, tokens, update_at=2)
+    assert len(calls) == len(tokens)
+
+
+def test_a_quantized_model_decodes_in_c_on_float_copies_of_its_weights(monkeypatch):
+    calls = decode_steps_in_c(monkeypatch)
+    model = tiny_model(hidden_size=64, intermediate_size=64, top_k=4)
+    nn.quantize(model, group_size=32, bits=4)
+    assert_decodes_alike(model, mx.array([[5, 80, 31, 7, 99]]), ([[9]], [[11]], [[13]]))
+    assert len(calls) == 3
+    quantized = make_prompt_cache(model)
+    model(mx.array([[5, 80, 31, 7, 99]]), cache=quantized)
+    slow = decoded_on_quantized_matmul(model, mx.array([[9]]), quantized, monkeypatch)
+    copies = make_prompt_cache(model)
+    model(mx.array([[5, 80, 31, 7, 99]]), cache=copies)
+    assert relative_error(model(mx.array([[9]]), cache=copies), slow) < 1e-5
+
+
+def test_a_left_padded_batch_decodes_in_c_as_on_mlx_ops(monkeypatch):
+    calls = decode_steps_in_c(monkeypatch)
+    model = tiny_model()
+    results = []
+    for training in (True, False):
+        model.train(training)
+        cache = [FMCache(2, left_padding=[3, 0]) for _ in model.layers]
+        model(mx.array([[0, 0, 0, 5, 80], [1, 2, 3, 4, 6]]), cache=cache)
+        results.append([model(mx.array([[9], [10]]), cache=cache) for _ in range(3)])
+        results[-1] += [c.cache[0] for c in cache]
+    for a, b in zip(*results):
+        assert relative_error(a, b) < 1e-5
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("case", ["ops only", "bfloat16", "bfloat16 cache", "lora", "compiled"])
+def test_a_decode_step_the_c_step_cannot_take_runs_on_mlx_ops(case, monkeypatch):
+    calls = decode_steps_in_c(monkeypatch)
+    model = tiny_model()
+    model.eval()
+    if case == "ops only":
+        monkeypatch.setenv("MLX_FM_OPS_ONLY", "1")
+    elif case == "bfloat16":
+        model.apply(lambda p: p.astype(mx.bfloat16))
+    elif case == "lora":
+        linear_to_lora_layers(model, 1, {"rank": 2, "scale": 1.0, "dropout": 0.0})
+        model.eval()
+
+    def decode(prompt, token):
+        cache = make_prompt_cache(model)
+        model(prompt, cache=cache)
+        if case == "bfloat16 cache":  # e.g. one saved from a bfloat16 model
+            for layer_cache in cache:
+                layer_cache[1] = layer_cache[1].astype(mx.bfloat16)
+        return model(token, cache=cache)
+
+    if case == "compiled":  # mx.compile refuses the evaluation C needs
+        decode = mx.compile(decode)
+    logits = decode(mx.array([[5, 80, 31]]), mx.array([[9]]))
+    assert logits.shape == (1, 1, TINY["vocab_size"]) and calls == []
+
+
+def test_a_token_out_of_the_vocabulary_is_refused_by_the_c_step(monkeypatch):
+    decode_steps_in_c(monkeypatch)
+    model = tiny_model()
+    model.eval()
+    cache = make_prompt_cache(model)
+    model(mx.array([[5, 80, 31]]), cache=cache)
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        model(mx.array([[TINY["vocab_size"]]]), cache=cache)

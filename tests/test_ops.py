@@ -278,19 +278,20 @@ def test_inference_on_the_cpu_mixes_in_c_where_the_graph_can_be_evaluated(monkey
     assert len(calls) == 1 and native.status() == "MLX ops (MLX_FM_OPS_ONLY=1)"
 
 
-def test_without_a_c_compiler_the_mix_stays_on_mlx_ops(tmp_path):
+def test_without_a_c_compiler_the_mix_and_the_decode_step_stay_on_mlx_ops(tmp_path):
     environment = dict(os.environ, CC="/no/such/cc", XDG_CACHE_HOME=str(tmp_path))
     program = (
         "from mlx_fm.ops import native; import mlx.core as mx\n"
-        "print(native.available()); print(native.status())"
+        "print(native.available()); print(native.status()); print(native.decode_status())"
     )
     result = subprocess.run(
         [sys.executable, "-c", program], env=environment, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    available, status = result.stdout.splitlines()
+    available, status, decode_status = result.stdout.splitlines()
     assert available == "False"
     assert status.startswith("MLX ops (/no/such/cc could not build fm_cpu.c (")
+    assert decode_status.startswith("one compiled MLX graph (/no/such/cc could not build")
 
 
 def conv_silu_pair():

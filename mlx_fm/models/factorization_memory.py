@@ -393,6 +393,7 @@ class Model(nn.Module):
         # made from; set past Module.__setattr__, which would make them parameters.
         object.__setattr__(self, "_float_copies", [])
         object.__setattr__(self, "_float_sources", [])
+        object.__setattr__(self, "_step_in_c", None)  # a native.DecodeStep, made when first used
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -415,23 +416,74 @@ class Model(nn.Module):
         return embeddings.as_linear(h)
 
     def _decode(self, inputs: mx.array, cache: list[FMCache]) -> mx.array:
-        """One token per row, as one compiled graph over every layer: per-op dispatch, not
-        arithmetic, is most of a decode step's cost. The caches are its inputs and outputs."""
-        _FloatCopies.refresh(self, self._float_copies, self._float_sources)
-        if self._compiled_step is None:
-            self._compiled_step = mx.compile(self._step, inputs=[self.state, self._float_copies])
+        """One token per row: in C on the CPU where it can (`_decode_in_c`), else as one
+        compiled graph over every layer: per-op dispatch, not arithmetic, is most of a decode
+        step's cost. The caches are its inputs and outputs."""
         mask = create_ssm_mask(inputs, cache[0])
-        masks = () if mask is None else (mask,)
-        tracing = _FloatCopies.tracing_decode.set(True)
-        try:
-            logits, contents = self._compiled_step(inputs, [c.cache for c in cache], *masks)
-        finally:
-            _FloatCopies.tracing_decode.reset(tracing)
+        stepped = self._decode_in_c(inputs, [c.cache for c in cache], mask)
+        if stepped is None:
+            _FloatCopies.refresh(self, self._float_copies, self._float_sources)
+            stepped = self._decode_compiled(inputs, [c.cache for c in cache], mask)
+        logits, contents = stepped
         for layer_cache, after in zip(cache, contents):
             keep = layer_cache.snapshots_for(1)
             layer_cache.record([layer_cache.cache, after][1 - keep :], 1)
             layer_cache.advance(1)
         return logits
+
+    def _decode_compiled(
+        self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array]
+    ) -> tuple[mx.array, list[Contents]]:
+        if self._compiled_step is None:
+            self._compiled_step = mx.compile(self._step, inputs=[self.state, self._float_copies])
+        tracing = _FloatCopies.tracing_decode.set(True)
+        try:
+            return self._compiled_step(inputs, contents, *(() if mask is None else (mask,)))
+        finally:
+            _FloatCopies.tracing_decode.reset(tracing)
+
+    def _decode_in_c(
+        self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array]
+    ) -> Optional[tuple[mx.array, list[Contents]]]:
+        """The decode step in C (native.DecodeStep), or None where it does not run: in training,
+        without an optimized BLAS or a C compiler, inside mx.compile or mx.vmap, on a cache
+        that is not float32, or on weights other than float32 ones of plain Linear and
+        Embedding layers (or a quantized layer's float copy, `_FloatCopies`)."""
+        if self.training or not native.decodes_here():
+            return None
+        weights = self._decode_weights()
+        if weights is None:  # perhaps a quantized layer without a float copy (yet)
+            _FloatCopies.refresh(self, self._float_copies, self._float_sources)
+            weights = self._decode_weights()
+        if weights is None:
+            return None
+        if self._step_in_c is None or not self._step_in_c.made_from(weights):
+            if not native.DecodeStep.takes(weights):
+                return None
+            object.__setattr__(self, "_step_in_c", native.DecodeStep(self.args, weights))
+        arrays = [a for c in contents for a in c]
+        if any(a.dtype != mx.float32 for a in arrays):  # e.g. a cache saved from a bf16 model
+            return None
+        if not native.runs_here(inputs, *arrays, *([] if mask is None else [mask])):
+            return None
+        return self._step_in_c(inputs, contents, mask)
+
+    def _decode_weights(self) -> Optional[list[Optional[mx.array]]]:
+        """The weights fm_decode takes, in its order (native.MODEL_WEIGHTS, LAYER_WEIGHTS),
+        None for a conv or MLP the model has not; None if a matrix cannot be had as one. Read
+        every step (a plain walk of the module dicts: weights may have been replaced)."""
+        backbone = self["backbone"]
+        embeddings = _decode_matrix(backbone["embeddings"])
+        head = embeddings if self.args.tie_word_embeddings else _decode_matrix(self["lm_head"])
+        if embeddings is None or head is None:
+            return None
+        weights = [embeddings, backbone["norm_f"]["weight"], head]
+        for layer in backbone["layers"]:
+            layer_weights = _layer_decode_weights(layer)
+            if layer_weights is None:
+                return None
+            weights += layer_weights
+        return weights
 
     def _step(
         self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array] = None
@@ -458,6 +510,38 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         return weights
+
+
+def _layer_decode_weights(layer: Block) -> Optional[list[Optional[mx.array]]]:
+    """A block's weights in fm_decode's order (native.LAYER_WEIGHTS); see `_decode_weights`."""
+    mixer, mlp = layer["mixer"], layer.get("mlp")
+    matrices = [_decode_matrix(mixer["in_proj"]), _decode_matrix(mixer["out_proj"])]
+    if mlp is not None:
+        matrices += [_decode_matrix(mlp[name]) for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(matrix is None for matrix in matrices):
+        return None
+    conv = mixer.get("conv1d")
+    return [
+        layer["norm"]["weight"],
+        matrices[0],
+        *((None, None) if conv is None else (conv["weight"], conv["bias"])),
+        mixer["eta_bias"],
+        mixer["mu_bias"],
+        mixer["norm"]["weight"],
+        matrices[1],
+        *([None] * 4 if mlp is None else [layer["mlp_norm"]["weight"], *matrices[2:]]),
+    ]
+
+
+def _decode_matrix(layer: nn.Module) -> Optional[mx.array]:
+    """The matrix a Linear or Embedding `layer` multiplies by in a decode step, as fm_decode
+    takes it: its weight, or a quantized layer's float copy; None for any other layer (e.g. one
+    with a bias, or LoRA's)."""
+    if "bias" in layer:
+        return None
+    if isinstance(layer, _QUANTIZED):
+        return _FloatCopies.of(layer)
+    return layer["weight"] if isinstance(layer, (nn.Linear, nn.Embedding)) else None
 
 
 def _decodes_compiled(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:

@@ -14,6 +14,8 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define MAX_THREADS 64
 
@@ -199,6 +201,16 @@ void fm_conv_silu(long batch, long length, long channels, long taps, const float
     run_shares(conv_rows, (char *)shares, sizeof(Rows), threads);
 }
 
+/* x = RMSNorm(x) · weight, in place, over `channels` values. */
+static void normalize(float *restrict x, const float *restrict weight, long channels, float eps) {
+    float squares = 0.0f;
+    for (long c = 0; c < channels; c++)
+        squares += x[c] * x[c];
+    float scale = 1.0f / sqrtf(squares / channels + eps);
+    for (long c = 0; c < channels; c++)
+        x[c] = x[c] * scale * weight[c];
+}
+
 /* out = RMSNorm(in ⊙ SiLU(gate)) · weight over each row of (rows, channels). */
 static void *gate_norm_rows(void *share) {
     const Rows *s = share;
@@ -206,14 +218,9 @@ static void *gate_norm_rows(void *share) {
     for (long row = s->first; row < s->last; row++) {
         const float *restrict in = s->in + row * channels, *restrict gate = s->gate + row * channels;
         float *restrict out = s->out + row * channels;
-        float squares = 0.0f;
         for (long c = 0; c < channels; c++)
             out[c] = in[c] * silu(gate[c]);
-        for (long c = 0; c < channels; c++)
-            squares += out[c] * out[c];
-        float scale = 1.0f / sqrtf(squares / channels + s->eps);
-        for (long c = 0; c < channels; c++)
-            out[c] = out[c] * scale * s->weight[c];
+        normalize(out, s->weight, channels, s->eps);
     }
     return 0;
 }
@@ -226,4 +233,154 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
         shares[k] = (Rows){0, channels, 0, rows * k / threads, rows * (k + 1) / threads, eps,
                            in, weight, 0, gate, out};
     run_shares(gate_norm_rows, (char *)shares, sizeof(Rows), threads);
+}
+
+/* A decode step of the whole model (mlx_fm/models/factorization_memory.py, Model._step): one
+   token a row, for `batch` rows, every layer, the final norm and the output layer. The products
+   go to `sgemm` (the cblas_sgemm MLX binds: mlx_fm/blas.py), the rest to the functions above,
+   so a step does what a prompt's token does. Layouts, float32 and contiguous:
+   - dims: DIMENSIONS longs, in their enum's order; tokens (B) in [0, vocab); mask (B) bytes or
+     null;
+   - weights: MODEL_WEIGHTS pointers, then LAYER_WEIGHTS a layer, each a PyTorch Linear's
+     (out, in) matrix or a vector; the conv weight (K, E); null for the MLP's without one;
+   - contents / updated: a layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E),
+     before and after the step (no conv inputs when K < 2);
+   - logits (B, vocab). */
+
+typedef void (*sgemm_function)(int, int, int, int, int, int, float, const float *, int,
+                               const float *, int, float, float *, int);
+
+enum { HIDDEN, LAYERS, HEADS, SLOTS, WIDTH, TOP_K, TAPS, INTERMEDIATE, VOCAB, DIMENSIONS };
+enum { EMBEDDINGS, FINAL_NORM, HEAD, MODEL_WEIGHTS };
+enum {
+    NORM, IN_PROJ, CONV_WEIGHT, CONV_BIAS, ETA_BIAS, MU_BIAS, MIXER_NORM, OUT_PROJ, MLP_NORM,
+    GATE_PROJ, UP_PROJ, DOWN_PROJ, LAYER_WEIGHTS
+};
+
+/* y (rows, outputs) = x (rows, inputs) · weightᵀ, weight (outputs, inputs). */
+static void project(sgemm_function sgemm, long rows, long outputs, long inputs, const float *x,
+                    const float *weight, float *y) {
+    sgemm(101, 111, 112, (int)rows, (int)outputs, (int)inputs, 1.0f, x, (int)inputs, weight,
+          (int)inputs, 0.0f, y, (int)outputs);
+}
+
+static void normalize_rows(const float *in, const float *weight, long rows, long channels,
+                           float eps, float *out) {
+    memcpy(out, in, rows * channels * sizeof(float));
+    for (long row = 0; row < rows; row++)
+        normalize(out + row * channels, weight, channels, eps);
+}
+
+static void add(float *restrict to, const float *restrict values, long count) {
+    for (long i = 0; i < count; i++)
+        to[i] += values[i];
+}
+
+typedef struct {
+    const long *dims;
+    float temperature, eps;
+    const unsigned char *mask;
+    float *hidden, *normed, *projected, *window, *x_bar, *merged, *gated, *out;
+    long *chosen;
+} Step;
+
+/* The mixer of one layer on row b of s->projected (z, x, router, update and merge logits):
+   x̄ = SiLU(conv(x)), the mix, and RMSNorm(o ⊙ SiLU(z)) into row b of s->gated; its state and
+   last conv inputs after the token into `updated`. */
+static void mix_row(const Step *s, const float *const *w, const float *const *contents,
+                    float *const *updated, long b) {
+    long heads = s->dims[HEADS], slots = s->dims[SLOTS], width = s->dims[WIDTH];
+    long inner = heads * width, taps = s->dims[TAPS];
+    long size = 2 * inner + heads * slots + 2 * heads;
+    const float *row = s->projected + b * size, *gate = row, *router = row + 2 * inner;
+    int masked = s->mask && !s->mask[b];
+    float *x = s->window + (taps > 1 ? taps - 1 : 0) * inner, *x_bar = s->x_bar + b * inner;
+    if (taps > 1)
+        memcpy(s->window, contents[1] + b * (taps - 1) * inner, (taps - 1) * inner * sizeof(float));
+    for (long c = 0; c < inner; c++)
+        x[c] = masked && taps > 0 ? 0.0f : row[inner + c];
+    if (taps > 0) {
+        Rows conv = {1, inner, taps, 0, 1, 0.0f, s->window, w[CONV_WEIGHT], w[CONV_BIAS], 0, x_bar};
+        conv_rows(&conv);
+    } else {
+        for (long c = 0; c < inner; c++)
+            x_bar[c] = silu(x[c]);
+    }
+    if (taps > 1)
+        memcpy(updated[1] + b * (taps - 1) * inner, s->window + inner,
+               (taps - 1) * inner * sizeof(float));
+    long state_size = heads * slots * width;
+    float *state = updated[0] + b * state_size;
+    memcpy(state, contents[0] + b * state_size, state_size * sizeof(float));
+    Share mix = {1, 1, heads, slots, width, s->dims[TOP_K], 0, heads, s->temperature, x_bar,
+                 router, router + heads * slots, router + heads * slots + heads, w[ETA_BIAS],
+                 w[MU_BIAS], s->mask ? s->mask + b : 0, state, s->merged,
+                 (float *)s->chosen, s->chosen + s->dims[TOP_K]};
+    mix_share(&mix);
+    Rows norm = {0, inner, 0, 0, 1, s->eps, s->merged, w[MIXER_NORM], 0, gate,
+                 s->gated + b * inner};
+    gate_norm_rows(&norm);
+}
+
+static void layer_step(const Step *s, long batch, const float *const *w,
+                       const float *const *contents, float *const *updated, sgemm_function sgemm) {
+    long hidden = s->dims[HIDDEN], inner = s->dims[HEADS] * s->dims[WIDTH];
+    long size = 2 * inner + s->dims[HEADS] * s->dims[SLOTS] + 2 * s->dims[HEADS];
+    normalize_rows(s->hidden, w[NORM], batch, hidden, s->eps, s->normed);
+    project(sgemm, batch, size, hidden, s->normed, w[IN_PROJ], s->projected);
+    for (long b = 0; b < batch; b++)
+        mix_row(s, w, contents, updated, b);
+    project(sgemm, batch, hidden, inner, s->gated, w[OUT_PROJ], s->out);
+    add(s->hidden, s->out, batch * hidden);
+    if (!w[MLP_NORM])
+        return;
+    long intermediate = s->dims[INTERMEDIATE];
+    float *gates = s->projected, *ups = s->projected + batch * intermediate;
+    normalize_rows(s->hidden, w[MLP_NORM], batch, hidden, s->eps, s->normed);
+    project(sgemm, batch, intermediate, hidden, s->normed, w[GATE_PROJ], gates);
+    project(sgemm, batch, intermediate, hidden, s->normed, w[UP_PROJ], ups);
+    for (long i = 0; i < batch * intermediate; i++)
+        gates[i] = silu(gates[i]) * ups[i];
+    project(sgemm, batch, hidden, intermediate, gates, w[DOWN_PROJ], s->out);
+    add(s->hidden, s->out, batch * hidden);
+}
+
+/* Returns 0, or 1 when scratch memory could not be had (nothing is then written). */
+int fm_decode(long batch, const long *dims, float temperature, float eps, const long *tokens,
+              const unsigned char *mask, const float *const *weights,
+              const float *const *contents, float *const *updated, float *logits,
+              sgemm_function sgemm) {
+    long hidden = dims[HIDDEN], inner = dims[HEADS] * dims[WIDTH], taps = dims[TAPS];
+    long size = 2 * inner + dims[HEADS] * dims[SLOTS] + 2 * dims[HEADS];
+    if (size < 2 * dims[INTERMEDIATE])
+        size = 2 * dims[INTERMEDIATE];
+    long floats = batch * (2 * hidden + size + 3 * inner + hidden) + (taps > 1 ? taps : 1) * inner;
+    float *scratch = malloc(floats * sizeof(float));
+    long *chosen = malloc(2 * (dims[TOP_K] > 0 ? dims[TOP_K] : 1) * sizeof(long));
+    if (!scratch || !chosen) {
+        free(scratch);
+        free(chosen);
+        return 1;
+    }
+    Step s = {.dims = dims, .temperature = temperature, .eps = eps, .mask = mask};
+    s.hidden = scratch;
+    s.normed = s.hidden + batch * hidden;
+    s.projected = s.normed + batch * hidden;
+    s.x_bar = s.projected + batch * size;
+    s.merged = s.x_bar + batch * inner;
+    s.gated = s.merged + batch * inner;
+    s.out = s.gated + batch * inner;
+    s.window = s.out + batch * hidden;
+    s.chosen = chosen;
+    for (long b = 0; b < batch; b++)
+        memcpy(s.hidden + b * hidden, weights[EMBEDDINGS] + tokens[b] * hidden,
+               hidden * sizeof(float));
+    for (long layer = 0; layer < dims[LAYERS]; layer++)
+        layer_step(&s, batch, weights + MODEL_WEIGHTS + layer * LAYER_WEIGHTS,
+                   contents + 2 * layer, updated + 2 * layer, sgemm);
+    normalize_rows(s.hidden, weights[FINAL_NORM], batch, hidden, eps, s.normed);
+    project(sgemm, batch, dims[VOCAB], hidden, s.normed, weights[HEAD], logits);
+    free(scratch);
+    free(chosen);
+    return 0;
 }

@@ -16,6 +16,7 @@ on MLX ops; `status()` says which.
 """
 
 import ctypes
+import operator
 import os
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..blas import built_library
+from ..blas import built_library, sgemm_address
 
 SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
@@ -31,8 +32,27 @@ _SIGNATURES = {
     "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
+    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 7,
 }
+_RESULTS = {"fm_decode": ctypes.c_int}
+# fm_decode's weights, in the order of its enums (fm_cpu.c): the model's, then each layer's.
+MODEL_WEIGHTS = ("embeddings", "final_norm", "head")
+LAYER_WEIGHTS = (
+    "norm",
+    "in_proj",
+    "conv_weight",
+    "conv_bias",
+    "eta_bias",
+    "mu_bias",
+    "mixer_norm",
+    "out_proj",
+    "mlp_norm",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
 _library: dict = {"functions": None, "reason": "not built yet"}
+_OFF_CPU = "the default device is not the CPU"
 
 
 def available() -> bool:
@@ -43,18 +63,42 @@ def available() -> bool:
 
 def status() -> str:
     """How a prompt's mixer runs on the CPU, in words."""
-    why_not = _why_not()
-    return f"C, fused ({SOURCE.relative_to(SOURCE.parents[2])})" if why_not is None else why_not
+    return _in_words(_why_not(), "C, fused", "MLX ops")
+
+
+def decode_status() -> str:
+    """How a decode step runs on the CPU, in words."""
+    return _in_words(_why_not_decode(), "C, the whole model", "one compiled MLX graph")
+
+
+def decodes_here() -> bool:
+    """Whether a decode step can run in C (`DecodeStep`): `available()`, and an optimized BLAS
+    was loaded, whose sgemm it calls as MLX does."""
+    return _why_not_decode() is None
+
+
+def _in_words(why_not: str | None, in_c: str, on_ops: str) -> str:
+    if why_not is None:
+        return f"{in_c} ({SOURCE.relative_to(SOURCE.parents[2])})"
+    if why_not == _OFF_CPU:
+        return f"not on the CPU ({why_not})"
+    return f"{on_ops} ({why_not})"
+
+
+def _why_not_decode() -> str | None:
+    if sgemm_address() is None:
+        return "no optimized BLAS was loaded: see python -m mlx_fm"
+    return _why_not()
 
 
 def _why_not() -> str | None:
-    """None where the C path runs, else how the mixer runs instead and why."""
+    """None where the C path runs, else why not."""
     if os.environ.get("MLX_FM_OPS_ONLY") == "1":
-        return "MLX ops (MLX_FM_OPS_ONLY=1)"
+        return "MLX_FM_OPS_ONLY=1"
     if mx.default_device() != mx.cpu:
-        return "not on the CPU (the default device is not the CPU)"
+        return _OFF_CPU
     if _functions() is None:
-        return f"MLX ops ({_library['reason']})"
+        return _library["reason"]
     return None
 
 
@@ -69,7 +113,7 @@ def _functions() -> dict | None:
             _library["reason"] = str(error)
         else:
             for name, function in functions.items():
-                function.argtypes, function.restype = _SIGNATURES[name], None
+                function.argtypes, function.restype = _SIGNATURES[name], _RESULTS.get(name)
             _library.update(functions=functions, reason="built")
     return _library["functions"]
 
@@ -189,3 +233,97 @@ def gate_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.a
         rows, x.shape[-1], eps, *map(_address, (x, gate, weight, out)), _threads(rows)
     )
     return mx.array(out)
+
+
+class DecodeStep:
+    """fm_decode (fm_cpu.c): a decode step of the whole model in C, one token a row, on the
+    weights it was made with. A decode step on MLX ops is one compiled graph, but on the CPU
+    the graph's many small nodes cost about as much again as its matrix-vector products, which
+    fm_decode alone calls out to. Call only where `decodes_here()` and `runs_here(...)` hold."""
+
+    def __init__(self, args, weights: list[mx.array | None]) -> None:
+        """`args`: the model's ModelArgs; `weights`: MODEL_WEIGHTS, then LAYER_WEIGHTS for
+        each layer, float32 (see `takes`), None for a conv or MLP the model has not."""
+        self.weights = weights
+        top_k = min(args.top_k, args.num_slots)
+        dims = (args.hidden_size, args.num_hidden_layers, args.num_heads, args.num_slots)
+        dims += (args.head_dim, top_k, args.conv_kernel, args.intermediate_size, args.vocab_size)
+        self._dims = (ctypes.c_long * len(dims))(*dims)
+        self._temperature, self._eps = args.router_temperature, args.rms_norm_eps
+        self._vocab_size = args.vocab_size
+        mx.eval([w for w in weights if w is not None])
+        conv_weights = range(
+            len(MODEL_WEIGHTS) + LAYER_WEIGHTS.index("conv_weight"),
+            len(weights),
+            len(LAYER_WEIGHTS),
+        )
+        self._hosts = [
+            None
+            if w is None
+            else np.ascontiguousarray(_conv_taps_first(w) if i in conv_weights else w)
+            for i, w in enumerate(weights)
+        ]
+        self._pointers = _pointers(self._hosts)
+        self._sgemm = sgemm_address()
+        # The step writes into these, made for a batch's shapes, and its results are copies of
+        # them: fresh NumPy buffers each step would be fresh pages, which cost more to fault in.
+        self._outputs: tuple = ()
+
+    @staticmethod
+    def takes(weights: list[mx.array | None]) -> bool:
+        return all(w is None or w.dtype == mx.float32 for w in weights)
+
+    def made_from(self, weights: list[mx.array | None]) -> bool:
+        return len(weights) == len(self.weights) and all(map(operator.is_, weights, self.weights))
+
+    def __call__(
+        self, tokens: mx.array, contents: list[list[mx.array]], mask: mx.array | None
+    ) -> tuple[mx.array, list[list[mx.array]]]:
+        """(logits (B, 1, vocab), each layer's contents after the step) for `tokens` (B, 1)
+        on each layer's cache contents [state, last conv inputs], float32. A ValueError for a
+        token out of the vocabulary, which MLX's gather would read past the embeddings for."""
+        tokens = np.asarray(tokens).astype(np.int64).reshape(-1)
+        if tokens.min() < 0 or tokens.max() >= self._vocab_size:
+            raise ValueError(
+                f"token id {tokens.max() if tokens.max() >= 0 else tokens.min()} is out of the "
+                f"vocabulary (0 to {self._vocab_size - 1})"
+            )
+        before = [[np.ascontiguousarray(a) for a in layer] for layer in contents]
+        after, after_pointers, logits = self._outputs_for(before, len(tokens))
+        mask = None if mask is None else np.asarray(mask).astype(np.uint8).reshape(-1)
+        failed = _functions()["fm_decode"](
+            *(len(tokens), self._dims, self._temperature, self._eps, _address(tokens)),
+            None if mask is None else _address(mask),
+            self._pointers,
+            _pointers(_pairs(before)),
+            after_pointers,
+            _address(logits),
+            self._sgemm,
+        )
+        if failed:
+            raise MemoryError("no memory for a decode step's scratch")
+        return mx.array(logits), [[mx.array(a) for a in layer] for layer in after]
+
+    def _outputs_for(self, before: list[list[np.ndarray]], batch: int) -> tuple:
+        """(each layer's contents after the step, pointers to them, logits): buffers the
+        shapes of `before`'s, made when those change."""
+        shapes = [[a.shape for a in layer] for layer in before]
+        if not self._outputs or self._outputs[0] != shapes:
+            after = [[np.empty_like(a) for a in layer] for layer in before]
+            logits = np.empty((batch, 1, self._vocab_size), np.float32)
+            self._outputs = (shapes, after, _pointers(_pairs(after)), logits)
+        return self._outputs[1:]
+
+
+def _conv_taps_first(weight: mx.array) -> np.ndarray:
+    """MLX's conv weight (E, K, 1) as fm_cpu.c's conv takes it: (K, E)."""
+    return np.asarray(weight).reshape(weight.shape[0], weight.shape[1]).T
+
+
+def _pairs(contents: list[list[np.ndarray]]) -> list[np.ndarray | None]:
+    """Each layer's [state, last conv inputs], the latter None where the layer has none."""
+    return [a for layer in contents for a in (layer + [None])[:2]]
+
+
+def _pointers(arrays: list[np.ndarray | None]):
+    return (ctypes.c_void_p * len(arrays))(*(None if a is None else _address(a) for a in arrays))
