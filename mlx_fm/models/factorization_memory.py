@@ -403,7 +403,7 @@ class Model(nn.Module):
         cache: Optional[list[FMCache]] = None,
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
-        if input_embeddings is None and _decodes_compiled(inputs, cache):
+        if input_embeddings is None and _decodes_whole(inputs, cache):
             return self._decode(inputs, cache)
         return self._head(self.backbone(inputs, cache, input_embeddings))
 
@@ -544,9 +544,10 @@ def _decode_matrix(layer: nn.Module) -> Optional[mx.array]:
     return layer["weight"] if isinstance(layer, (nn.Linear, nn.Embedding)) else None
 
 
-def _decodes_compiled(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:
-    """Whether a forward is a decode step the compiled graph takes: one token per row, on
-    caches that hold a state and conv inputs for every row, on MLX ops."""
+def _decodes_whole(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:
+    """Whether a forward is a decode step `Model._decode` takes whole (in C, or as one compiled
+    graph): one token per row, on caches that hold a state and conv inputs for every row, not
+    on the Metal kernels."""
     return (
         cache is not None
         and inputs.ndim == 2
