@@ -243,8 +243,8 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
      null;
    - weights: MODEL_WEIGHTS pointers, then LAYER_WEIGHTS a layer, each a PyTorch Linear's
      (out, in) matrix or a vector; the conv weight (K, E); null for the MLP's without one;
-   - contents / updated: a layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E),
-     before and after the step (no conv inputs when K < 2);
+   - contents: each layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E), updated
+     in place (no conv inputs when K < 2);
    - logits (B, vocab). */
 
 typedef void (*sgemm_function)(int, int, int, int, int, int, float, const float *, int,
@@ -286,9 +286,8 @@ typedef struct {
 
 /* The mixer of one layer on row b of s->projected (z, x, router, update and merge logits):
    x̄ = SiLU(conv(x)), the mix, and RMSNorm(o ⊙ SiLU(z)) into row b of s->gated; its state and
-   last conv inputs after the token into `updated`. */
-static void mix_row(const Step *s, const float *const *w, const float *const *contents,
-                    float *const *updated, long b) {
+   last conv inputs, updated in place. */
+static void mix_row(const Step *s, const float *const *w, float *const *contents, long b) {
     long heads = s->dims[HEADS], slots = s->dims[SLOTS], width = s->dims[WIDTH];
     long inner = heads * width, taps = s->dims[TAPS];
     long size = 2 * inner + heads * slots + 2 * heads;
@@ -307,11 +306,10 @@ static void mix_row(const Step *s, const float *const *w, const float *const *co
             x_bar[c] = silu(x[c]);
     }
     if (taps > 1)
-        memcpy(updated[1] + b * (taps - 1) * inner, s->window + inner,
+        memcpy(contents[1] + b * (taps - 1) * inner, s->window + inner,
                (taps - 1) * inner * sizeof(float));
     long state_size = heads * slots * width;
-    float *state = updated[0] + b * state_size;
-    memcpy(state, contents[0] + b * state_size, state_size * sizeof(float));
+    float *state = contents[0] + b * state_size;
     Share mix = {1, 1, heads, slots, width, s->dims[TOP_K], 0, heads, s->temperature, x_bar,
                  router, router + heads * slots, router + heads * slots + heads, w[ETA_BIAS],
                  w[MU_BIAS], s->mask ? s->mask + b : 0, state, s->merged,
@@ -323,13 +321,13 @@ static void mix_row(const Step *s, const float *const *w, const float *const *co
 }
 
 static void layer_step(const Step *s, long batch, const float *const *w,
-                       const float *const *contents, float *const *updated, sgemm_function sgemm) {
+                       float *const *contents, sgemm_function sgemm) {
     long hidden = s->dims[HIDDEN], inner = s->dims[HEADS] * s->dims[WIDTH];
     long size = 2 * inner + s->dims[HEADS] * s->dims[SLOTS] + 2 * s->dims[HEADS];
     normalize_rows(s->hidden, w[NORM], batch, hidden, s->eps, s->normed);
     project(sgemm, batch, size, hidden, s->normed, w[IN_PROJ], s->projected);
     for (long b = 0; b < batch; b++)
-        mix_row(s, w, contents, updated, b);
+        mix_row(s, w, contents, b);
     project(sgemm, batch, hidden, inner, s->gated, w[OUT_PROJ], s->out);
     add(s->hidden, s->out, batch * hidden);
     if (!w[MLP_NORM])
@@ -348,7 +346,7 @@ static void layer_step(const Step *s, long batch, const float *const *w,
 /* Returns 0, or 1 when scratch memory could not be had (nothing is then written). */
 int fm_decode(long batch, const long *dims, float temperature, float eps, const long *tokens,
               const unsigned char *mask, const float *const *weights,
-              const float *const *contents, float *const *updated, float *logits,
+              float *const *contents, float *logits,
               sgemm_function sgemm) {
     long hidden = dims[HIDDEN], inner = dims[HEADS] * dims[WIDTH], taps = dims[TAPS];
     long size = 2 * inner + dims[HEADS] * dims[SLOTS] + 2 * dims[HEADS];
@@ -377,7 +375,7 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
                hidden * sizeof(float));
     for (long layer = 0; layer < dims[LAYERS]; layer++)
         layer_step(&s, batch, weights + MODEL_WEIGHTS + layer * LAYER_WEIGHTS,
-                   contents + 2 * layer, updated + 2 * layer, sgemm);
+                   contents + 2 * layer, sgemm);
     normalize_rows(s.hidden, weights[FINAL_NORM], batch, hidden, eps, s.normed);
     project(sgemm, batch, dims[VOCAB], hidden, s.normed, weights[HEAD], logits);
     free(scratch);

@@ -32,7 +32,7 @@ _SIGNATURES = {
     "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
-    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 7,
+    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 6,
 }
 _RESULTS = {"fm_decode": ctypes.c_int}
 # fm_decode's weights, in the order of its enums (fm_cpu.c): the model's, then each layer's.
@@ -265,9 +265,7 @@ class DecodeStep:
         ]
         self._pointers = _pointers(self._hosts)
         self._sgemm = sgemm_address()
-        # The step writes into these, made for a batch's shapes, and its results are copies of
-        # them: fresh NumPy buffers each step would be fresh pages, which cost more to fault in.
-        self._outputs: tuple = ()
+        self._logits = np.empty((0, 1, args.vocab_size), np.float32)  # reused: its copy is returned
 
     @staticmethod
     def takes(weights: list[mx.array | None]) -> bool:
@@ -288,31 +286,23 @@ class DecodeStep:
                 f"token id {tokens.max() if tokens.max() >= 0 else tokens.min()} is out of the "
                 f"vocabulary (0 to {self._vocab_size - 1})"
             )
-        before = [[np.ascontiguousarray(a) for a in layer] for layer in contents]
-        after, after_pointers, logits = self._outputs_for(before, len(tokens))
+        # Fresh MLX arrays, copies of the contents, which the step updates in place before
+        # anyone else sees them (a cache keeps the contents it had, to rewind to).
+        after = [[mx.array(np.ascontiguousarray(a)) for a in layer] for layer in contents]
+        if len(self._logits) != len(tokens):
+            self._logits = np.empty((len(tokens), 1, self._vocab_size), np.float32)
         mask = None if mask is None else np.asarray(mask).astype(np.uint8).reshape(-1)
         failed = _functions()["fm_decode"](
             *(len(tokens), self._dims, self._temperature, self._eps, _address(tokens)),
             None if mask is None else _address(mask),
             self._pointers,
-            _pointers(_pairs(before)),
-            after_pointers,
-            _address(logits),
+            _pointers(_pairs([[np.asarray(a) for a in layer] for layer in after])),
+            _address(self._logits),
             self._sgemm,
         )
         if failed:
             raise MemoryError("no memory for a decode step's scratch")
-        return mx.array(logits), [[mx.array(a) for a in layer] for layer in after]
-
-    def _outputs_for(self, before: list[list[np.ndarray]], batch: int) -> tuple:
-        """(each layer's contents after the step, pointers to them, logits): buffers the
-        shapes of `before`'s, made when those change."""
-        shapes = [[a.shape for a in layer] for layer in before]
-        if not self._outputs or self._outputs[0] != shapes:
-            after = [[np.empty_like(a) for a in layer] for layer in before]
-            logits = np.empty((batch, 1, self._vocab_size), np.float32)
-            self._outputs = (shapes, after, _pointers(_pairs(after)), logits)
-        return self._outputs[1:]
+        return mx.array(self._logits), after
 
 
 def _conv_taps_first(weight: mx.array) -> np.ndarray:
