@@ -281,10 +281,10 @@ class DecodeStep:
         on each layer's cache contents [state, last conv inputs], float32. A ValueError for a
         token out of the vocabulary, which MLX's gather would read past the embeddings for."""
         tokens = np.asarray(tokens).astype(np.int64).reshape(-1)
-        if tokens.min() < 0 or tokens.max() >= self._vocab_size:
+        outside = tokens[(tokens < 0) | (tokens >= self._vocab_size)]
+        if outside.size:
             raise ValueError(
-                f"token id {tokens.max() if tokens.max() >= 0 else tokens.min()} is out of the "
-                f"vocabulary (0 to {self._vocab_size - 1})"
+                f"token id {outside[0]} is out of the vocabulary (0 to {self._vocab_size - 1})"
             )
         # Fresh MLX arrays, copies of the contents, which the step updates in place before
         # anyone else sees them (a cache keeps the contents it had, to rewind to).
