@@ -1,6 +1,7 @@
 /* The FM mixer's elementwise and recurrent work in C, for inference on the CPU
    (mlx_fm/ops/native.py): the causal conv with SiLU, the mix, and the gated RMSNorm. Each splits
    its work among `threads` threads; a share whose thread cannot be started runs on this one.
+   And fm_decode (at the end): a decode step of the whole model, on those.
 
    fm_mix: the core (route, gates, write, read, merge: docs/SPEC.md), per token and head: the
    slot weights are the softmax of the top_k router logits / τ (ties go to the lower slot),
@@ -242,7 +243,8 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
    - dims: DIMENSIONS longs, in their enum's order; tokens (B) in [0, vocab); mask (B) bytes or
      null;
    - weights: MODEL_WEIGHTS pointers, then LAYER_WEIGHTS a layer, each a PyTorch Linear's
-     (out, in) matrix or a vector; the conv weight (K, E); null for the MLP's without one;
+     (out, in) matrix or a vector; the conv weight (K, E); null for a conv or MLP the model has
+     not;
    - contents: each layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E), updated
      in place (no conv inputs when K < 2);
    - logits (B, vocab). */

@@ -1,4 +1,5 @@
-"""The FM mixer's elementwise and recurrent work in C, for inference on the CPU (fm_cpu.c).
+"""The FM mixer's elementwise and recurrent work, and a whole decode step, in C, for inference
+on the CPU (fm_cpu.c).
 
 On MLX's CPU back-end every op is a pass over memory on one thread, and a prompt's routing, scan,
 conv and gates took most of its time, against the GEMMs' share. The recurrence itself touches
@@ -10,9 +11,13 @@ evaluated, handed to C as NumPy views and their outputs copied back. So they are
 an evaluation is allowed (not inside mx.compile or mx.vmap: `evaluates_here`), and each has the
 gradient of the same work on MLX ops, so that a gradient through it is still exact.
 
+A decode step (`DecodeStep`) is the whole model on one token a row, in one call: its products go
+to the BLAS's sgemm, as MLX's do, the rest through the same C functions. It is for inference
+only (no gradient), where an optimized BLAS was loaded (mlx_fm/blas.py).
+
 The library is built once per source and compiler into the user's cache, the first time a
 prompt needs it. Without a C compiler, off the CPU, or with MLX_FM_OPS_ONLY=1, all of it stays
-on MLX ops; `status()` says which.
+on MLX ops; `status()` and `decode_status()` say which.
 """
 
 import ctypes
@@ -213,7 +218,8 @@ def conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
     (E, K, 1) and bias (E,): (B, T, E). Call only where `runs_here(...)` holds."""
     batch, span, channels = window.shape
     taps = weight.shape[1]
-    window, weight, bias = _on_host(window, weight.reshape(channels, taps).T, bias)
+    window, bias = _on_host(window, bias)
+    weight = np.ascontiguousarray(_conv_taps_first(weight))
     out = np.empty((batch, span - taps + 1, channels), np.float32)
     _functions()["fm_conv_silu"](
         *(batch, out.shape[1], channels, taps),
