@@ -464,7 +464,7 @@ class Model(nn.Module):
         arrays = [a for c in contents for a in c]
         if any(a.dtype != mx.float32 for a in arrays):  # e.g. a cache saved from a bf16 model
             return None
-        if not native.runs_here(inputs, *arrays, *([] if mask is None else [mask])):
+        if not native.evaluates_here(inputs, *arrays, *([] if mask is None else [mask])):
             return None
         return self._step_in_c(inputs, contents, mask)
 

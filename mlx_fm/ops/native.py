@@ -245,7 +245,8 @@ class DecodeStep:
     """fm_decode (fm_cpu.c): a decode step of the whole model in C, one token a row, on the
     weights it was made with. A decode step on MLX ops is one compiled graph, but on the CPU
     the graph's many small nodes cost about as much again as its matrix-vector products, which
-    fm_decode alone calls out to. Call only where `decodes_here()` and `runs_here(...)` hold."""
+    fm_decode alone calls out to. Call only where `decodes_here()` and `evaluates_here(...)`
+    hold."""
 
     def __init__(self, args, weights: list[mx.array | None]) -> None:
         """`args`: the model's ModelArgs; `weights`: MODEL_WEIGHTS, then LAYER_WEIGHTS for
