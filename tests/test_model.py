@@ -429,7 +429,9 @@ def test_a_decode_step_the_c_step_cannot_take_runs_on_mlx_ops(case, monkeypatch)
     assert logits.shape == (1, 1, TINY["vocab_size"]) and calls == []
 
 
-def test_a_token_out_of_the_vocabulary_is_refused_by_the_c_step(monkeypatch):
+def test_a_token_out_of_the_vocabulary_or_a_cache_of_another_model_is_refused_by_the_c_step(
+    monkeypatch,
+):
     decode_steps_in_c(monkeypatch)
     model = tiny_model()
     model.eval()
@@ -437,3 +439,7 @@ def test_a_token_out_of_the_vocabulary_is_refused_by_the_c_step(monkeypatch):
     model(mx.array([[5, 80, 31]]), cache=cache)
     with pytest.raises(ValueError, match="out of the vocabulary"):
         model(mx.array([[TINY["vocab_size"]]]), cache=cache)
+    other = tiny_model(num_slots=4, top_k=2)
+    other.eval()
+    with pytest.raises(ValueError, match="a cache made for another model"):
+        other(mx.array([[7]]), cache=cache)

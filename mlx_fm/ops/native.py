@@ -272,6 +272,10 @@ class DecodeStep:
         ]
         self._pointers = _pointers(self._hosts)
         self._sgemm = sgemm_address()
+        inner = args.num_heads * args.head_dim
+        self._contents_shapes = [(args.num_heads, args.num_slots, args.head_dim)]
+        if args.conv_kernel > 1:
+            self._contents_shapes.append((args.conv_kernel - 1, inner))
         self._logits = np.empty((0, 1, args.vocab_size), np.float32)  # reused: its copy is returned
 
     @staticmethod
@@ -293,6 +297,13 @@ class DecodeStep:
             raise ValueError(
                 f"token id {outside[0]} is out of the vocabulary (0 to {self._vocab_size - 1})"
             )
+        expected = [(len(tokens), *shape) for shape in self._contents_shapes]
+        for layer in contents:
+            if [tuple(a.shape) for a in layer] != expected:
+                raise ValueError(
+                    f"a cache holds arrays of shapes {[tuple(a.shape) for a in layer]}, not "
+                    f"{expected}: a cache made for another model or batch?"
+                )
         # Fresh MLX arrays, copies of the contents, which the step updates in place before
         # anyone else sees them (a cache keeps the contents it had, to rewind to).
         after = [[mx.array(np.ascontiguousarray(a)) for a in layer] for layer in contents]
