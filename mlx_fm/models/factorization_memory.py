@@ -249,7 +249,8 @@ def _float_weight(layer: nn.Module) -> mx.array:
 class _FloatCopies:
     """Float copies of a model's quantized weights, which decoding on the CPU multiplies by.
 
-    `refresh` (before each compiled decode step) keeps on every quantized layer, outside its
+    `refresh` (before each compiled decode step, and before a C one when a copy is missing or
+    stale: `Model._decode_in_c`) keeps on every quantized layer, outside its
     parameters, a float copy of its weight, remade when the weight is replaced, and lists the
     copies in a list the compiled step takes as inputs: they must not be constants of its
     graph, which would go stale. While it traces, every array in that list and in the
