@@ -373,12 +373,17 @@ def test_an_inference_decode_step_runs_in_c_and_equals_the_compiled_step(overrid
     assert len(calls) == len(tokens)
 
 
-def test_a_quantized_model_decodes_in_c_on_float_copies_of_its_weights(monkeypatch):
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_a_quantized_model_decodes_in_c_on_its_own_weights_or_float_copies(group_size, monkeypatch):
+    """Groups of 64 4-bit values are whole 8-word vectors, which fm_decode multiplies by itself
+    where that is fast (native.takes_quantized); groups of 32 go through float copies."""
     calls = decode_steps_in_c(monkeypatch)
     model = tiny_model(hidden_size=64, intermediate_size=64, top_k=4)
-    nn.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, group_size=group_size, bits=4)
     assert_decodes_alike(model, mx.array([[5, 80, 31, 7, 99]]), ([[9]], [[11]], [[13]]))
     assert len(calls) == 3
+    own = [w for w in model._step_in_c.weights if isinstance(w, native.Quantized)]
+    assert bool(own) == native.takes_quantized("affine", 4, group_size)
     quantized = make_prompt_cache(model)
     model(mx.array([[5, 80, 31, 7, 99]]), cache=quantized)
     slow = decoded_on_quantized_matmul(model, mx.array([[9]]), quantized, monkeypatch)

@@ -534,13 +534,17 @@ def _layer_decode_weights(layer: Block) -> Optional[list[Optional[mx.array]]]:
     ]
 
 
-def _decode_matrix(layer: nn.Module) -> Optional[mx.array]:
+def _decode_matrix(layer: nn.Module) -> Optional[mx.array | native.Quantized]:
     """The matrix a Linear or Embedding `layer` multiplies by in a decode step, as fm_decode
-    takes it: its weight, or a quantized layer's float copy; None for any other layer (e.g. one
-    with a bias, or LoRA's)."""
+    takes it: its weight; a quantized layer's own (`native.takes_quantized`) or else its float
+    copy; None for any other layer (e.g. one with a bias, or LoRA's)."""
     if "bias" in layer:
         return None
     if isinstance(layer, _QUANTIZED):
+        if "biases" in layer and native.takes_quantized(layer.mode, layer.bits, layer.group_size):
+            return native.Quantized(
+                layer["weight"], layer["scales"], layer["biases"], layer.bits, layer.group_size
+            )
         return _FloatCopies.of(layer)
     return layer["weight"] if isinstance(layer, (nn.Linear, nn.Embedding)) else None
 

@@ -244,7 +244,7 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
      null;
    - weights: MODEL_WEIGHTS pointers, then LAYER_WEIGHTS a layer, each a PyTorch Linear's
      (out, in) matrix or a vector; the conv weight (K, E); null for a conv or MLP the model has
-     not;
+     not, and for a quantized matrix, whose entry in `quantized` (as long as weights) has it;
    - contents: each layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E), updated
      in place (no conv inputs when K < 2);
    - logits (B, vocab). */
@@ -259,9 +259,98 @@ enum {
     GATE_PROJ, UP_PROJ, DOWN_PROJ, LAYER_WEIGHTS
 };
 
-/* y (rows, outputs) = x (rows, inputs) · weightᵀ, weight (outputs, inputs). */
+/* A matrix (outputs, inputs) in MLX's affine quantization: weight ≈ scale · q + bias over
+   groups of `group` inputs, each q `bits` bits, packed 32 / bits to a 32-bit word from the low
+   bits up. A float matrix has no `packed`. */
+typedef struct {
+    const unsigned *packed;
+    const float *scales, *biases;
+    long bits, group;
+} Quantized;
+
+#if defined(__x86_64__)
+#define VECTOR_TARGET __attribute__((target("avx2,fma")))
+#else
+#define VECTOR_TARGET
+#endif
+typedef float floats8 __attribute__((vector_size(32)));
+typedef int ints8 __attribute__((vector_size(32)));
+
+/* Whether quantized_product runs here at its speed: on x86-64 with AVX2 and FMA. Elsewhere the
+   caller multiplies by float copies instead. */
+int fm_quantized_products(void) {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* y (outputs) = x (inputs) · dequantized(m)ᵀ, for group · bits a multiple of 256 (a group is a
+   whole number of 8-word vectors). x is taken apart by place in a word (xp[j][k] is x[k · per
+   word + j]), so that the j-th values of 8 words meet their x after one shift of all 8; a
+   group's bias meets the sum of its x. scratch: inputs + inputs / group floats. */
+VECTOR_TARGET static void quantized_product(const Quantized *m, long outputs, long inputs,
+                                            const float *x, float *y, float *scratch) {
+    long per_word = 32 / m->bits, words = inputs / per_word, groups = inputs / m->group;
+    long group_words = m->group / per_word;
+    int mask = (1 << m->bits) - 1;
+    float *xp = scratch, *group_sums = scratch + inputs;
+    for (long k = 0; k < words; k++)
+        for (long j = 0; j < per_word; j++)
+            xp[j * words + k] = x[k * per_word + j];
+    for (long g = 0; g < groups; g++) {
+        float sum = 0.0f;
+        for (long i = 0; i < m->group; i++)
+            sum += x[g * m->group + i];
+        group_sums[g] = sum;
+    }
+    for (long o = 0; o < outputs; o++) {
+        const unsigned *row = m->packed + o * words;
+        const float *scales = m->scales + o * groups, *biases = m->biases + o * groups;
+        float total = 0.0f;
+        for (long g = 0; g < groups; g++) {
+            floats8 dot = {0};
+            for (long k = g * group_words; k < (g + 1) * group_words; k += 8) {
+                ints8 packed;
+                memcpy(&packed, row + k, sizeof packed);
+                for (long j = 0; j < per_word; j++) {
+                    floats8 xs;
+                    memcpy(&xs, xp + j * words + k, sizeof xs);
+                    dot += __builtin_convertvector((packed >> (int)(m->bits * j)) & mask, floats8) * xs;
+                }
+            }
+            float sum = 0.0f;
+            for (int lane = 0; lane < 8; lane++)
+                sum += dot[lane];
+            total += scales[g] * sum + biases[g] * group_sums[g];
+        }
+        y[o] = total;
+    }
+}
+
+/* Row `row` of a quantized matrix of `inputs` columns, dequantized. */
+static void dequantized_row(const Quantized *m, long row, long inputs, float *out) {
+    long per_word = 32 / m->bits, groups = inputs / m->group;
+    unsigned mask = (1u << m->bits) - 1;
+    const unsigned *words = m->packed + row * (inputs / per_word);
+    for (long i = 0; i < inputs; i++) {
+        long g = row * groups + i / m->group;
+        unsigned q = (words[i / per_word] >> (m->bits * (i % per_word))) & mask;
+        out[i] = m->scales[g] * (float)q + m->biases[g];
+    }
+}
+
+/* y (rows, outputs) = x (rows, inputs) · weightᵀ, weight (outputs, inputs): float through
+   sgemm, quantized (q->packed) through quantized_product, a row at a time. */
 static void project(sgemm_function sgemm, long rows, long outputs, long inputs, const float *x,
-                    const float *weight, float *y) {
+                    const float *weight, const Quantized *q, float *y, float *scratch) {
+    if (q->packed) {
+        for (long row = 0; row < rows; row++)
+            quantized_product(q, outputs, inputs, x + row * inputs, y + row * outputs, scratch);
+        return;
+    }
     sgemm(101, 111, 112, (int)rows, (int)outputs, (int)inputs, 1.0f, x, (int)inputs, weight,
           (int)inputs, 0.0f, y, (int)outputs);
 }
@@ -282,7 +371,7 @@ typedef struct {
     const long *dims;
     float temperature, eps;
     const unsigned char *mask;
-    float *hidden, *normed, *projected, *window, *x_bar, *merged, *gated, *out;
+    float *hidden, *normed, *projected, *window, *x_bar, *merged, *gated, *out, *product;
     long *chosen;
 } Step;
 
@@ -322,40 +411,45 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
     gate_norm_rows(&norm);
 }
 
-static void layer_step(const Step *s, long batch, const float *const *w,
+static void layer_step(const Step *s, long batch, const float *const *w, const Quantized *q,
                        float *const *contents, sgemm_function sgemm) {
     long hidden = s->dims[HIDDEN], inner = s->dims[HEADS] * s->dims[WIDTH];
     long size = 2 * inner + s->dims[HEADS] * s->dims[SLOTS] + 2 * s->dims[HEADS];
     normalize_rows(s->hidden, w[NORM], batch, hidden, s->eps, s->normed);
-    project(sgemm, batch, size, hidden, s->normed, w[IN_PROJ], s->projected);
+    project(sgemm, batch, size, hidden, s->normed, w[IN_PROJ], &q[IN_PROJ], s->projected,
+            s->product);
     for (long b = 0; b < batch; b++)
         mix_row(s, w, contents, b);
-    project(sgemm, batch, hidden, inner, s->gated, w[OUT_PROJ], s->out);
+    project(sgemm, batch, hidden, inner, s->gated, w[OUT_PROJ], &q[OUT_PROJ], s->out, s->product);
     add(s->hidden, s->out, batch * hidden);
     if (!w[MLP_NORM])
         return;
     long intermediate = s->dims[INTERMEDIATE];
     float *gates = s->projected, *ups = s->projected + batch * intermediate;
     normalize_rows(s->hidden, w[MLP_NORM], batch, hidden, s->eps, s->normed);
-    project(sgemm, batch, intermediate, hidden, s->normed, w[GATE_PROJ], gates);
-    project(sgemm, batch, intermediate, hidden, s->normed, w[UP_PROJ], ups);
+    project(sgemm, batch, intermediate, hidden, s->normed, w[GATE_PROJ], &q[GATE_PROJ], gates,
+            s->product);
+    project(sgemm, batch, intermediate, hidden, s->normed, w[UP_PROJ], &q[UP_PROJ], ups,
+            s->product);
     for (long i = 0; i < batch * intermediate; i++)
         gates[i] = silu(gates[i]) * ups[i];
-    project(sgemm, batch, hidden, intermediate, gates, w[DOWN_PROJ], s->out);
+    project(sgemm, batch, hidden, intermediate, gates, w[DOWN_PROJ], &q[DOWN_PROJ], s->out,
+            s->product);
     add(s->hidden, s->out, batch * hidden);
 }
 
 /* Returns 0, or 1 when scratch memory could not be had (nothing is then written). */
 int fm_decode(long batch, const long *dims, float temperature, float eps, const long *tokens,
-              const unsigned char *mask, const float *const *weights,
-              float *const *contents, float *logits,
-              sgemm_function sgemm) {
+              const unsigned char *mask, const float *const *weights, const Quantized *quantized,
+              float *const *contents, float *logits, sgemm_function sgemm) {
     long hidden = dims[HIDDEN], inner = dims[HEADS] * dims[WIDTH], taps = dims[TAPS];
     long size = 2 * inner + dims[HEADS] * dims[SLOTS] + 2 * dims[HEADS];
     if (size < 2 * dims[INTERMEDIATE])
         size = 2 * dims[INTERMEDIATE];
+    long widest = hidden > inner ? hidden : inner;
+    widest = widest > dims[INTERMEDIATE] ? widest : dims[INTERMEDIATE];
     long floats = batch * (2 * hidden + size + 3 * inner + hidden) + (taps > 1 ? taps : 1) * inner;
-    float *scratch = malloc(floats * sizeof(float));
+    float *scratch = malloc((floats + 2 * widest) * sizeof(float));
     long *chosen = malloc(2 * (dims[TOP_K] > 0 ? dims[TOP_K] : 1) * sizeof(long));
     if (!scratch || !chosen) {
         free(scratch);
@@ -371,15 +465,22 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
     s.gated = s.merged + batch * inner;
     s.out = s.gated + batch * inner;
     s.window = s.out + batch * hidden;
+    s.product = s.window + (taps > 1 ? taps : 1) * inner;
     s.chosen = chosen;
-    for (long b = 0; b < batch; b++)
-        memcpy(s.hidden + b * hidden, weights[EMBEDDINGS] + tokens[b] * hidden,
-               hidden * sizeof(float));
-    for (long layer = 0; layer < dims[LAYERS]; layer++)
-        layer_step(&s, batch, weights + MODEL_WEIGHTS + layer * LAYER_WEIGHTS,
-                   contents + 2 * layer, sgemm);
+    for (long b = 0; b < batch; b++) {
+        if (quantized[EMBEDDINGS].packed)
+            dequantized_row(&quantized[EMBEDDINGS], tokens[b], hidden, s.hidden + b * hidden);
+        else
+            memcpy(s.hidden + b * hidden, weights[EMBEDDINGS] + tokens[b] * hidden,
+                   hidden * sizeof(float));
+    }
+    for (long layer = 0; layer < dims[LAYERS]; layer++) {
+        long first = MODEL_WEIGHTS + layer * LAYER_WEIGHTS;
+        layer_step(&s, batch, weights + first, quantized + first, contents + 2 * layer, sgemm);
+    }
     normalize_rows(s.hidden, weights[FINAL_NORM], batch, hidden, eps, s.normed);
-    project(sgemm, batch, dims[VOCAB], hidden, s.normed, weights[HEAD], logits);
+    project(sgemm, batch, dims[VOCAB], hidden, s.normed, weights[HEAD], &quantized[HEAD], logits,
+            s.product);
     free(scratch);
     free(chosen);
     return 0;

@@ -24,7 +24,7 @@ import ctypes
 import operator
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -37,9 +37,10 @@ _SIGNATURES = {
     "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
-    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 6,
+    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 7,
+    "fm_quantized_products": [],
 }
-_RESULTS = {"fm_decode": ctypes.c_int}
+_RESULTS = {"fm_decode": ctypes.c_int, "fm_quantized_products": ctypes.c_int}
 # fm_decode's weights, in the order of its enums (fm_cpu.c): the model's, then each layer's.
 MODEL_WEIGHTS = ("embeddings", "final_norm", "head")
 LAYER_WEIGHTS = (
@@ -241,6 +242,36 @@ def gate_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.a
     return mx.array(out)
 
 
+class Quantized(NamedTuple):
+    """A quantized layer's matrix as fm_decode multiplies by it (`takes_quantized`)."""
+
+    weight: mx.array  # uint32 words of packed values, (outputs, inputs · bits / 32)
+    scales: mx.array  # (outputs, inputs / group_size)
+    biases: mx.array
+    bits: int
+    group_size: int
+
+
+class _QuantizedMatrix(ctypes.Structure):
+    _fields_ = [("packed", _POINTER), ("scales", _POINTER), ("biases", _POINTER)]
+    _fields_ += [("bits", _LONG), ("group", _LONG)]
+
+
+def takes_quantized(mode: str, bits: int, group_size: int) -> bool:
+    """Whether fm_decode multiplies by a matrix so quantized itself, rather than by its float
+    copy: MLX's affine mode, whole groups of 8 words (group_size · bits a multiple of 256), on a
+    CPU where that product is fast (x86-64 with AVX2 and FMA: 0.2 ns a weight on one core, where
+    OpenBLAS's float sgemv streams 4 bytes a weight)."""
+    functions = _functions()
+    return (
+        mode == "affine"
+        and bits in (2, 4, 8)
+        and group_size * bits % 256 == 0
+        and functions is not None
+        and functions["fm_quantized_products"]() == 1
+    )
+
+
 class DecodeStep:
     """fm_decode (fm_cpu.c): a decode step of the whole model in C, one token a row, on the
     weights it was made with. A decode step on MLX ops is one compiled graph, but on the CPU
@@ -258,19 +289,27 @@ class DecodeStep:
         self._dims = (ctypes.c_long * len(dims))(*dims)
         self._temperature, self._eps = args.router_temperature, args.rms_norm_eps
         self._vocab_size = args.vocab_size
-        mx.eval([w for w in weights if w is not None])
+        mx.eval(_arrays(weights))
         conv_weights = range(
             len(MODEL_WEIGHTS) + LAYER_WEIGHTS.index("conv_weight"),
             len(weights),
             len(LAYER_WEIGHTS),
         )
         self._hosts = [
-            None
+            [np.ascontiguousarray(a) for a in w[:3]]
+            if isinstance(w, Quantized)
+            else None
             if w is None
             else np.ascontiguousarray(_conv_taps_first(w) if i in conv_weights else w)
             for i, w in enumerate(weights)
         ]
-        self._pointers = _pointers(self._hosts)
+        self._pointers = _pointers([None if isinstance(h, list) else h for h in self._hosts])
+        self._quantized = (_QuantizedMatrix * len(weights))()
+        for i, w in enumerate(weights):
+            if isinstance(w, Quantized):
+                self._quantized[i] = _QuantizedMatrix(
+                    *map(_address, self._hosts[i]), w.bits, w.group_size
+                )
         self._sgemm = sgemm_address()
         inner = args.num_heads * args.head_dim
         self._contents_shapes = [(args.num_heads, args.num_slots, args.head_dim)]
@@ -279,11 +318,17 @@ class DecodeStep:
         self._logits = np.empty((0, 1, args.vocab_size), np.float32)  # reused: its copy is returned
 
     @staticmethod
-    def takes(weights: list[mx.array | None]) -> bool:
-        return all(w is None or w.dtype == mx.float32 for w in weights)
+    def takes(weights: list) -> bool:
+        return all(
+            (w.weight.dtype == mx.uint32 and w.scales.dtype == w.biases.dtype == mx.float32)
+            if isinstance(w, Quantized)
+            else w is None or w.dtype == mx.float32
+            for w in weights
+        )
 
-    def made_from(self, weights: list[mx.array | None]) -> bool:
-        return len(weights) == len(self.weights) and all(map(operator.is_, weights, self.weights))
+    def made_from(self, weights: list) -> bool:
+        made, given = _arrays(self.weights), _arrays(weights)
+        return len(made) == len(given) and all(map(operator.is_, made, given))
 
     def __call__(
         self, tokens: mx.array, contents: list[list[mx.array]], mask: mx.array | None
@@ -314,6 +359,7 @@ class DecodeStep:
             *(len(tokens), self._dims, self._temperature, self._eps, _address(tokens)),
             None if mask is None else _address(mask),
             self._pointers,
+            self._quantized,
             _pointers(_pairs([[np.asarray(a) for a in layer] for layer in after])),
             _address(self._logits),
             self._sgemm,
@@ -321,6 +367,13 @@ class DecodeStep:
         if failed:
             raise MemoryError("no memory for a decode step's scratch")
         return mx.array(self._logits), after
+
+
+def _arrays(weights: list) -> list[mx.array]:
+    """The arrays of `weights` (a Quantized one's three), in order."""
+    return [
+        a for w in weights if w is not None for a in (w[:3] if isinstance(w, Quantized) else [w])
+    ]
 
 
 def _conv_taps_first(weight: mx.array) -> np.ndarray:
