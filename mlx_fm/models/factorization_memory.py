@@ -449,7 +449,7 @@ class Model(nn.Module):
         """The decode step in C (native.DecodeStep), or None where it does not run: in training,
         without an optimized BLAS or a C compiler, inside mx.compile or mx.vmap, on a cache
         that is not float32, or on weights other than float32 ones of plain Linear and
-        Embedding layers (or a quantized layer's float copy, `_FloatCopies`)."""
+        Embedding layers and quantized ones (`_decode_matrix`)."""
         if self.training or not native.decodes_here():
             return None
         weights = self._decode_weights()
@@ -469,7 +469,7 @@ class Model(nn.Module):
             return None
         return self._step_in_c(inputs, contents, mask)
 
-    def _decode_weights(self) -> Optional[list[Optional[mx.array]]]:
+    def _decode_weights(self) -> Optional[list]:
         """The weights fm_decode takes, in its order (native.MODEL_WEIGHTS, LAYER_WEIGHTS),
         None for a conv or MLP the model has not; None if a matrix cannot be had as one. Read
         every step (a plain walk of the module dicts: weights may have been replaced)."""
@@ -513,7 +513,7 @@ class Model(nn.Module):
         return weights
 
 
-def _layer_decode_weights(layer: Block) -> Optional[list[Optional[mx.array]]]:
+def _layer_decode_weights(layer: Block) -> Optional[list]:
     """A block's weights in fm_decode's order (native.LAYER_WEIGHTS); see `_decode_weights`."""
     mixer, mlp = layer["mixer"], layer.get("mlp")
     matrices = [_decode_matrix(mixer["in_proj"]), _decode_matrix(mixer["out_proj"])]

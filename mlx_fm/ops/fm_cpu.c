@@ -362,6 +362,12 @@ static void normalize_rows(const float *in, const float *weight, long rows, long
         normalize(out + row * channels, weight, channels, eps);
 }
 
+/* The width of in_proj's output: z and x (E each), the router logits (H·m), update and merge
+   logits (H each). */
+static long projected_size(const long *dims) {
+    return 2 * dims[HEADS] * dims[WIDTH] + dims[HEADS] * dims[SLOTS] + 2 * dims[HEADS];
+}
+
 static void add(float *restrict to, const float *restrict values, long count) {
     for (long i = 0; i < count; i++)
         to[i] += values[i];
@@ -381,8 +387,7 @@ typedef struct {
 static void mix_row(const Step *s, const float *const *w, float *const *contents, long b) {
     long heads = s->dims[HEADS], slots = s->dims[SLOTS], width = s->dims[WIDTH];
     long inner = heads * width, taps = s->dims[TAPS];
-    long size = 2 * inner + heads * slots + 2 * heads;
-    const float *row = s->projected + b * size, *gate = row, *router = row + 2 * inner;
+    const float *row = s->projected + b * projected_size(s->dims), *gate = row, *router = row + 2 * inner;
     int masked = s->mask && !s->mask[b];
     float *x = s->window + (taps > 1 ? taps - 1 : 0) * inner, *x_bar = s->x_bar + b * inner;
     if (taps > 1)
@@ -414,7 +419,7 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
 static void layer_step(const Step *s, long batch, const float *const *w, const Quantized *q,
                        float *const *contents, sgemm_function sgemm) {
     long hidden = s->dims[HIDDEN], inner = s->dims[HEADS] * s->dims[WIDTH];
-    long size = 2 * inner + s->dims[HEADS] * s->dims[SLOTS] + 2 * s->dims[HEADS];
+    long size = projected_size(s->dims);
     normalize_rows(s->hidden, w[NORM], batch, hidden, s->eps, s->normed);
     project(sgemm, batch, size, hidden, s->normed, w[IN_PROJ], &q[IN_PROJ], s->projected,
             s->product);
@@ -443,7 +448,7 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
               const unsigned char *mask, const float *const *weights, const Quantized *quantized,
               float *const *contents, float *logits, sgemm_function sgemm) {
     long hidden = dims[HIDDEN], inner = dims[HEADS] * dims[WIDTH], taps = dims[TAPS];
-    long size = 2 * inner + dims[HEADS] * dims[SLOTS] + 2 * dims[HEADS];
+    long size = projected_size(dims); /* s.projected also holds the MLP's gates and ups */
     if (size < 2 * dims[INTERMEDIATE])
         size = 2 * dims[INTERMEDIATE];
     long widest = hidden > inner ? hidden : inner;

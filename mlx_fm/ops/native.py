@@ -120,7 +120,11 @@ def _functions() -> dict | None:
         else:
             for name, function in functions.items():
                 function.argtypes, function.restype = _SIGNATURES[name], _RESULTS.get(name)
-            _library.update(functions=functions, reason="built")
+            _library.update(
+                functions=functions,
+                reason="built",
+                quantized_products=functions["fm_quantized_products"]() == 1,
+            )
     return _library["functions"]
 
 
@@ -261,14 +265,14 @@ def takes_quantized(mode: str, bits: int, group_size: int) -> bool:
     """Whether fm_decode multiplies by a matrix so quantized itself, rather than by its float
     copy: MLX's affine mode, whole groups of 8 words (group_size · bits a multiple of 256), on a
     CPU where that product is fast (x86-64 with AVX2 and FMA: 0.2 ns a weight on one core, where
-    OpenBLAS's float sgemv streams 4 bytes a weight)."""
-    functions = _functions()
+    OpenBLAS's float sgemv streams 4 bytes a weight; asked of the CPU once, as the library
+    loads)."""
     return (
         mode == "affine"
         and bits in (2, 4, 8)
         and group_size * bits % 256 == 0
-        and functions is not None
-        and functions["fm_quantized_products"]() == 1
+        and _functions() is not None
+        and _library["quantized_products"]
     )
 
 
@@ -279,9 +283,10 @@ class DecodeStep:
     fm_decode alone calls out to. Call only where `decodes_here()` and `evaluates_here(...)`
     hold."""
 
-    def __init__(self, args, weights: list[mx.array | None]) -> None:
+    def __init__(self, args, weights: list[mx.array | Quantized | None]) -> None:
         """`args`: the model's ModelArgs; `weights`: MODEL_WEIGHTS, then LAYER_WEIGHTS for
-        each layer, float32 (see `takes`), None for a conv or MLP the model has not."""
+        each layer, float32 arrays or a quantized layer's `Quantized` (see `takes`), None for a
+        conv or MLP the model has not."""
         self.weights = weights
         top_k = min(args.top_k, args.num_slots)
         dims = (args.hidden_size, args.num_hidden_layers, args.num_heads, args.num_slots)
