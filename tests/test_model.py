@@ -1,5 +1,7 @@
 """The FM language model as an mlx-lm model: config, weights, cache, generation."""
 
+import copy
+
 from mlx_fm import ModelArgs, load
 from mlx_fm.cache import FMCache
 from mlx_fm.models import factorization_memory
@@ -371,6 +373,30 @@ def test_an_inference_decode_step_runs_in_c_and_equals_the_compiled_step(overrid
     tokens = ([[9], [10]], [[11], [12]], [[13], [14]], [[15], [16]])
     assert_decodes_alike(model, prompt, tokens, update_at=2)
     assert len(calls) == len(tokens)
+
+
+def test_the_c_step_runs_on_layers_replaced_after_it_ran(monkeypatch):
+    """A layer replaced between steps (a projection, with new weights) is what the next step
+    multiplies by; LoRA layers, which the C step cannot take, leave the step to MLX ops."""
+    calls = decode_steps_in_c(monkeypatch)
+    model = tiny_model()
+    model.eval()
+    cache = make_prompt_cache(model)
+    model(mx.array([[5, 80, 31, 7, 99]]), cache=cache)
+    model(mx.array([[9]]), cache=cache)
+    mx.random.seed(7)
+    mlp = model.layers[1].mlp
+    mlp.down_proj = nn.Linear(model.args.intermediate_size, model.args.hidden_size, bias=False)
+    on_ops = copy.deepcopy(cache)
+    model.train()
+    expected = model(mx.array([[11]]), cache=on_ops)
+    model.eval()
+    assert relative_error(model(mx.array([[11]]), cache=cache), expected) < 1e-5
+    assert len(calls) == 2
+    linear_to_lora_layers(model, 1, {"rank": 2, "scale": 1.0, "dropout": 0.0})
+    model.eval()
+    model(mx.array([[13]]), cache=cache)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("group_size", [32, 64])

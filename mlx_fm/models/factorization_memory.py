@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_ssm_mask
 
-from ..cache import DEFAULT_MAX_UNDO, Contents, FMCache
+from ..cache import DEFAULT_MAX_UNDO, Contents, FMCache, Overwritten
 from ..layout import MODEL_TYPE, model_settings, with_conv_layout
 from ..ops import fm_mix_keeping, native
 from ..ops.activations import silu
@@ -395,6 +395,7 @@ class Model(nn.Module):
         object.__setattr__(self, "_float_copies", [])
         object.__setattr__(self, "_float_sources", [])
         object.__setattr__(self, "_step_in_c", None)  # a native.DecodeStep, made when first used
+        object.__setattr__(self, "_weights_read", None)  # how it found its weights (_Reads)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
@@ -421,14 +422,14 @@ class Model(nn.Module):
         compiled graph over every layer: per-op dispatch, not arithmetic, is most of a decode
         step's cost. The caches are its inputs and outputs."""
         mask = create_ssm_mask(inputs, cache[0])
-        stepped = self._decode_in_c(inputs, [c.cache for c in cache], mask)
-        if stepped is None:
+        logits = self._decode_in_c(inputs, cache, mask)
+        if logits is None:
             _FloatCopies.refresh(self, self._float_copies, self._float_sources)
-            stepped = self._decode_compiled(inputs, [c.cache for c in cache], mask)
-        logits, contents = stepped
-        for layer_cache, after in zip(cache, contents):
-            keep = layer_cache.snapshots_for(1)
-            layer_cache.record([layer_cache.cache, after][1 - keep :], 1)
+            logits, contents = self._decode_compiled(inputs, [c.cache for c in cache], mask)
+            for layer_cache, after in zip(cache, contents):
+                keep = layer_cache.snapshots_for(1)
+                layer_cache.record([layer_cache.cache, after][1 - keep :], 1)
+        for layer_cache in cache:
             layer_cache.advance(1)
         return logits
 
@@ -444,43 +445,63 @@ class Model(nn.Module):
             _FloatCopies.tracing_decode.reset(tracing)
 
     def _decode_in_c(
-        self, inputs: mx.array, contents: list[Contents], mask: Optional[mx.array]
-    ) -> Optional[tuple[mx.array, list[Contents]]]:
-        """The decode step in C (native.DecodeStep), or None where it does not run: in training,
+        self, inputs: mx.array, cache: list[FMCache], mask: Optional[mx.array]
+    ) -> Optional[mx.array]:
+        """The decode step in C (native.DecodeStep), which updates the caches' contents in place
+        and records what it overwrote; its logits, or None where it does not run: in training,
         without an optimized BLAS or a C compiler, inside mx.compile or mx.vmap, on a cache
         that is not float32, or on weights other than float32 ones of plain Linear and
         Embedding layers and quantized ones (`_decode_matrix`)."""
         if self.training or not native.decodes_here():
             return None
-        weights = self._decode_weights()
+        if self._step_in_c is None or not self._weights_read.unchanged():
+            if not self._make_step_in_c():
+                return None
+        if not all(c.holds_float32() for c in cache):  # e.g. a cache saved from a bf16 model
+            return None
+        if not native.evaluates_here(inputs, *([] if mask is None else [mask])):
+            return None
+        keep = any(c.snapshots_for(1) for c in cache)
+        contents = [[a for a in c.writable_contents() if a is not None] for c in cache]
+        logits, overwritten = self._step_in_c(inputs, contents, mask, keep)
+        for layer, layer_cache in enumerate(cache):
+            layer_cache.record_overwritten(Overwritten(overwritten, layer) if keep else None)
+        return logits
+
+    def _make_step_in_c(self) -> bool:
+        """Make the decode step in C on the model's weights as they are now, unless it is made
+        on them already; False where it cannot take them (see `_decode_in_c`)."""
+        read = _Reads()
+        weights = self._decode_weights(read)
         if weights is None:  # perhaps a quantized layer without a float copy (yet)
             _FloatCopies.refresh(self, self._float_copies, self._float_sources)
-            weights = self._decode_weights()
-        if weights is None:
-            return None
+            read = _Reads()
+            weights = self._decode_weights(read)
+        if weights is None or not native.DecodeStep.takes(weights):
+            object.__setattr__(self, "_step_in_c", None)
+            return False
         if self._step_in_c is None or not self._step_in_c.made_from(weights):
-            if not native.DecodeStep.takes(weights):
-                return None
             object.__setattr__(self, "_step_in_c", native.DecodeStep(self.args, weights))
-        arrays = [a for c in contents for a in c]
-        if any(a.dtype != mx.float32 for a in arrays):  # e.g. a cache saved from a bf16 model
-            return None
-        if not native.evaluates_here(inputs, *arrays, *([] if mask is None else [mask])):
-            return None
-        return self._step_in_c(inputs, contents, mask)
+        object.__setattr__(self, "_weights_read", read)
+        return True
 
-    def _decode_weights(self) -> Optional[list]:
+    def _decode_weights(self, read: "_Reads") -> Optional[list]:
         """The weights fm_decode takes, in its order (native.MODEL_WEIGHTS, LAYER_WEIGHTS),
-        None for a conv or MLP the model has not; None if a matrix cannot be had as one. Read
-        every step (a plain walk of the module dicts: weights may have been replaced)."""
-        backbone = self["backbone"]
-        embeddings = _decode_matrix(backbone["embeddings"])
-        head = embeddings if self.args.tie_word_embeddings else _decode_matrix(self["lm_head"])
+        None for a conv or MLP the model has not; None if a matrix cannot be had as one. A walk
+        of the module dicts, each look-up through `read`, which can tell each step whether a
+        walk would find the same (weights may have been replaced)."""
+        backbone = read(self, "backbone")
+        embeddings = _decode_matrix(read(backbone, "embeddings"), read)
+        head = (
+            embeddings
+            if self.args.tie_word_embeddings
+            else _decode_matrix(read(self, "lm_head"), read)
+        )
         if embeddings is None or head is None:
             return None
-        weights = [embeddings, backbone["norm_f"]["weight"], head]
-        for layer in backbone["layers"]:
-            layer_weights = _layer_decode_weights(layer)
+        weights = [embeddings, read(read(backbone, "norm_f"), "weight"), head]
+        for layer in read.items(read(backbone, "layers")):
+            layer_weights = _layer_decode_weights(layer, read)
             if layer_weights is None:
                 return None
             weights += layer_weights
@@ -513,40 +534,75 @@ class Model(nn.Module):
         return weights
 
 
-def _layer_decode_weights(layer: Block) -> Optional[list]:
+def _layer_decode_weights(layer: Block, read: "_Reads") -> Optional[list]:
     """A block's weights in fm_decode's order (native.LAYER_WEIGHTS); see `_decode_weights`."""
-    mixer, mlp = layer["mixer"], layer.get("mlp")
-    matrices = [_decode_matrix(mixer["in_proj"]), _decode_matrix(mixer["out_proj"])]
+    mixer, mlp = read(layer, "mixer"), read(layer, "mlp")
+    matrices = [_decode_matrix(read(mixer, name), read) for name in ("in_proj", "out_proj")]
     if mlp is not None:
-        matrices += [_decode_matrix(mlp[name]) for name in ("gate_proj", "up_proj", "down_proj")]
+        names = ("gate_proj", "up_proj", "down_proj")
+        matrices += [_decode_matrix(read(mlp, name), read) for name in names]
     if any(matrix is None for matrix in matrices):
         return None
-    conv = mixer.get("conv1d")
+    conv = read(mixer, "conv1d")
     return [
-        layer["norm"]["weight"],
+        read(read(layer, "norm"), "weight"),
         matrices[0],
-        *((None, None) if conv is None else (conv["weight"], conv["bias"])),
-        mixer["eta_bias"],
-        mixer["mu_bias"],
-        mixer["norm"]["weight"],
+        *((None, None) if conv is None else (read(conv, "weight"), read(conv, "bias"))),
+        read(mixer, "eta_bias"),
+        read(mixer, "mu_bias"),
+        read(read(mixer, "norm"), "weight"),
         matrices[1],
-        *([None] * 4 if mlp is None else [layer["mlp_norm"]["weight"], *matrices[2:]]),
+        *([None] * 4 if mlp is None else [read(read(layer, "mlp_norm"), "weight"), *matrices[2:]]),
     ]
 
 
-def _decode_matrix(layer: nn.Module) -> Optional[mx.array | native.Quantized]:
+def _decode_matrix(layer: nn.Module, read: "_Reads") -> Optional[mx.array | native.Quantized]:
     """The matrix a Linear or Embedding `layer` multiplies by in a decode step, as fm_decode
     takes it: its weight; a quantized layer's own (`native.takes_quantized`) or else its float
-    copy; None for any other layer (e.g. one with a bias, or LoRA's)."""
-    if "bias" in layer:
+    copy (kept while its weight is the same array); None for any other layer (e.g. one with a
+    bias, or LoRA's)."""
+    if read(layer, "bias") is not None:
         return None
+    weight = read(layer, "weight")
     if isinstance(layer, _QUANTIZED):
-        if "biases" in layer and native.takes_quantized(layer.mode, layer.bits, layer.group_size):
+        if read(layer, "biases") is not None and native.takes_quantized(
+            layer.mode, layer.bits, layer.group_size
+        ):
             return native.Quantized(
-                layer["weight"], layer["scales"], layer["biases"], layer.bits, layer.group_size
+                weight, read(layer, "scales"), layer["biases"], layer.bits, layer.group_size
             )
         return _FloatCopies.of(layer)
-    return layer["weight"] if isinstance(layer, (nn.Linear, nn.Embedding)) else None
+    return weight if isinstance(layer, (nn.Linear, nn.Embedding)) else None
+
+
+class _Reads:
+    """The module-dict look-ups of a walk of the model, each with what it found: while
+    `unchanged()` (one pass over them), the walk would find the same."""
+
+    def __init__(self) -> None:
+        self.containers, self.keys, self.found = [], [], []
+        self.lists: list[tuple[list, tuple]] = []
+
+    def __call__(self, container: dict, key: str):
+        """container.get(key), recorded."""
+        found = container.get(key)
+        self.containers.append(container)
+        self.keys.append(key)
+        self.found.append(found)
+        return found
+
+    def items(self, items: list) -> list:
+        """`items` (a list of modules), its items recorded."""
+        self.lists.append((items, tuple(items)))
+        return items
+
+    def unchanged(self) -> bool:
+        return all(
+            map(operator.is_, map(dict.get, self.containers, self.keys), self.found)
+        ) and all(
+            len(items) == len(seen) and all(map(operator.is_, items, seen))
+            for items, seen in self.lists
+        )
 
 
 def _decodes_whole(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:
@@ -558,5 +614,5 @@ def _decodes_whole(inputs: mx.array, cache: Optional[list[FMCache]]) -> bool:
         and inputs.ndim == 2
         and inputs.shape[1] == 1
         and not use_kernels()
-        and all(c.lengths is None and all(a is not None for a in c.cache) for c in cache)
+        and all(c.lengths is None and c.holds_contents() for c in cache)
     )

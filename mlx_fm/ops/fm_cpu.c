@@ -11,7 +11,8 @@
    they stay bit for bit as they were. The heads are independent and are shared among
    `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P), router
    (B, T, H, m), update and merge (B, T, H), biases (H), mask (B, T) bytes or null, state
-   (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a thread. */
+   (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a thread. A decode step may also
+   keep what it overwrites (Share's written and overwritten: see fm_decode). */
 
 #include <math.h>
 #include <pthread.h>
@@ -27,6 +28,8 @@ typedef struct {
     const unsigned char *mask;
     float *state, *out, *weights; /* weights: top_k floats of scratch */
     long *chosen;                 /* top_k slot indices of scratch */
+    int *written;                 /* null, or (heads, top_k): the slots each head writes */
+    float *overwritten;           /* with written: (heads, top_k, width), their rows before */
 } Share;
 
 static float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -74,6 +77,13 @@ static void mix_token(const Share *s, long row, long t, long head) {
         eta = 0.0f;
     for (long p = 0; p < width; p++)
         out[p] = 0.0f;
+    if (s->written) {
+        for (long j = 0; j < chosen; j++) {
+            s->written[head * s->top_k + j] = (int)s->chosen[j];
+            memcpy(s->overwritten + (head * s->top_k + j) * width, state + s->chosen[j] * width,
+                   width * sizeof(float));
+        }
+    }
     for (long j = 0; j < chosen; j++) {
         float weight = s->weights[j];
         if (weight == 0.0f)
@@ -134,7 +144,7 @@ void fm_mix(long batch, long length, long heads, long slots, long width, long to
         shares[k] = (Share){batch, length, heads, slots, width, top_k, heads * k / threads,
                             heads * (k + 1) / threads, temperature, x, router, update, merge,
                             eta_bias, mu_bias, mask, state, out, (float *)(scratch + 2 * k * top_k),
-                            scratch + (2 * k + 1) * top_k};
+                            scratch + (2 * k + 1) * top_k, 0, 0};
     run_shares(mix_share, (char *)shares, sizeof(Share), threads);
 }
 
@@ -247,6 +257,10 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
      not, and for a quantized matrix, whose entry in `quantized` (as long as weights) has it;
    - contents: each layer's state (B, H, m, P) and last K−1 conv inputs (B, K−1, E), updated
      in place (no conv inputs when K < 2);
+   - written, overwritten, left: null, or what the step overwrites in the contents, to undo it
+     by: the slots each layer writes (layers, B, H, top_k), their rows before (layers, B, H,
+     top_k, P), and the conv input that leaves each layer's window (layers, B, E; null when
+     K < 2);
    - logits (B, vocab). */
 
 typedef void (*sgemm_function)(int, int, int, int, int, int, float, const float *, int,
@@ -379,6 +393,8 @@ typedef struct {
     const unsigned char *mask;
     float *hidden, *normed, *projected, *window, *x_bar, *merged, *gated, *out, *product;
     long *chosen;
+    int *written; /* this layer's: see fm_decode */
+    float *overwritten, *left;
 } Step;
 
 /* The mixer of one layer on row b of s->projected (z, x, router, update and merge logits):
@@ -401,15 +417,20 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
         for (long c = 0; c < inner; c++)
             x_bar[c] = silu(x[c]);
     }
-    if (taps > 1)
+    if (taps > 1) {
+        if (s->left)
+            memcpy(s->left + b * inner, s->window, inner * sizeof(float));
         memcpy(contents[1] + b * (taps - 1) * inner, s->window + inner,
                (taps - 1) * inner * sizeof(float));
-    long state_size = heads * slots * width;
+    }
+    long state_size = heads * slots * width, top_k = s->dims[TOP_K];
     float *state = contents[0] + b * state_size;
     Share mix = {1, 1, heads, slots, width, s->dims[TOP_K], 0, heads, s->temperature, x_bar,
                  router, router + heads * slots, router + heads * slots + heads, w[ETA_BIAS],
                  w[MU_BIAS], s->mask ? s->mask + b : 0, state, s->merged,
-                 (float *)s->chosen, s->chosen + s->dims[TOP_K]};
+                 (float *)s->chosen, s->chosen + top_k,
+                 s->written ? s->written + b * heads * top_k : 0,
+                 s->written ? s->overwritten + b * heads * top_k * width : 0};
     mix_share(&mix);
     Rows norm = {0, inner, 0, 0, 1, s->eps, s->merged, w[MIXER_NORM], 0, gate,
                  s->gated + b * inner};
@@ -443,10 +464,15 @@ static void layer_step(const Step *s, long batch, const float *const *w, const Q
     add(s->hidden, s->out, batch * hidden);
 }
 
-/* Returns 0, or 1 when scratch memory could not be had (nothing is then written). */
+/* Returns 0; or, with nothing written, 1 when scratch memory could not be had, 2 for a token
+   out of [0, vocab). */
 int fm_decode(long batch, const long *dims, float temperature, float eps, const long *tokens,
               const unsigned char *mask, const float *const *weights, const Quantized *quantized,
-              float *const *contents, float *logits, sgemm_function sgemm) {
+              float *const *contents, int *written, float *overwritten, float *left,
+              float *logits, sgemm_function sgemm) {
+    for (long b = 0; b < batch; b++)
+        if (tokens[b] < 0 || tokens[b] >= dims[VOCAB])
+            return 2;
     long hidden = dims[HIDDEN], inner = dims[HEADS] * dims[WIDTH], taps = dims[TAPS];
     long size = projected_size(dims); /* s.projected also holds the MLP's gates and ups */
     if (size < 2 * dims[INTERMEDIATE])
@@ -479,8 +505,14 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
             memcpy(s.hidden + b * hidden, weights[EMBEDDINGS] + tokens[b] * hidden,
                    hidden * sizeof(float));
     }
+    long written_size = batch * dims[HEADS] * dims[TOP_K];
     for (long layer = 0; layer < dims[LAYERS]; layer++) {
         long first = MODEL_WEIGHTS + layer * LAYER_WEIGHTS;
+        if (written) {
+            s.written = written + layer * written_size;
+            s.overwritten = overwritten + layer * written_size * dims[WIDTH];
+            s.left = left ? left + layer * batch * inner : 0;
+        }
         layer_step(&s, batch, weights + first, quantized + first, contents + 2 * layer, sgemm);
     }
     normalize_rows(s.hidden, weights[FINAL_NORM], batch, hidden, eps, s.normed);

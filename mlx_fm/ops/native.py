@@ -37,7 +37,7 @@ _SIGNATURES = {
     "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
-    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 7,
+    "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
 }
 _RESULTS = {"fm_decode": ctypes.c_int, "fm_quantized_products": ctypes.c_int}
@@ -320,7 +320,14 @@ class DecodeStep:
         self._contents_shapes = [(args.num_heads, args.num_slots, args.head_dim)]
         if args.conv_kernel > 1:
             self._contents_shapes.append((args.conv_kernel - 1, inner))
+        self._overwritten_shapes = [
+            (args.num_heads, top_k),
+            (args.num_heads, top_k, args.head_dim),
+            (inner,) if args.conv_kernel > 1 else None,
+        ]
         self._logits = np.empty((0, 1, args.vocab_size), np.float32)  # reused: its copy is returned
+        self._contents, self._contents_pointers = [], None  # the last contents, checked
+        self._layout = None  # of what a step overwrites, for the last batch size
 
     @staticmethod
     def takes(weights: list) -> bool:
@@ -336,42 +343,108 @@ class DecodeStep:
         return len(made) == len(given) and all(map(operator.is_, made, given))
 
     def __call__(
-        self, tokens: mx.array, contents: list[list[mx.array]], mask: mx.array | None
-    ) -> tuple[mx.array, list[list[mx.array]]]:
-        """(logits (B, 1, vocab), each layer's contents after the step) for `tokens` (B, 1)
-        on each layer's cache contents [state, last conv inputs], float32. A ValueError for a
-        token out of the vocabulary, which MLX's gather would read past the embeddings for."""
+        self,
+        tokens: mx.array,
+        contents: list[list[mx.array]],
+        mask: mx.array | None,
+        keep_overwritten: bool,
+    ) -> tuple[mx.array, "StepOverwrites | None"]:
+        """The logits (B, 1, vocab) for `tokens` (B, 1), having updated each layer's cache
+        contents [state, last conv inputs] in place: float32 arrays, evaluated and contiguous,
+        that are the caller's to change (FMCache.writable_contents); and if `keep_overwritten`,
+        what the step overwrote in them, to undo it by. A ValueError for a token out of the
+        vocabulary, which MLX's gather would read past the embeddings for, and for contents of
+        other shapes."""
         tokens = np.asarray(tokens).astype(np.int64).reshape(-1)
-        outside = tokens[(tokens < 0) | (tokens >= self._vocab_size)]
-        if outside.size:
-            raise ValueError(
-                f"token id {outside[0]} is out of the vocabulary (0 to {self._vocab_size - 1})"
-            )
-        expected = [(len(tokens), *shape) for shape in self._contents_shapes]
-        for layer in contents:
-            if [tuple(a.shape) for a in layer] != expected:
-                raise ValueError(
-                    f"a cache holds arrays of shapes {[tuple(a.shape) for a in layer]}, not "
-                    f"{expected}: a cache made for another model or batch?"
-                )
-        # Fresh MLX arrays, copies of the contents, which the step updates in place before
-        # anyone else sees them (a cache keeps the contents it had, to rewind to).
-        after = [[mx.array(np.ascontiguousarray(a)) for a in layer] for layer in contents]
+        pointers = self._pointers_to(contents, len(tokens))
         if len(self._logits) != len(tokens):
             self._logits = np.empty((len(tokens), 1, self._vocab_size), np.float32)
+        if self._layout is None or self._layout.batch != len(tokens):
+            self._layout = _layout(len(contents), len(tokens), self._overwritten_shapes)
+        overwritten = StepOverwrites(self._layout) if keep_overwritten else None
         mask = None if mask is None else np.asarray(mask).astype(np.uint8).reshape(-1)
         failed = _functions()["fm_decode"](
             *(len(tokens), self._dims, self._temperature, self._eps, _address(tokens)),
             None if mask is None else _address(mask),
             self._pointers,
             self._quantized,
-            _pointers(_pairs([[np.asarray(a) for a in layer] for layer in after])),
+            pointers,
+            *((None,) * 3 if overwritten is None else overwritten.addresses),
             _address(self._logits),
             self._sgemm,
         )
+        if failed == 2:
+            outside = tokens[(tokens < 0) | (tokens >= self._vocab_size)][0]
+            raise ValueError(
+                f"token id {outside} is out of the vocabulary (0 to {self._vocab_size - 1})"
+            )
         if failed:
             raise MemoryError("no memory for a decode step's scratch")
-        return mx.array(self._logits), after
+        return mx.array(self._logits), overwritten
+
+    def _pointers_to(self, contents: list[list[mx.array]], batch: int):
+        """fm_decode's pointers to the contents, checked to be of this model's shapes (kept
+        while they are the same arrays: a decode step in C updates them in place)."""
+        arrays = [a for layer in contents for a in layer]
+        if len(arrays) == len(self._contents) and all(map(operator.is_, arrays, self._contents)):
+            if self._contents[0].shape[0] == batch:
+                return self._contents_pointers
+        expected = [(batch, *shape) for shape in self._contents_shapes]
+        for layer in contents:
+            if [tuple(a.shape) for a in layer] != expected:
+                raise ValueError(
+                    f"a cache holds arrays of shapes {[tuple(a.shape) for a in layer]}, not "
+                    f"{expected}: a cache made for another model or batch?"
+                )
+        self._contents_pointers = _pointers(
+            _pairs([[np.asarray(a) for a in layer] for layer in contents])
+        )
+        self._contents = arrays
+        return self._contents_pointers
+
+
+class _Layout(NamedTuple):
+    """Where fm_decode's written, overwritten and left lie in one buffer of `size` floats, for
+    `layers` layers of `batch` rows: (shape, offset) each, None for no conv inputs."""
+
+    layers: int
+    batch: int
+    parts: list[tuple[tuple, int] | None]
+    size: int
+
+
+def _layout(layers: int, batch: int, shapes: list[tuple | None]) -> _Layout:
+    parts, size = [], 0
+    for shape in shapes:
+        parts.append(None if shape is None else ((layers, batch, *shape), size))
+        size += 0 if shape is None else layers * batch * int(np.prod(shape))
+    return _Layout(layers, batch, parts, size)
+
+
+class StepOverwrites:
+    """What a decode step in C overwrote in every layer's contents, to undo it by, in one
+    buffer: fm_decode's written, overwritten and left."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self._layout = layout
+        self._buffer = np.empty(layout.size, np.float32)
+        start = _address(self._buffer)
+        self.addresses = tuple(None if p is None else start + 4 * p[1] for p in layout.parts)
+
+    def of_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Layer `layer`'s: the slots each head wrote (B, H, k), their rows before (B, H, k,
+        P), and the conv input that left the window (B, E), None without conv inputs."""
+        slots, rows, left = (
+            None
+            if part is None
+            else self._buffer[part[1] : part[1] + int(np.prod(part[0]))].reshape(part[0])[layer]
+            for part in self._layout.parts
+        )
+        return slots.view(np.int32), rows, left
+
+    @property
+    def layer_nbytes(self) -> int:
+        return self._buffer.nbytes // self._layout.layers
 
 
 def _arrays(weights: list) -> list[mx.array]:
