@@ -9,8 +9,9 @@ and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
 
 Noise on a shared machine only ever slows a run down, so a decode rate is that of the
-fastest of four windows of its tokens, a prompt's that of the fastest of three runs (one
-run from 8,192 tokens on), and the limits below and training that of the fastest of their runs.
+fastest window of its tokens in about a second (four windows at least), as is the decode
+floor's below, a prompt's that of the fastest of three runs (one run from 8,192 tokens on),
+and the prompt bound and training that of the fastest of their runs.
 
 Each model is also held against this machine's limits, measured in the same run:
 the decode floor (a batch-1 decode step must stream every weight matrix once: the
@@ -47,7 +48,8 @@ from .training.trainer import make_train_step
 from .utils import parameter_count
 
 PREFILL_STEP = 2048
-DECODE_WINDOWS = 4  # decode is timed in this many windows of tokens, and the fastest counts
+DECODE_WINDOWS = 4  # decode and its floor are timed in at least this many windows of tokens,
+DECODE_SECONDS = 1.0  # and for about this long, and the fastest window counts
 PROMPT_RUNS = 3  # a prompt is timed this many times, each on a fresh cache, and the fastest counts
 ONE_PROMPT_RUN_FROM = 8192  # tokens: longer prompts are timed once (Llama's 16K takes minutes)
 BATCH_PROMPT_TOKENS = 128
@@ -125,9 +127,9 @@ def decode_window(decode_tokens: int) -> int:
 
 def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: float = 0.0):
     """(prompt tokens/s, decode tokens/s, peak GB) for one prompt of `context` tokens (the
-    fastest of its runs) and `decode_tokens` after it (the fastest of DECODE_WINDOWS windows of
-    them). The peak is `resident` GB (the model's own: see `resident_gb`) plus the most the two
-    added to it."""
+    fastest of its runs) and the tokens after it (the fastest window of `decode_window` tokens
+    in DECODE_SECONDS, and DECODE_WINDOWS windows at least: at least `decode_tokens`). The peak
+    is `resident` GB (the model's own: see `resident_gb`) plus the most the two added to it."""
     tokens = mx.random.randint(0, vocab_size, (1, context))
     mx.clear_cache()
     active_before = mx.get_active_memory()
@@ -144,14 +146,15 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
         prompt_seconds.append(time.perf_counter() - start)
     prompt_rate = context / min(prompt_seconds)
     window = decode_window(decode_tokens)
-    decode_rate = 0.0
-    for _ in range(-(-decode_tokens // window)):
-        start = time.perf_counter()
+
+    def decode():
+        nonlocal token
         for _ in range(window):
             token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1, keepdims=True)
             mx.async_eval(token)
         mx.eval(token)
-        decode_rate = max(decode_rate, window / (time.perf_counter() - start))
+
+    decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
     return prompt_rate, decode_rate, resident + (mx.get_peak_memory() - active_before) / 1e9
 
 
@@ -210,8 +213,8 @@ def timed_rate(work, count: int, seconds: float = 0.5, runs: int = 1) -> float:
 
 
 def decode_floor(model: nn.Module, steps: int = 16) -> float:
-    """Steps/s of the model's matrix-vector products alone, batch 1, timed in windows of
-    `steps` steps, as long as a decode window."""
+    """Steps/s of the model's matrix-vector products alone, batch 1, timed as a decode is
+    (`measure`): in windows of `steps` steps, as long as a decode window."""
     matrices = weight_matrices(model)
     vectors = [mx.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices]
 
@@ -219,7 +222,7 @@ def decode_floor(model: nn.Module, steps: int = 16) -> float:
         for _ in range(steps):
             mx.eval([v @ w.T for v, w in zip(vectors, matrices)])
 
-    return timed_rate(window, steps, seconds=1.0)
+    return timed_rate(window, steps, DECODE_SECONDS, DECODE_WINDOWS)
 
 
 def prompt_bound(model: nn.Module, hidden_size: int) -> float:
@@ -235,7 +238,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="mlx_fm.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=32,
+        help="decode is timed in windows of a quarter as many tokens, 4 at least (about 1 s)",
+    )
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--fm-layers", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
