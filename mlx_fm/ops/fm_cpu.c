@@ -425,7 +425,7 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
     }
     long state_size = heads * slots * width, top_k = s->dims[TOP_K];
     float *state = contents[0] + b * state_size;
-    Share mix = {1, 1, heads, slots, width, s->dims[TOP_K], 0, heads, s->temperature, x_bar,
+    Share mix = {1, 1, heads, slots, width, top_k, 0, heads, s->temperature, x_bar,
                  router, router + heads * slots, router + heads * slots + heads, w[ETA_BIAS],
                  w[MU_BIAS], s->mask ? s->mask + b : 0, state, s->merged,
                  (float *)s->chosen, s->chosen + top_k,
