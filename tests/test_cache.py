@@ -4,6 +4,7 @@ tokens were decoded in C (in place, keeping what each step overwrote) or on MLX 
 import copy
 
 from mlx_fm.cache import DEFAULT_MAX_UNDO, FMCache, Overwritten
+from mlx_fm.ops import native
 
 import mlx.core as mx
 import numpy as np
@@ -113,7 +114,7 @@ def test_decode_steps_in_c_rewind_in_place_to_the_exact_cache_of_then(overrides)
         model(steps[:, t : t + 1], cache=read)
         then.append(contents(read))
         model(steps[:, t : t + 1], cache=unread)
-    assert isinstance(unread[0].undo[-1], Overwritten) == model_decoding_in_c()
+    assert isinstance(unread[0].undo[-1], Overwritten) == native.decodes_here()
     trim_prompt_cache(unread, 5)
     assert_same_contents(unread, then[7])
     for n in range(8):
@@ -125,12 +126,6 @@ def test_decode_steps_in_c_rewind_in_place_to_the_exact_cache_of_then(overrides)
         trim_prompt_cache(rewound, n)
         model(prompt[:, : 16 - n], cache=shorter)
         assert_close_contents(rewound, shorter)
-
-
-def model_decoding_in_c() -> bool:
-    from mlx_fm.ops import native
-
-    return native.decodes_here()
 
 
 READS = {
@@ -218,7 +213,7 @@ def test_snapshots_cost_memory_bounded_by_max_undo(decode):
     assert sum(c.nbytes for c in cache) == size
     for _ in range(5):
         model(tokens(1), cache=cache)
-    in_c = decode == "decode in C" and model_decoding_in_c()
+    in_c = decode == "decode in C" and native.decodes_here()
     assert (sum(c.nbytes for c in cache) < size) == in_c
     assert sum(c.nbytes for c in cache) <= size
     assert cache[0].trimmable_tokens == 3
