@@ -69,7 +69,7 @@ class FMCache(ArraysCache):
         float32 arrays, evaluated and contiguous, that no one else was given; copies of the
         contents, the first time after someone read them."""
         if not self._writable:
-            self._contents = [None if a is None else _copy(a) for a in self._contents]
+            self._contents = _copies(self._contents)
             self._writable = True
         return self._contents
 
@@ -140,7 +140,7 @@ class FMCache(ArraysCache):
         contents, snapshots = self._contents, []
         for before in reversed(self.undo):
             if isinstance(before, Overwritten):
-                contents = [None if a is None else _copy(a) for a in contents]
+                contents = _copies(contents)
                 _undo(contents, before)
             else:
                 contents = before
@@ -183,9 +183,9 @@ class FMCache(ArraysCache):
         return self.__dict__ | {"undo": list(self.undo)}
 
 
-def _copy(array: mx.array) -> mx.array:
-    """A float32 copy of `array`, evaluated, in memory of its own."""
-    return mx.array(np.array(array, dtype=np.float32))
+def _copies(contents: Contents) -> Contents:
+    """Float32 copies of `contents`, evaluated, in memory of their own."""
+    return [None if a is None else mx.array(np.array(a, dtype=np.float32)) for a in contents]
 
 
 def _undo(contents: Contents, overwritten: Overwritten) -> None:

@@ -565,11 +565,10 @@ def _decode_matrix(layer: nn.Module, read: "_Reads") -> Optional[mx.array | nati
         return None
     weight = read(layer, "weight")
     if isinstance(layer, _QUANTIZED):
-        if read(layer, "biases") is not None and native.takes_quantized(
-            layer.mode, layer.bits, layer.group_size
-        ):
+        biases = read(layer, "biases")
+        if biases is not None and native.takes_quantized(layer.mode, layer.bits, layer.group_size):
             return native.Quantized(
-                weight, read(layer, "scales"), layer["biases"], layer.bits, layer.group_size
+                weight, read(layer, "scales"), biases, layer.bits, layer.group_size
             )
         return _FloatCopies.of(layer)
     return weight if isinstance(layer, (nn.Linear, nn.Embedding)) else None
