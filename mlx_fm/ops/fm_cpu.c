@@ -9,9 +9,10 @@
    with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ a·slot over those
    slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0 are skipped, so
    they stay bit for bit as they were. The heads are independent and are shared among
-   `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P), router
-   (B, T, H, m), update and merge (B, T, H), biases (H), mask (B, T) bytes or null, state
-   (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a thread. A decode step may also
+   `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P), biases (H), mask
+   (B, T) bytes or null, state (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a
+   thread; router (B, T, H, m), update and merge (B, T, H) contiguous within a token, and
+   strides[0..2] floats from one token's to the next's (columns of one projection, uncopied). A decode step may also
    keep what it overwrites (Share's written and overwritten: see fm_decode). */
 
 #include <math.h>
@@ -48,6 +49,7 @@ typedef struct {
     long batch, length, heads, slots, width, top_k, first, last; /* heads first..last−1 */
     float temperature;
     const float *x, *router, *update, *merge, *eta_bias, *mu_bias;
+    long router_stride, update_stride, merge_stride; /* floats from a token's to the next's */
     const unsigned char *mask;
     float *state, *out, *weights; /* weights: top_k floats of scratch */
     long *chosen;                 /* top_k slot indices of scratch */
@@ -90,13 +92,13 @@ INLINE long route(const Share *s, const float *router) {
 }
 
 INLINE void mix_token(const Share *s, long row, long t, long head) {
-    long width = s->width, token = (row * s->length + t) * s->heads + head;
+    long width = s->width, at = row * s->length + t, token = at * s->heads + head;
     float *state = s->state + (row * s->heads + head) * s->slots * width;
     const float *restrict x = s->x + token * width;
     float *restrict out = s->out + token * width;
-    long chosen = route(s, s->router + token * s->slots);
-    float eta = sigmoid(s->update[token] + s->eta_bias[head]);
-    if (s->mask && !s->mask[row * s->length + t])
+    long chosen = route(s, s->router + at * s->router_stride + head * s->slots);
+    float eta = sigmoid(s->update[at * s->update_stride + head] + s->eta_bias[head]);
+    if (s->mask && !s->mask[at])
         eta = 0.0f;
     for (long p = 0; p < width; p++)
         out[p] = 0.0f;
@@ -118,7 +120,7 @@ INLINE void mix_token(const Share *s, long row, long t, long head) {
             out[p] += weight * slot[p];
         }
     }
-    float mu = sigmoid(s->merge[token] + s->mu_bias[head]);
+    float mu = sigmoid(s->merge[at * s->merge_stride + head] + s->mu_bias[head]);
     for (long p = 0; p < width; p++)
         out[p] = mu * out[p] + (1.0f - mu) * x[p];
 }
@@ -160,15 +162,20 @@ static int thread_count(int threads, long units) {
 
 void fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
             float temperature, const float *x, const float *router, const float *update,
-            const float *merge, const float *eta_bias, const float *mu_bias,
+            const float *merge, const long *strides, const float *eta_bias, const float *mu_bias,
             const unsigned char *mask, float *state, float *out, long *scratch, int threads) {
     threads = thread_count(threads, heads);
     Share shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
-        shares[k] = (Share){batch, length, heads, slots, width, top_k, heads * k / threads,
-                            heads * (k + 1) / threads, temperature, x, router, update, merge,
-                            eta_bias, mu_bias, mask, state, out, (float *)(scratch + 2 * k * top_k),
-                            scratch + (2 * k + 1) * top_k, 0, 0};
+        shares[k] = (Share){.batch = batch, .length = length, .heads = heads, .slots = slots,
+                            .width = width, .top_k = top_k, .first = heads * k / threads,
+                            .last = heads * (k + 1) / threads, .temperature = temperature,
+                            .x = x, .router = router, .update = update, .merge = merge,
+                            .eta_bias = eta_bias, .mu_bias = mu_bias, .router_stride = strides[0],
+                            .update_stride = strides[1], .merge_stride = strides[2],
+                            .mask = mask, .state = state, .out = out,
+                            .weights = (float *)(scratch + 2 * k * top_k),
+                            .chosen = scratch + (2 * k + 1) * top_k};
     run_shares(mix_share, (char *)shares, sizeof(Share), threads);
 }
 
@@ -178,6 +185,7 @@ typedef struct {
     float eps;
     const float *in, *weight, *bias, *gate;
     float *out;
+    long gate_stride; /* floats from a row of gate to the next */
 } Rows;
 
 /* e^v for v clipped to [−87, 87], as 2^n · e^r with n = round(v / ln 2) and e^r from its Taylor
@@ -233,7 +241,7 @@ void fm_conv_silu(long batch, long length, long channels, long taps, const float
     Rows shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
         shares[k] = (Rows){length, channels, taps, rows * k / threads, rows * (k + 1) / threads,
-                           0.0f, in, weight, bias, 0, out};
+                           0.0f, in, weight, bias, 0, out, 0};
     run_shares(conv_rows, (char *)shares, sizeof(Rows), threads);
 }
 
@@ -247,12 +255,13 @@ INLINE void normalize(float *restrict x, const float *restrict weight, long chan
         x[c] = x[c] * scale * weight[c];
 }
 
-/* out = RMSNorm(in ⊙ SiLU(gate)) · weight over each row of (rows, channels). */
+/* out = RMSNorm(in ⊙ SiLU(gate)) · weight over each row of (rows, channels); a row of gate is
+   gate_stride floats from the last. */
 INLINE void *gate_norm_rows_portable(void *share) {
     const Rows *s = share;
     long channels = s->channels;
     for (long row = s->first; row < s->last; row++) {
-        const float *restrict in = s->in + row * channels, *restrict gate = s->gate + row * channels;
+        const float *restrict in = s->in + row * channels, *restrict gate = s->gate + row * s->gate_stride;
         float *restrict out = s->out + row * channels;
         for (long c = 0; c < channels; c++)
             out[c] = in[c] * silu(gate[c]);
@@ -263,12 +272,12 @@ INLINE void *gate_norm_rows_portable(void *share) {
 ON_THIS_CPU(gate_norm_rows)
 
 void fm_gate_norm(long rows, long channels, float eps, const float *in, const float *gate,
-                  const float *weight, float *out, int threads) {
+                  long gate_stride, const float *weight, float *out, int threads) {
     threads = thread_count(threads, rows);
     Rows shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
         shares[k] = (Rows){0, channels, 0, rows * k / threads, rows * (k + 1) / threads, eps,
-                           in, weight, 0, gate, out};
+                           in, weight, 0, gate, out, gate_stride};
     run_shares(gate_norm_rows, (char *)shares, sizeof(Rows), threads);
 }
 
@@ -425,7 +434,7 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
     for (long c = 0; c < inner; c++)
         x[c] = masked && taps > 0 ? 0.0f : row[inner + c];
     if (taps > 0) {
-        Rows conv = {1, inner, taps, 0, 1, 0.0f, s->window, w[CONV_WEIGHT], w[CONV_BIAS], 0, x_bar};
+        Rows conv = {1, inner, taps, 0, 1, 0.0f, s->window, w[CONV_WEIGHT], w[CONV_BIAS], 0, x_bar, 0};
         conv_rows(&conv);
     } else {
         for (long c = 0; c < inner; c++)
@@ -439,15 +448,17 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
     }
     long state_size = heads * slots * width, top_k = s->dims[TOP_K];
     float *state = contents[0] + b * state_size;
-    Share mix = {1, 1, heads, slots, width, top_k, 0, heads, s->temperature, x_bar,
-                 router, router + heads * slots, router + heads * slots + heads, w[ETA_BIAS],
-                 w[MU_BIAS], s->mask ? s->mask + b : 0, state, s->merged,
-                 (float *)s->chosen, s->chosen + top_k,
-                 s->written ? s->written + b * heads * top_k : 0,
-                 s->written ? s->overwritten + b * heads * top_k * width : 0};
+    Share mix = {.batch = 1, .length = 1, .heads = heads, .slots = slots, .width = width,
+                 .top_k = top_k, .first = 0, .last = heads, .temperature = s->temperature,
+                 .x = x_bar, .router = router, .update = router + heads * slots,
+                 .merge = router + heads * slots + heads, .eta_bias = w[ETA_BIAS],
+                 .mu_bias = w[MU_BIAS], .mask = s->mask ? s->mask + b : 0, .state = state,
+                 .out = s->merged, .weights = (float *)s->chosen, .chosen = s->chosen + top_k,
+                 .written = s->written ? s->written + b * heads * top_k : 0,
+                 .overwritten = s->written ? s->overwritten + b * heads * top_k * width : 0};
     mix_share(&mix);
     Rows norm = {0, inner, 0, 0, 1, s->eps, s->merged, w[MIXER_NORM], 0, gate,
-                 s->gated + b * inner};
+                 s->gated + b * inner, inner};
     gate_norm_rows(&norm);
 }
 

@@ -21,6 +21,7 @@ on MLX ops; `status()` and `decode_status()` say which.
 """
 
 import ctypes
+import math
 import operator
 import os
 from pathlib import Path
@@ -34,9 +35,9 @@ from ..blas import built_library, sgemm_address
 SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
+    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 11 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
-    "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 4 + [_INT],
+    "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
 }
@@ -171,6 +172,19 @@ def _on_host(*arrays: mx.array) -> list[np.ndarray]:
     return [np.asarray(a) for a in arrays]
 
 
+def _rows_on_host(array: mx.array, row_axes: int) -> tuple[np.ndarray, int]:
+    """`array` in float32 as rows over its first `row_axes` axes, each contiguous, evaluated: a
+    NumPy view of its own memory where it is laid out so (a slice of a projection's columns
+    is), else of a contiguous copy; and the floats from one row to the next."""
+    array = array.astype(mx.float32)
+    mx.eval(array)
+    host = np.asarray(array)
+    rows = host.reshape(math.prod(host.shape[:row_axes]), -1)  # a view where it can be one
+    if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize or rows.strides[0] % rows.itemsize:
+        rows = np.ascontiguousarray(rows)
+    return rows, rows.strides[0] // rows.itemsize
+
+
 def _address(array: np.ndarray) -> int:
     return array.ctypes.data
 
@@ -198,16 +212,18 @@ def fm_mix_native(
     if state is None:
         state = mx.zeros((batch, heads, num_slots, width), mx.float32)
 
-    def in_c(*arrays):
-        *inputs, final_state = _on_host(*arrays)
+    def in_c(x, router_logits, update_logits, merge_logits, *rest):
+        x, *biases, final_state = _on_host(x, *rest)
         final_state = final_state.copy()  # updated in place
+        per_token = [_rows_on_host(a, 2) for a in (router_logits, update_logits, merge_logits)]
+        strides = np.array([stride for _, stride in per_token], np.int64)
         mask_bytes = None if mask is None else np.asarray(mask, dtype=np.uint8)
         threads = _threads(heads)
-        out = np.empty(inputs[0].shape, np.float32)
+        out = np.empty(x.shape, np.float32)
         scratch = np.empty((threads, 2, top_k), np.int64)
         _functions()["fm_mix"](
             *(batch, x.shape[1], heads, num_slots, width, top_k, temperature),
-            *map(_address, inputs),
+            *map(_address, (x, *(rows for rows, _ in per_token), strides, *biases)),
             None if mask_bytes is None else _address(mask_bytes),
             *map(_address, (final_state, out, scratch)),
             threads,
@@ -237,11 +253,18 @@ def conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
 def gate_norm(x: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
     """RMSNorm(x ⊙ SiLU(gate)) · weight over the last axis, float32, for (…, E) x and gate.
     Call only where `runs_here(...)` holds."""
-    x, gate, weight = _on_host(x, gate, weight)
+    x, weight = _on_host(x, weight)
+    gate, gate_stride = _rows_on_host(gate, gate.ndim - 1)
     out = np.empty(x.shape, np.float32)
     rows = x.size // x.shape[-1]
     _functions()["fm_gate_norm"](
-        rows, x.shape[-1], eps, *map(_address, (x, gate, weight, out)), _threads(rows)
+        rows,
+        x.shape[-1],
+        eps,
+        *map(_address, (x, gate)),
+        gate_stride,
+        *map(_address, (weight, out)),
+        _threads(rows),
     )
     return mx.array(out)
 
