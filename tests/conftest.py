@@ -38,6 +38,19 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(params=["vector build", "portable build"])
+def c_build(request):
+    """The test, with fm_cpu.c's loops as built for this CPU's vector units where it has them,
+    and as built for any CPU of its kind (what a CPU without AVX2 runs)."""
+    from mlx_fm.ops import native
+
+    if not native.available():
+        pytest.skip(f"no C path here: {native.status()}")
+    native.portable_only(request.param == "portable build")
+    yield
+    native.portable_only(False)
+
+
 def relative_error(actual, expected) -> float:
     """max |actual − expected| / max |expected|, in float32 (mx or numpy arrays)."""
     actual, expected = mx.array(actual).astype(mx.float32), mx.array(expected).astype(mx.float32)

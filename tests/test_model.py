@@ -286,11 +286,9 @@ def test_only_training_asks_the_scan_for_backward_checkpoints(monkeypatch):
     assert asked == [True] * layers + [False] * layers
 
 
-def test_an_inference_prompt_runs_in_c_and_equals_a_training_forward(monkeypatch):
+def test_an_inference_prompt_runs_in_c_and_equals_a_training_forward(monkeypatch, c_build):
     """In eval mode a prompt's conv, mix and gated norm run in C on the CPU (ops/native.py),
     in training mode on MLX ops: the two forwards agree, with a cache and without one."""
-    if not native.available():
-        pytest.skip(f"no C path here: {native.status()}")
     calls = []
     for name in ("conv_silu", "fm_mix_native", "gate_norm"):
         monkeypatch.setattr(native, name, counted(getattr(native, name), name, calls))
@@ -363,7 +361,9 @@ def decode_steps_in_c(monkeypatch) -> list:
         {"router_temperature": 0.5, "top_k": 1},
     ],
 )
-def test_an_inference_decode_step_runs_in_c_and_equals_the_compiled_step(overrides, monkeypatch):
+def test_an_inference_decode_step_runs_in_c_and_equals_the_compiled_step(
+    overrides, monkeypatch, c_build
+):
     """In eval mode on the CPU a decode step of the whole model runs in C (native.DecodeStep):
     the logits and caches of the compiled step on MLX ops, for every layer shape, two rows, and
     weights that change between steps."""

@@ -203,9 +203,8 @@ def needs_c():
 @pytest.mark.parametrize("length,slots,top_k", CASES)
 @pytest.mark.parametrize("with_state", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_c_mix_equals_the_mix_on_mlx_ops(length, slots, top_k, with_state, temperature):
+def test_c_mix_equals_the_mix_on_mlx_ops(length, slots, top_k, with_state, temperature, c_build):
     """keep_checkpoints=False on the CPU runs the mix in C; True (training) on MLX ops."""
-    needs_c()
     inputs = mix_inputs(length=length, slots=slots, logit_scale=3.0)
     state = mx.random.normal((2, 2, slots, 8)) if with_state else None
     for mask in (None, mx.random.uniform(shape=(2, length)) > 0.2):
@@ -297,7 +296,7 @@ def test_without_a_c_compiler_the_mix_and_the_decode_step_stay_on_mlx_ops(tmp_pa
 def conv_silu_pair():
     from mlx_fm.models.factorization_memory import _causal_conv_silu
 
-    shapes = ((2, 3 + 50, 24), (24, 4, 1), (24,))
+    shapes = ((2, 3 + 50, 27), (27, 4, 1), (27,))  # 27: vectors of 8 and 4, and a rest
     return _causal_conv_silu, native.conv_silu, shapes
 
 
@@ -310,12 +309,11 @@ def gate_norm_pair():
     def in_c(x, gate, weight):
         return native.gate_norm(x, gate, weight, 1e-5)
 
-    return on_ops, in_c, ((2, 50, 24), (2, 50, 24), (24,))
+    return on_ops, in_c, ((2, 50, 27), (2, 50, 27), (27,))
 
 
 @pytest.mark.parametrize("pair", [conv_silu_pair, gate_norm_pair])
-def test_the_c_conv_and_gated_norm_equal_their_mlx_ops_with_their_gradients(pair):
-    needs_c()
+def test_the_c_conv_and_gated_norm_equal_their_mlx_ops_with_their_gradients(pair, c_build):
     on_ops, in_c, shapes = pair()
     mx.random.seed(5)
     arguments = [mx.random.normal(shape) for shape in shapes]
@@ -327,3 +325,24 @@ def test_the_c_conv_and_gated_norm_equal_their_mlx_ops_with_their_gradients(pair
     actual = mx.grad(lambda *a: (fused(*a) * probe).sum(), argnums=argnums)(*arguments)
     for got, want in zip(actual, expected):
         assert relative_error(got, want) < 1e-6
+
+
+def test_the_c_mix_and_gated_norm_read_columns_of_a_wider_array_where_they_lie():
+    """A prompt's router, update, merge and gate logits are columns of one projection: C reads
+    them in place (a row stride), as it would read contiguous copies of them."""
+    needs_c()
+    x, logits, update, merge, eta_bias, mu_bias = mix_inputs(length=30, slots=8)
+    gate, other = mx.random.normal((2, 30, 16)), mx.random.normal((2, 30, 5))
+    wide = mx.concatenate([logits.reshape(2, 30, 16), update, merge, gate, other], axis=-1)
+    mx.eval(wide)
+    columns = (wide[..., :16].reshape(2, 30, 2, 8), wide[..., 16:18], wide[..., 18:20])
+    rows, stride = native._rows_on_host(columns[0], 2)
+    assert stride == wide.shape[-1] and np.shares_memory(rows, np.asarray(wide))
+    options = dict(top_k=3, temperature=1.0, keep_checkpoints=False)
+    from_columns = fm_mix(x, *columns, eta_bias, mu_bias, **options)
+    contiguous = fm_mix(x, logits, update, merge, eta_bias, mu_bias, **options)
+    for a, b in zip(from_columns, contiguous):
+        assert mx.array_equal(a, b).item()
+    norm_input, weight = from_columns[0].reshape(2, 30, 16), mx.random.normal((16,))
+    from_column = native.gate_norm(norm_input, wide[..., 20:36], weight, 1e-5)
+    assert mx.array_equal(from_column, native.gate_norm(norm_input, gate, weight, 1e-5)).item()

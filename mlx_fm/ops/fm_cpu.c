@@ -24,9 +24,12 @@
 
 /* The loops of a prompt's mixer and of a decode step are built twice on x86-64: for any x86-64
    CPU, and for one with AVX2 and FMA, taken where the CPU has them (exp_approx, the conv and the
-   norms run 8 floats at a time there, not 4: 2–3× as fast). Elsewhere (arm64 always has NEON)
-   once. ON_THIS_CPU(name) defines name(share) as name_portable(share), built either way. */
+   norms run 8 floats at a time there, not 4: 2–3× as fast), unless fm_portable_only(1) said not
+   to (tests run both). Elsewhere (arm64 always has NEON) once. ON_THIS_CPU(name) defines
+   name(share) as name_portable(share), built either way. */
 #define INLINE static inline __attribute__((always_inline))
+static int portable_only;
+void fm_portable_only(int on) { portable_only = on; }
 #if defined(__x86_64__)
 #define VECTOR_TARGET __attribute__((target("avx2,fma")))
 static int has_vector_units(void) {
@@ -36,7 +39,9 @@ static int has_vector_units(void) {
 #define ON_THIS_CPU(name)                                                                          \
     VECTOR_TARGET static void *name##_vector(void *share) { return name##_portable(share); }     \
     static void *name(void *share) {                                                               \
-        return has_vector_units() ? name##_vector(share) : name##_portable(share);                 \
+        if (!portable_only && has_vector_units())                                                  \
+            return name##_vector(share);                                                           \
+        return name##_portable(share);                                                             \
     }
 #else
 #define VECTOR_TARGET

@@ -40,6 +40,7 @@ _SIGNATURES = {
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
+    "fm_portable_only": [_INT],
 }
 _RESULTS = {"fm_decode": ctypes.c_int, "fm_quantized_products": ctypes.c_int}
 # fm_decode's weights, in the order of its enums (fm_cpu.c): the model's, then each layer's.
@@ -127,6 +128,13 @@ def _functions() -> dict | None:
                 quantized_products=functions["fm_quantized_products"]() == 1,
             )
     return _library["functions"]
+
+
+def portable_only(on: bool) -> None:
+    """Run fm_cpu.c's loops as built for any CPU of this kind, not for its vector units (AVX2
+    and FMA on x86-64), or (False, the default) as the CPU allows: the tests run both builds.
+    Call only where `available()` holds."""
+    _functions()["fm_portable_only"](int(on))
 
 
 def evaluates_here(*arrays: mx.array) -> bool:
