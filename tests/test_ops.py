@@ -215,8 +215,20 @@ def test_c_mix_equals_the_mix_on_mlx_ops(length, slots, top_k, with_state, tempe
         assert relative_error(actual_state, expected_state) < 1e-5
 
 
-def test_the_c_mix_keeps_exactly_top_k_slots_and_leaves_the_others_bit_for_bit():
-    needs_c()
+@pytest.mark.parametrize("heads", [5, 9])
+def test_c_mix_routes_any_number_of_heads_as_mlx_ops(heads, c_build):
+    """C routes heads four at a time, each thread its share of them: 5 and 9 heads leave groups
+    of every size from 1 to 4."""
+    inputs = mix_inputs(length=20, heads=heads, slots=12, logit_scale=3.0)
+    state = mx.random.normal((2, heads, 12, 8))
+    options = dict(top_k=5, temperature=1.0, state=state)
+    expected, expected_state = fm_mix(*inputs, **options)
+    actual, actual_state = fm_mix(*inputs, **options, keep_checkpoints=False)
+    assert relative_error(actual, expected) < 1e-5
+    assert relative_error(actual_state, expected_state) < 1e-5
+
+
+def test_the_c_mix_keeps_exactly_top_k_slots_and_leaves_the_others_bit_for_bit(c_build):
     x, logits, update, merge, eta_bias, mu_bias = mix_inputs(length=2, slots=16)
     logits = mx.zeros_like(logits)  # every slot tied: the lowest top_k are written
     state = mx.random.normal((2, 2, 16, 8))
@@ -226,6 +238,15 @@ def test_the_c_mix_keeps_exactly_top_k_slots_and_leaves_the_others_bit_for_bit()
     )
     changed = np.array((after != state).any(axis=-1))
     assert changed[..., :5].all() and not changed[..., 5:].any()
+
+
+def test_a_nan_router_logit_of_either_sign_makes_its_head_output_nan_in_c(c_build):
+    x, logits, update, merge, eta_bias, mu_bias = mix_inputs(length=5, slots=8)
+    logits = np.array(logits)
+    logits[0, 2, 1, 3], logits[1, 1, 0, 5] = np.nan, -np.nan
+    options = dict(top_k=3, temperature=1.0, keep_checkpoints=False)
+    out, _ = fm_mix(x, mx.array(logits), update, merge, eta_bias, mu_bias, **options)
+    assert np.isnan(np.array(out)[[0, 1], [2, 1], [1, 0]]).all()
 
 
 def test_gradients_through_the_c_mix_are_those_of_the_mix_on_mlx_ops():

@@ -9,18 +9,25 @@
    with a nonzero weight a decays by θ = η·a and takes θ·x̄; the read is Σ a·slot over those
    slots, after the write; the output is μ·read + (1 − μ)·x̄. Slots with a = 0 are skipped, so
    they stay bit for bit as they were. The heads are independent and are shared among
-   `threads` threads. Layouts, float32 and contiguous: x and out (B, T, H, P), biases (H), mask
-   (B, T) bytes or null, state (B, H, m, P) updated in place, scratch 2·top_k 8-byte words a
-   thread; router (B, T, H, m), update and merge (B, T, H) contiguous within a token, and
-   strides[0..2] floats from one token's to the next's (columns of one projection, uncopied). A decode step may also
+   `threads` threads. Layouts, float32, contiguous: x and out (B, T, H, P), biases (H), mask
+   (B, T) bytes or null, state (B, H, m, P) updated in place; router (B, T, H, m), update and
+   merge (B, T, H) need only be contiguous within a token: strides[0..2] are the floats from one
+   token's to the next's (columns of one projection, read where they lie). A decode step may also
    keep what it overwrites (Share's written and overwritten: see fm_decode). */
 
+#include <limits.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_THREADS 64
+
+typedef float floats8 __attribute__((vector_size(32)));
+typedef int ints8 __attribute__((vector_size(32)));
+typedef float floats4 __attribute__((vector_size(16)));
+typedef int ints4 __attribute__((vector_size(16)));
+#define LANES 4 /* heads routed at once: an ints4's lanes */
 
 /* The loops of a prompt's mixer and of a decode step are built twice on x86-64: for any x86-64
    CPU, and for one with AVX2 and FMA, taken where the CPU has them (exp_approx, the conv and the
@@ -56,70 +63,103 @@ typedef struct {
     const float *x, *router, *update, *merge, *eta_bias, *mu_bias;
     long router_stride, update_stride, merge_stride; /* floats from a token's to the next's */
     const unsigned char *mask;
-    float *state, *out, *weights; /* weights: top_k floats of scratch */
-    long *chosen;                 /* top_k slot indices of scratch */
-    int *written;                 /* null, or (heads, top_k): the slots each head writes */
-    float *overwritten;           /* with written: (heads, top_k, width), their rows before */
+    float *state, *out;
+    int *written;       /* null, or (heads, top_k): the slots each head writes */
+    float *overwritten; /* with written: (heads, top_k, width), their rows before */
+    ints4 *top;         /* scratch for route (from share_scratch) */
+    long *chosen;
+    float *weights;
 } Share;
+
+static long min_long(long a, long b) { return a < b ? a : b; }
+
+/* Gives a share SCRATCH_BYTES(top_k) of scratch for route, from `scratch`, 16-byte aligned
+   (as malloc's). */
+#define SCRATCH_BYTES(top_k) ((top_k) * (2 * sizeof(ints4) + LANES * (sizeof(long) + sizeof(float))))
+static void share_scratch(Share *s, char *scratch) {
+    s->top = (ints4 *)scratch;
+    s->chosen = (long *)(s->top + 2 * s->top_k);
+    s->weights = (float *)(s->chosen + LANES * s->top_k);
+}
 
 INLINE float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
 
-/* The top_k slots by router logit / τ (of equal logits, the lower slot first) into chosen, and
-   the softmax of their logits into weights, in the same order; returns how many (top_k). */
-INLINE long route(const Share *s, const float *router) {
-    long count = 0, k = s->top_k;
-    float *logits = s->weights;
-    for (long i = 0; i < s->slots; i++) {
-        float logit = s->temperature == 1.0f ? router[i] : router[i] / s->temperature;
-        if (k == s->slots) { /* dense: every slot, in order */
-            logits[count] = logit;
-            s->chosen[count++] = i;
-            continue;
-        }
-        if (count == k && !(logit > logits[k - 1]))
-            continue;
-        long at = count < k ? count++ : k - 1;
-        for (; at > 0 && logit > logits[at - 1]; at--) {
-            logits[at] = logits[at - 1];
-            s->chosen[at] = s->chosen[at - 1];
-        }
-        logits[at] = logit;
-        s->chosen[at] = i;
+/* Routes up to LANES heads of token `at`, from `head` on (`count` of them): for each, the top_k
+   slots by router logit / τ (of equal logits, the lower slot first), from the highest, into
+   chosen, and the softmax of their logits into weights, in the same order (chosen and weights:
+   LANES · top_k, a head's after the one before). The heads go through a list of the largest so
+   far in lockstep, one head a vector lane: each slot is carried down the list, swapping places
+   with any smaller entry, without a branch (an insertion sort's mispredicted on most tokens).
+   Logits become integer keys in the same order: −0 counts as +0, a NaN of either sign as +∞ (so
+   that its head's output is NaN, as on MLX ops), and an empty entry is below every key. */
+INLINE void route(const Share *s, long at, long head, long count, long *chosen, float *weights) {
+    long slots = s->slots, k = s->top_k;
+    const float *rows[LANES];
+    for (long lane = 0; lane < LANES; lane++) /* a lane past the last head repeats it */
+        rows[lane] = s->router + at * s->router_stride + (head + min_long(lane, count - 1)) * slots;
+    ints4 *top = s->top, *top_slots = s->top + k;
+    for (long j = 0; j < k; j++) {
+        top[j] = (ints4){0} + INT_MIN;
+        top_slots[j] = (ints4){0};
     }
-    float total = 0.0f, largest = logits[0];
-    for (long j = 1; j < count; j++)
-        largest = logits[j] > largest ? logits[j] : largest;
-    for (long j = 0; j < count; j++)
-        total += logits[j] = expf(logits[j] - largest);
-    for (long j = 0; j < count; j++)
-        logits[j] /= total;
-    return count;
+    for (long i = 0; i < slots; i++) {
+        floats4 logit = {rows[0][i], rows[1][i], rows[2][i], rows[3][i]};
+        if (s->temperature != 1.0f)
+            logit = logit / s->temperature;
+        ints4 bits = (ints4)logit, nan = logit != logit;
+        bits = (bits & ~(nan | (logit == 0.0f))) | (nan & 0x7F800000);
+        ints4 key = bits ^ ((bits >> 31) & 0x7FFFFFFF), slot = (ints4){0} + (int)i;
+        ints4 enters = key > top[k - 1];
+        if (k < slots && !(enters[0] | enters[1] | enters[2] | enters[3]))
+            continue;
+        for (long j = 0; j < k; j++) {
+            ints4 kept = top[j], kept_slot = top_slots[j], swap = key > kept;
+            top[j] = (key & swap) | (kept & ~swap);
+            top_slots[j] = (slot & swap) | (kept_slot & ~swap);
+            key = (kept & swap) | (key & ~swap);
+            slot = (kept_slot & swap) | (slot & ~swap);
+        }
+    }
+    for (long lane = 0; lane < count; lane++) { /* from the largest */
+        float *w = weights + lane * k, total = 0.0f;
+        for (long j = 0; j < k; j++) {
+            int key = top[j][lane], bits = key ^ ((key >> 31) & 0x7FFFFFFF);
+            memcpy(&w[j], &bits, sizeof bits);
+            chosen[lane * k + j] = top_slots[j][lane];
+        }
+        float largest = w[0];
+        for (long j = 0; j < k; j++)
+            total += w[j] = expf(w[j] - largest);
+        for (long j = 0; j < k; j++)
+            w[j] /= total;
+    }
 }
 
-INLINE void mix_token(const Share *s, long row, long t, long head) {
+/* Writes, reads and merges head `head` of token t of `row`, on the slots route chose. */
+INLINE void mix_token(const Share *s, long row, long t, long head, const long *chosen,
+                      const float *weights) {
     long width = s->width, at = row * s->length + t, token = at * s->heads + head;
     float *state = s->state + (row * s->heads + head) * s->slots * width;
     const float *restrict x = s->x + token * width;
     float *restrict out = s->out + token * width;
-    long chosen = route(s, s->router + at * s->router_stride + head * s->slots);
     float eta = sigmoid(s->update[at * s->update_stride + head] + s->eta_bias[head]);
     if (s->mask && !s->mask[at])
         eta = 0.0f;
     for (long p = 0; p < width; p++)
         out[p] = 0.0f;
     if (s->written) {
-        for (long j = 0; j < chosen; j++) {
-            s->written[head * s->top_k + j] = (int)s->chosen[j];
-            memcpy(s->overwritten + (head * s->top_k + j) * width, state + s->chosen[j] * width,
+        for (long j = 0; j < s->top_k; j++) {
+            s->written[head * s->top_k + j] = (int)chosen[j];
+            memcpy(s->overwritten + (head * s->top_k + j) * width, state + chosen[j] * width,
                    width * sizeof(float));
         }
     }
-    for (long j = 0; j < chosen; j++) {
-        float weight = s->weights[j];
+    for (long j = 0; j < s->top_k; j++) {
+        float weight = weights[j];
         if (weight == 0.0f)
             continue;
         float theta = eta * weight, keep = 1.0f - theta;
-        float *restrict slot = state + s->chosen[j] * width;
+        float *restrict slot = state + chosen[j] * width;
         for (long p = 0; p < width; p++) {
             slot[p] = keep * slot[p] + theta * x[p];
             out[p] += weight * slot[p];
@@ -133,10 +173,15 @@ INLINE void mix_token(const Share *s, long row, long t, long head) {
 /* Token by token, this share's heads: consecutive memory, which the CPU prefetches. */
 INLINE void *mix_share_portable(void *share) {
     const Share *s = share;
+    long k = s->top_k;
     for (long row = 0; row < s->batch; row++)
         for (long t = 0; t < s->length; t++)
-            for (long head = s->first; head < s->last; head++)
-                mix_token(s, row, t, head);
+            for (long head = s->first; head < s->last; head += LANES) {
+                long count = min_long(LANES, s->last - head);
+                route(s, row * s->length + t, head, count, s->chosen, s->weights);
+                for (long lane = 0; lane < count; lane++)
+                    mix_token(s, row, t, head + lane, s->chosen + lane * k, s->weights + lane * k);
+            }
     return 0;
 }
 ON_THIS_CPU(mix_share)
@@ -165,11 +210,15 @@ static int thread_count(int threads, long units) {
     return threads < 1 ? 1 : threads;
 }
 
-void fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
-            float temperature, const float *x, const float *router, const float *update,
-            const float *merge, const long *strides, const float *eta_bias, const float *mu_bias,
-            const unsigned char *mask, float *state, float *out, long *scratch, int threads) {
+/* Returns 0; or, with nothing written, 1 when scratch memory could not be had. */
+int fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
+           float temperature, const float *x, const float *router, const float *update,
+           const float *merge, const long *strides, const float *eta_bias, const float *mu_bias,
+           const unsigned char *mask, float *state, float *out, int threads) {
     threads = thread_count(threads, heads);
+    char *scratch = malloc(threads * SCRATCH_BYTES(top_k));
+    if (!scratch)
+        return 1;
     Share shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
         shares[k] = (Share){.batch = batch, .length = length, .heads = heads, .slots = slots,
@@ -178,10 +227,12 @@ void fm_mix(long batch, long length, long heads, long slots, long width, long to
                             .x = x, .router = router, .update = update, .merge = merge,
                             .eta_bias = eta_bias, .mu_bias = mu_bias, .router_stride = strides[0],
                             .update_stride = strides[1], .merge_stride = strides[2],
-                            .mask = mask, .state = state, .out = out,
-                            .weights = (float *)(scratch + 2 * k * top_k),
-                            .chosen = scratch + (2 * k + 1) * top_k};
+                            .mask = mask, .state = state, .out = out};
+    for (int k = 0; k < threads; k++)
+        share_scratch(&shares[k], scratch + k * SCRATCH_BYTES(top_k));
     run_shares(mix_share, (char *)shares, sizeof(Share), threads);
+    free(scratch);
+    return 0;
 }
 
 /* Rows first..last−1 of (rows, channels) arrays (of sequences of `length` tokens). */
@@ -322,8 +373,6 @@ typedef struct {
     long bits, group;
 } Quantized;
 
-typedef float floats8 __attribute__((vector_size(32)));
-typedef int ints8 __attribute__((vector_size(32)));
 
 /* Whether quantized_product runs here at its speed: on x86-64 with AVX2 and FMA. Elsewhere the
    caller multiplies by float copies instead. */
@@ -420,8 +469,8 @@ typedef struct {
     float temperature, eps;
     const unsigned char *mask;
     float *hidden, *normed, *projected, *window, *x_bar, *merged, *gated, *out, *product;
-    long *chosen;
-    int *written; /* this layer's: see fm_decode */
+    char *routing; /* route's scratch: see share_scratch */
+    int *written;  /* this layer's: see fm_decode */
     float *overwritten, *left;
 } Step;
 
@@ -458,9 +507,10 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
                  .x = x_bar, .router = router, .update = router + heads * slots,
                  .merge = router + heads * slots + heads, .eta_bias = w[ETA_BIAS],
                  .mu_bias = w[MU_BIAS], .mask = s->mask ? s->mask + b : 0, .state = state,
-                 .out = s->merged, .weights = (float *)s->chosen, .chosen = s->chosen + top_k,
+                 .out = s->merged,
                  .written = s->written ? s->written + b * heads * top_k : 0,
                  .overwritten = s->written ? s->overwritten + b * heads * top_k * width : 0};
+    share_scratch(&mix, s->routing);
     mix_share(&mix);
     Rows norm = {0, inner, 0, 0, 1, s->eps, s->merged, w[MIXER_NORM], 0, gate,
                  s->gated + b * inner, inner};
@@ -511,10 +561,10 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
     widest = widest > dims[INTERMEDIATE] ? widest : dims[INTERMEDIATE];
     long floats = batch * (2 * hidden + size + 3 * inner + hidden) + (taps > 1 ? taps : 1) * inner;
     float *scratch = malloc((floats + 2 * widest) * sizeof(float));
-    long *chosen = malloc(2 * (dims[TOP_K] > 0 ? dims[TOP_K] : 1) * sizeof(long));
-    if (!scratch || !chosen) {
+    char *routing = malloc(SCRATCH_BYTES(dims[TOP_K]));
+    if (!scratch || !routing) {
         free(scratch);
-        free(chosen);
+        free(routing);
         return 1;
     }
     Step s = {.dims = dims, .temperature = temperature, .eps = eps, .mask = mask};
@@ -527,7 +577,7 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
     s.out = s.gated + batch * inner;
     s.window = s.out + batch * hidden;
     s.product = s.window + (taps > 1 ? taps : 1) * inner;
-    s.chosen = chosen;
+    s.routing = routing;
     for (long b = 0; b < batch; b++) {
         if (quantized[EMBEDDINGS].packed)
             dequantized_row(&quantized[EMBEDDINGS], tokens[b], hidden, s.hidden + b * hidden);
@@ -549,6 +599,6 @@ int fm_decode(long batch, const long *dims, float temperature, float eps, const 
     project(sgemm, batch, dims[VOCAB], hidden, s.normed, weights[HEAD], &quantized[HEAD], logits,
             s.product);
     free(scratch);
-    free(chosen);
+    free(routing);
     return 0;
 }

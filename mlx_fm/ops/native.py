@@ -35,14 +35,14 @@ from ..blas import built_library, sgemm_address
 SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 11 + [_INT],
+    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
     "fm_portable_only": [_INT],
 }
-_RESULTS = {"fm_decode": ctypes.c_int, "fm_quantized_products": ctypes.c_int}
+_RESULTS = {name: ctypes.c_int for name in ("fm_mix", "fm_decode", "fm_quantized_products")}
 # fm_decode's weights, in the order of its enums (fm_cpu.c): the model's, then each layer's.
 MODEL_WEIGHTS = ("embeddings", "final_norm", "head")
 LAYER_WEIGHTS = (
@@ -226,16 +226,16 @@ def fm_mix_native(
         per_token = [_rows_on_host(a, 2) for a in (router_logits, update_logits, merge_logits)]
         strides = np.array([stride for _, stride in per_token], np.int64)
         mask_bytes = None if mask is None else np.asarray(mask, dtype=np.uint8)
-        threads = _threads(heads)
         out = np.empty(x.shape, np.float32)
-        scratch = np.empty((threads, 2, top_k), np.int64)
-        _functions()["fm_mix"](
+        failed = _functions()["fm_mix"](
             *(batch, x.shape[1], heads, num_slots, width, top_k, temperature),
             *map(_address, (x, *(rows for rows, _ in per_token), strides, *biases)),
             None if mask_bytes is None else _address(mask_bytes),
-            *map(_address, (final_state, out, scratch)),
-            threads,
+            *map(_address, (final_state, out)),
+            _threads(heads),
         )
+        if failed:
+            raise MemoryError("no memory for the mix's scratch")
         return mx.array(out), mx.array(final_state)
 
     mixed = with_gradient_of(lambda *arrays: on_ops(*arrays[:-1], state=arrays[-1]), in_c)
