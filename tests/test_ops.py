@@ -317,7 +317,7 @@ def test_without_a_c_compiler_the_mix_and_the_decode_step_stay_on_mlx_ops(tmp_pa
 def conv_silu_pair():
     from mlx_fm.models.factorization_memory import _causal_conv_silu
 
-    shapes = ((2, 3 + 50, 27), (27, 4, 1), (27,))  # 27: vectors of 8 and 4, and a rest
+    shapes = ((2, 3, 27), (2, 50, 27), (27, 4, 1), (27,))  # 27: vectors of 8 and 4, and a rest
     return _causal_conv_silu, native.conv_silu, shapes
 
 

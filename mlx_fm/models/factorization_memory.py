@@ -92,21 +92,20 @@ class FactorizationMemory(nn.Module):
             history = contents[1]
         else:
             history = mx.zeros((x.shape[0], carry, x.shape[-1]), x.dtype)
-        window = mx.concatenate([history, x], axis=1)
         conv = (self.conv1d.weight, self.conv1d.bias)
-        if self._in_c(x.shape[1], window, *conv):
-            out = native.with_gradient_of(_causal_conv_silu, native.conv_silu)(window, *conv)
+        if self._in_c(x.shape[1], history, x, *conv):
+            out = native.with_gradient_of(_causal_conv_silu, native.conv_silu)(history, x, *conv)
         else:
-            out = _causal_conv_silu(window, *conv)
+            out = _causal_conv_silu(history, x, *conv)
         if not cached:
             return out, [[] for _ in range(keep + 1)]
         length = x.shape[1]
         # Before the first token, what the cache held (None in a fresh one).
         before = [
-            [contents[1]] if t == 0 else [window[:, t : t + carry]]
+            [contents[1]] if t == 0 else [_window_rows(history, x, t)]
             for t in range(length - keep, length)
         ]
-        return out, before + [[_last_inputs(window, carry, lengths)]]
+        return out, before + [[_last_inputs(history, x, lengths)]]
 
     def __call__(
         self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
@@ -182,10 +181,11 @@ class FactorizationMemory(nn.Module):
 
 
 @mx.compile
-def _causal_conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """SiLU(depthwise conv) of a (B, K−1+T, E) window with MLX conv weights (E, K, 1)."""
-    taps = weight.shape[1]
-    length = window.shape[1] - taps + 1
+def _causal_conv_silu(history: mx.array, x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """SiLU(depthwise conv) of (B, T, E) inputs x after the (B, K−1, E) ones of `history`, with
+    MLX conv weights (E, K, 1)."""
+    taps, length = weight.shape[1], x.shape[1]
+    window = mx.concatenate([history, x], axis=1)
     weight = weight.T.astype(window.dtype)  # (1, K, E)
     bias = bias.astype(window.dtype)
     if length == 1:  # a decode step: one product and one sum, not a graph node per tap
@@ -201,13 +201,22 @@ def _gate(out: mx.array, z: mx.array) -> mx.array:
     return out * silu(z)
 
 
-def _last_inputs(window: mx.array, keep: int, lengths: Optional[mx.array]) -> mx.array:
-    """The last `keep` real inputs of each row (rows may be right-padded to `lengths`)."""
+def _window_rows(history: mx.array, x: mx.array, start: int) -> mx.array:
+    """The K−1 rows from `start` on of the conv window [history, x] (B, K−1+T, E), unmade."""
+    carry = history.shape[1]
+    return mx.concatenate([history[:, start:], x[:, max(start - carry, 0) : start]], axis=1)
+
+
+def _last_inputs(history: mx.array, x: mx.array, lengths: Optional[mx.array]) -> mx.array:
+    """The last K−1 real inputs of each row of the conv window [history, x] (rows may be
+    right-padded to `lengths`), gathered from the two."""
     if lengths is None:
-        return window[:, window.shape[1] - keep :]
-    ends = mx.clip(lengths, 0, window.shape[1] - keep)
-    positions = ends[:, None] + mx.arange(keep)
-    return mx.take_along_axis(window, positions[..., None], axis=1)
+        return _window_rows(history, x, x.shape[1])
+    carry, length = history.shape[1], x.shape[1]
+    positions = (mx.clip(lengths, 0, length)[:, None] + mx.arange(carry))[..., None]
+    from_history = mx.take_along_axis(history, mx.minimum(positions, carry - 1), axis=1)
+    from_x = mx.take_along_axis(x, mx.clip(positions - carry, 0, length - 1), axis=1)
+    return mx.where(positions < carry, from_history, from_x)
 
 
 # From this many tokens a quantized layer multiplies by its dequantized weight on the CPU.

@@ -75,7 +75,8 @@ static long min_long(long a, long b) { return a < b ? a : b; }
 
 /* Gives a share SCRATCH_BYTES(top_k) of scratch for route, from `scratch`, 16-byte aligned
    (as malloc's). */
-#define SCRATCH_BYTES(top_k) ((top_k) * (2 * sizeof(ints4) + LANES * (sizeof(long) + sizeof(float))))
+#define SCRATCH_BYTES(top_k)                                                                       \
+    ((top_k) * (2 * sizeof(ints4) + LANES * (sizeof(long) + sizeof(float))))
 static void share_scratch(Share *s, char *scratch) {
     s->top = (ints4 *)scratch;
     s->chosen = (long *)(s->top + 2 * s->top_k);
@@ -239,9 +240,9 @@ int fm_mix(long batch, long length, long heads, long slots, long width, long top
 typedef struct {
     long length, channels, taps, first, last;
     float eps;
-    const float *in, *weight, *bias, *gate;
+    const float *in, *history, *weight, *bias, *gate;
     float *out;
-    long gate_stride; /* floats from a row of gate to the next */
+    long stride; /* floats from a row of in (conv) or gate (gated norm) to the next */
 } Rows;
 
 /* e^v for v clipped to [−87, 87], as 2^n · e^r with n = round(v / ln 2) and e^r from its Taylor
@@ -267,19 +268,23 @@ INLINE float exp_approx(float v) {
 
 INLINE float silu(float v) { return v / (1.0f + exp_approx(-v)); }
 
-/* out[b, t, c] = SiLU(bias[c] + Σ_j weight[j, c] · in[b, t + j, c]): in (B, K−1+T, E) holds
-   the K−1 inputs before the first token, then the T tokens; weight (K, E); rows = B·T. */
+/* out[b, t, c] = SiLU(bias[c] + Σ_j weight[j, c] · window[b, t + j, c]), over the window of
+   history (B, K−1, E), the K−1 inputs before the first token, then in, the T tokens (B·T rows,
+   read where they lie: a row `stride` floats from the last); weight (K, E); rows = B·T. */
 INLINE void *conv_rows_portable(void *share) {
     const Rows *s = share;
     long length = s->length, channels = s->channels, taps = s->taps;
     for (long row = s->first; row < s->last; row++) {
         long b = row / length, t = row % length;
-        const float *in = s->in + (b * (length + taps - 1) + t) * channels;
         float *restrict out = s->out + row * channels;
         for (long c = 0; c < channels; c++)
             out[c] = s->bias[c];
         for (long j = 0; j < taps; j++) {
-            const float *restrict tap = in + j * channels, *restrict weight = s->weight + j * channels;
+            long at = t + j - (taps - 1); /* the token in `in`, or before it in `history` */
+            const float *restrict tap = at < 0
+                                            ? s->history + (b * (taps - 1) + taps - 1 + at) * channels
+                                            : s->in + (b * length + at) * s->stride;
+            const float *restrict weight = s->weight + j * channels;
             for (long c = 0; c < channels; c++)
                 out[c] += weight[c] * tap[c];
         }
@@ -290,14 +295,17 @@ INLINE void *conv_rows_portable(void *share) {
 }
 ON_THIS_CPU(conv_rows)
 
-void fm_conv_silu(long batch, long length, long channels, long taps, const float *in,
-                  const float *weight, const float *bias, float *out, int threads) {
+void fm_conv_silu(long batch, long length, long channels, long taps, const float *history,
+                  const float *in, long stride, const float *weight, const float *bias, float *out,
+                  int threads) {
     long rows = batch * length;
     threads = thread_count(threads, rows);
     Rows shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
-        shares[k] = (Rows){length, channels, taps, rows * k / threads, rows * (k + 1) / threads,
-                           0.0f, in, weight, bias, 0, out, 0};
+        shares[k] = (Rows){.length = length, .channels = channels, .taps = taps,
+                           .first = rows * k / threads, .last = rows * (k + 1) / threads,
+                           .in = in, .history = history, .weight = weight, .bias = bias,
+                           .out = out, .stride = stride};
     run_shares(conv_rows, (char *)shares, sizeof(Rows), threads);
 }
 
@@ -317,7 +325,8 @@ INLINE void *gate_norm_rows_portable(void *share) {
     const Rows *s = share;
     long channels = s->channels;
     for (long row = s->first; row < s->last; row++) {
-        const float *restrict in = s->in + row * channels, *restrict gate = s->gate + row * s->gate_stride;
+        const float *restrict in = s->in + row * channels;
+        const float *restrict gate = s->gate + row * s->stride;
         float *restrict out = s->out + row * channels;
         for (long c = 0; c < channels; c++)
             out[c] = in[c] * silu(gate[c]);
@@ -332,8 +341,9 @@ void fm_gate_norm(long rows, long channels, float eps, const float *in, const fl
     threads = thread_count(threads, rows);
     Rows shares[MAX_THREADS];
     for (int k = 0; k < threads; k++)
-        shares[k] = (Rows){0, channels, 0, rows * k / threads, rows * (k + 1) / threads, eps,
-                           in, weight, 0, gate, out, gate_stride};
+        shares[k] = (Rows){.channels = channels, .first = rows * k / threads,
+                           .last = rows * (k + 1) / threads, .eps = eps, .in = in,
+                           .weight = weight, .gate = gate, .out = out, .stride = gate_stride};
     run_shares(gate_norm_rows, (char *)shares, sizeof(Rows), threads);
 }
 
@@ -488,7 +498,9 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
     for (long c = 0; c < inner; c++)
         x[c] = masked && taps > 0 ? 0.0f : row[inner + c];
     if (taps > 0) {
-        Rows conv = {1, inner, taps, 0, 1, 0.0f, s->window, w[CONV_WEIGHT], w[CONV_BIAS], 0, x_bar, 0};
+        Rows conv = {.length = 1, .channels = inner, .taps = taps, .last = 1, .in = x,
+                     .history = s->window, .weight = w[CONV_WEIGHT], .bias = w[CONV_BIAS],
+                     .out = x_bar, .stride = inner};
         conv_rows(&conv);
     } else {
         for (long c = 0; c < inner; c++)
@@ -512,8 +524,9 @@ static void mix_row(const Step *s, const float *const *w, float *const *contents
                  .overwritten = s->written ? s->overwritten + b * heads * top_k * width : 0};
     share_scratch(&mix, s->routing);
     mix_share(&mix);
-    Rows norm = {0, inner, 0, 0, 1, s->eps, s->merged, w[MIXER_NORM], 0, gate,
-                 s->gated + b * inner, inner};
+    Rows norm = {.channels = inner, .last = 1, .eps = s->eps, .in = s->merged,
+                 .weight = w[MIXER_NORM], .gate = gate, .out = s->gated + b * inner,
+                 .stride = inner};
     gate_norm_rows(&norm);
 }
 

@@ -36,7 +36,7 @@ SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
     "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
-    "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 4 + [_INT],
+    "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 2 + [_LONG] + [_POINTER] * 3 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
@@ -242,18 +242,21 @@ def fm_mix_native(
     return mixed(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state)
 
 
-def conv_silu(window: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-    """SiLU(depthwise causal conv) of a float32 (B, K−1+T, E) window with MLX conv weights
-    (E, K, 1) and bias (E,): (B, T, E). Call only where `runs_here(...)` holds."""
-    batch, span, channels = window.shape
-    taps = weight.shape[1]
-    window, bias = _on_host(window, bias)
+def conv_silu(history: mx.array, x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+    """SiLU(depthwise causal conv) of float32 (B, T, E) inputs x after the (B, K−1, E) ones of
+    `history`, with MLX conv weights (E, K, 1) and bias (E,): (B, T, E). x is read where it lies
+    (a slice of a projection's columns). Call only where `runs_here(...)` holds."""
+    batch, length, channels = x.shape
+    history, bias = _on_host(history, bias)
+    x, stride = _rows_on_host(x, 2)
     weight = np.ascontiguousarray(_conv_taps_first(weight))
-    out = np.empty((batch, span - taps + 1, channels), np.float32)
+    out = np.empty((batch, length, channels), np.float32)
     _functions()["fm_conv_silu"](
-        *(batch, out.shape[1], channels, taps),
-        *map(_address, (window, weight, bias, out)),
-        _threads(batch * out.shape[1]),
+        *(batch, length, channels, weight.shape[0]),
+        *map(_address, (history, x)),
+        stride,
+        *map(_address, (weight, bias, out)),
+        _threads(batch * length),
     )
     return mx.array(out)
 
