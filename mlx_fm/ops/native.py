@@ -187,7 +187,8 @@ def _rows_on_host(array: mx.array, row_axes: int) -> tuple[np.ndarray, int]:
     array = array.astype(mx.float32)
     mx.eval(array)
     host = np.asarray(array)
-    rows = host.reshape(math.prod(host.shape[:row_axes]), -1)  # a view where it can be one
+    shape = math.prod(host.shape[:row_axes]), math.prod(host.shape[row_axes:])
+    rows = host.reshape(shape)  # a view where it can be one
     if rows.shape[1] > 1 and rows.strides[1] != rows.itemsize or rows.strides[0] % rows.itemsize:
         rows = np.ascontiguousarray(rows)
     return rows, rows.strides[0] // rows.itemsize
