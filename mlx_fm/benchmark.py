@@ -9,14 +9,16 @@ and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
 
 Noise on a shared machine only ever slows a run down, so a decode rate is that of the
-fastest window of its tokens in about a second (four windows at least), as is the decode
-floor's below, a prompt's that of the fastest of three runs (one run from 8,192 tokens on),
-and the prompt bound and training that of the fastest of their runs.
+fastest window of its tokens in about a second (four windows at least), a prompt's that of
+the fastest of three runs (one run from 8,192 tokens on), and training that of the fastest
+of its runs.
 
-Each model is also held against this machine's limits, measured in the same run:
-the decode floor (a batch-1 decode step must stream every weight matrix once: the
-model's matrix-vector products alone, timed) and the prompt bound (about 2 ×
-parameters FLOPs a token, at the GEMM speed of a prompt segment).
+Each model is also held against this machine's limits, measured in the same run and in the
+same conditions: the decode floor (a batch-1 decode step must stream every weight matrix
+once: the model's matrix-vector products alone, timed in windows that alternate with the
+decode's) and the prompt bound (about 2 × parameters FLOPs a token, at the GEMM speed of a
+prompt segment, timed before each run of the prompt and after the last). Each is the
+fastest of its timings, as the rate held against it is.
 
 With --train-seq-len, each model's training speed too: tokens/s of mlx_fm.train's own
 step (forward, backward, AdamW) on random windows. With --batch N, decode tokens/s of
@@ -30,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx_fm  # noqa: F401  (optimized BLAS before mlx.core)
 
@@ -50,6 +52,7 @@ from .utils import parameter_count
 PREFILL_STEP = 2048
 DECODE_WINDOWS = 4  # decode and its floor are timed in at least this many windows of tokens,
 DECODE_SECONDS = 1.0  # and for about this long, and the fastest window counts
+BOUND_SECONDS = 0.25  # the prompt bound's GEMM is timed this long before each prompt run and after
 PROMPT_RUNS = 3  # a prompt is timed this many times, each on a fresh cache, and the fastest counts
 ONE_PROMPT_RUN_FROM = 8192  # tokens: longer prompts are timed once (Llama's 16K takes minutes)
 BATCH_PROMPT_TOKENS = 128
@@ -130,12 +133,36 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
     fastest of its runs) and the tokens after it (the fastest window of `decode_window` tokens
     in DECODE_SECONDS, and DECODE_WINDOWS windows at least: at least `decode_tokens`). The peak
     is `resident` GB (the model's own: see `resident_gb`) plus the most the two added to it."""
+    return _measure(model, context, decode_tokens, vocab_size, resident, limits=False)[0]
+
+
+def measure_against_limits(
+    model, context: int, decode_tokens: int, vocab_size: int, resident: float = 0.0
+):
+    """`measure`'s rates, and (the prompt bound, the decode floor) they are held against, each
+    timed in its rate's conditions: the bound before each run of the prompt and after the
+    last, the floor in windows that alternate with the decode's."""
+    return _measure(model, context, decode_tokens, vocab_size, resident, limits=True)
+
+
+def _measure(
+    model, context: int, decode_tokens: int, vocab_size: int, resident: float, limits: bool
+) -> tuple[tuple, Optional[tuple]]:
     tokens = mx.random.randint(0, vocab_size, (1, context))
+    bound = prompt_bound(model) if limits else None
     mx.clear_cache()
     active_before = mx.get_active_memory()
     mx.reset_peak_memory()
-    prompt_seconds = []
+    bounds, peaks, prompt_seconds = [], [], []
+
+    def time_bound():  # its GEMM's memory is left out of the peak
+        peaks.append(mx.get_peak_memory())
+        bounds.append(bound())
+        mx.reset_peak_memory()
+
     for _ in range(1 if context >= ONE_PROMPT_RUN_FROM else PROMPT_RUNS):
+        if limits:
+            time_bound()
         cache = make_prompt_cache(model)
         start = time.perf_counter()
         for begin in range(0, context - 1, PREFILL_STEP):
@@ -154,8 +181,15 @@ def measure(model, context: int, decode_tokens: int, vocab_size: int, resident: 
             mx.async_eval(token)
         mx.eval(token)
 
-    decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
-    return prompt_rate, decode_rate, resident + (mx.get_peak_memory() - active_before) / 1e9
+    if limits:
+        time_bound()
+        decode_rate, floor = timed_rates(
+            [decode, floor_window(model, window)], window, 2 * DECODE_SECONDS, DECODE_WINDOWS
+        )
+    else:
+        decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
+    peak = resident + (max(peaks + [mx.get_peak_memory()]) - active_before) / 1e9
+    return (prompt_rate, decode_rate, peak), ((max(bounds), floor) if limits else None)
 
 
 def resident_gb(build, vocab_size: int) -> tuple:
@@ -200,21 +234,31 @@ def weight_matrices(model: nn.Module) -> list[mx.array]:
     return matrices
 
 
-def timed_rate(work, count: int, seconds: float = 0.5, runs: int = 1) -> float:
-    """Units of `count` per second of the fastest of the runs of `work()` (which evaluates)
-    in about `seconds`, and at least `runs` of them."""
-    work()
-    durations, start = [], time.perf_counter()
-    while len(durations) < runs or time.perf_counter() - start < seconds:
-        run_start = time.perf_counter()
+def timed_rates(works: list, count: int, seconds: float, runs: int = 1) -> list[float]:
+    """Units of `count` per second of the fastest run of each of `works` (each evaluates), run
+    in turn for about `seconds`, and at least `runs` times each: so that noise on the machine
+    meets them alike."""
+    for work in works:
         work()
-        durations.append(time.perf_counter() - run_start)
-    return count / min(durations)
+    durations = [[] for _ in works]
+    start = time.perf_counter()
+    while len(durations[0]) < runs or time.perf_counter() - start < seconds:
+        for work, taken in zip(works, durations):
+            run_start = time.perf_counter()
+            work()
+            taken.append(time.perf_counter() - run_start)
+    return [count / min(taken) for taken in durations]
 
 
-def decode_floor(model: nn.Module, steps: int = 16) -> float:
-    """Steps/s of the model's matrix-vector products alone, batch 1, timed as a decode is
-    (`measure`): in windows of `steps` steps, as long as a decode window."""
+def timed_rate(work, count: int, seconds: float = 0.5, runs: int = 1) -> float:
+    """Units of `count` per second of the fastest run of `work()` in about `seconds`, and at
+    least `runs` of them."""
+    return timed_rates([work], count, seconds, runs)[0]
+
+
+def floor_window(model: nn.Module, steps: int):
+    """A window of `steps` decode-floor steps: the model's matrix-vector products alone, batch
+    1, each weight matrix streamed once a step."""
     matrices = weight_matrices(model)
     vectors = [mx.ones((1, w.shape[1]), dtype=w.dtype) for w in matrices]
 
@@ -222,16 +266,18 @@ def decode_floor(model: nn.Module, steps: int = 16) -> float:
         for _ in range(steps):
             mx.eval([v @ w.T for v, w in zip(vectors, matrices)])
 
-    return timed_rate(window, steps, DECODE_SECONDS, DECODE_WINDOWS)
+    return window
 
 
-def prompt_bound(model: nn.Module, hidden_size: int) -> float:
-    """Tokens/s at 2 × parameters FLOPs a token and the GEMM speed of a prompt segment."""
+def prompt_bound(model: nn.Module) -> Callable[[], float]:
+    """A timer of the prompt bound: tokens/s at 2 × parameters FLOPs a token and the GEMM speed
+    of a prompt segment, that GEMM timed for BOUND_SECONDS each call."""
+    hidden_size = model.args.hidden_size
     a = mx.random.normal((PREFILL_STEP, hidden_size))
     b = mx.random.normal((hidden_size, 4 * hidden_size))
-    flops = 2 * PREFILL_STEP * hidden_size * 4 * hidden_size
-    gemm_flops_per_second = timed_rate(lambda: mx.eval(a @ b), flops)
-    return gemm_flops_per_second / (2 * parameter_count(model))
+    mx.eval(a, b)
+    tokens = PREFILL_STEP * hidden_size * 4 * hidden_size / parameter_count(model)
+    return lambda: timed_rate(lambda: mx.eval(a @ b), tokens, BOUND_SECONDS)
 
 
 def build_parser():
@@ -287,8 +333,8 @@ def quantized_copy(model: nn.Module, args, bits: int) -> nn.Module:
 
 def run(args) -> dict:
     """{model name: Measured}, printed as it goes, with each rate's fraction of the prompt bound
-    or the decode floor, measured right after it: on a noisy machine a limit measured minutes
-    away would not share the rate's conditions."""
+    or the decode floor, measured with it (`measure`): on a noisy machine a limit measured
+    minutes away would not share the rate's conditions."""
     mx.random.seed(0)
     target = parameter_count(fm_model(args, args.fm_layers))
     results = {}
@@ -297,7 +343,7 @@ def run(args) -> dict:
         model, resident = resident_gb(partial(BUILDERS[key], args, layers), args.vocab_size)
         print(
             f"{NAMES[key]}: {layers} layers, {parameter_count(model) / 1e6:.1f}M parameters "
-            "(in brackets, each rate against the prompt bound or decode floor measured after it)"
+            "(in brackets, each rate against the prompt bound or decode floor measured with it)"
         )
         measured = results[NAMES[key]] = Measured()
         quantized = None
@@ -307,10 +353,8 @@ def run(args) -> dict:
             )
             quantized_measured = results[f"FM {args.bits}-bit"] = Measured()
         for context in args.contexts:
-            result = measure(model, context, args.decode_tokens, args.vocab_size, resident)
-            limits = (
-                prompt_bound(model, args.hidden_size),
-                decode_floor(model, decode_window(args.decode_tokens)),
+            result, limits = measure_against_limits(
+                model, context, args.decode_tokens, args.vocab_size, resident
             )
             measured.contexts[context], measured.limits[context] = result, limits
             print(
