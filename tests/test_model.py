@@ -305,6 +305,30 @@ def test_an_inference_prompt_runs_in_c_and_equals_a_training_forward(monkeypatch
     assert relative_error(model(tokens, cache=cache), expected) < 1e-5
 
 
+def test_a_prompt_in_c_holds_one_layers_projection_at_a_time():
+    """The conv inputs a cache carries are taken out of in_proj's output as each layer runs, so
+    that they do not keep every layer's whole output alive: 6 layers peak about as 2 do."""
+    if not native.available():
+        pytest.skip(f"no C path here: {native.status()}")
+    tokens = mx.random.randint(0, TINY["vocab_size"], (1, 4096))
+    mx.eval(tokens)
+
+    def peak(layers):
+        model = tiny_model(num_hidden_layers=layers)
+        model.eval()
+        for _ in range(2):  # the second, once MLX's buffers are warm
+            cache = model.make_cache()
+            mx.clear_cache()
+            before = mx.get_active_memory()
+            mx.reset_peak_memory()
+            model(tokens, cache=cache)
+            mx.eval([c.state for c in cache])
+        return mx.get_peak_memory() - before
+
+    one_layer_output = tokens.size * tiny_model().layers[0].mixer.in_proj.weight.shape[0] * 4
+    assert peak(6) < peak(2) + one_layer_output
+
+
 def counted(function, name, calls):
     def counting(*arguments, **options):
         calls.append(name)

@@ -93,7 +93,8 @@ class FactorizationMemory(nn.Module):
         else:
             history = mx.zeros((x.shape[0], carry, x.shape[-1]), x.dtype)
         conv = (self.conv1d.weight, self.conv1d.bias)
-        if self._in_c(x.shape[1], history, x, *conv):
+        in_c = self._in_c(x.shape[1], history, x, *conv)
+        if in_c:
             out = native.with_gradient_of(_causal_conv_silu, native.conv_silu)(history, x, *conv)
         else:
             out = _causal_conv_silu(history, x, *conv)
@@ -105,7 +106,10 @@ class FactorizationMemory(nn.Module):
             [contents[1]] if t == 0 else [_window_rows(history, x, t)]
             for t in range(length - keep, length)
         ]
-        return out, before + [[_last_inputs(history, x, lengths)]]
+        carried = before + [[_last_inputs(history, x, lengths)]]
+        if in_c:  # evaluated now, they no longer hold on to in_proj's output, x's whole buffer
+            mx.eval(carried)
+        return out, carried
 
     def __call__(
         self, u: mx.array, mask: Optional[mx.array] = None, cache: Optional[FMCache] = None
