@@ -4,7 +4,16 @@ import os
 import subprocess
 import sys
 
-from mlx_fm.ops import fm_chunked, fm_mix, fm_recurrent, fm_step, fm_token, native, route
+from mlx_fm.ops import (
+    fm_chunked,
+    fm_mix,
+    fm_mix_keeping,
+    fm_recurrent,
+    fm_step,
+    fm_token,
+    native,
+    route,
+)
 
 import mlx.core as mx
 import numpy as np
@@ -213,6 +222,34 @@ def test_c_mix_equals_the_mix_on_mlx_ops(length, slots, top_k, with_state, tempe
         actual, actual_state = fm_mix(*inputs, **options, keep_checkpoints=False)
         assert relative_error(actual, expected) < 1e-5
         assert relative_error(actual_state, expected_state) < 1e-5
+
+
+@pytest.mark.parametrize("keep,with_state", [(5, True), (12, False), (12, True)])
+def test_one_c_mix_keeps_the_states_before_its_last_tokens_as_mlx_ops_do(
+    keep, with_state, c_build, monkeypatch
+):
+    """In C one call mixes the prompt and copies out the state before each of its last `keep`
+    tokens (a cache's snapshots); on MLX ops those tokens are mixed one at a time."""
+    calls = []
+    monkeypatch.setattr(native, "fm_mix_native", counted(native.fm_mix_native, calls))
+    inputs = mix_inputs(length=12, slots=8)
+    state = mx.random.normal((2, 2, 8, 8)) if with_state else None
+    options = dict(top_k=3, temperature=1.0, state=state, keep=keep)
+    expected_out, expected = fm_mix_keeping(*inputs, **options)
+    out, states = fm_mix_keeping(*inputs, **options, keep_checkpoints=False)
+    assert len(calls) == 1 and len(states) == keep + 1
+    assert relative_error(out, expected_out) < 1e-5
+    for actual, wanted in zip(states, expected):
+        assert (actual is None) == (wanted is None)  # None: before the first token of no state
+        assert actual is None or relative_error(actual, wanted) < 1e-5
+
+
+def counted(function, calls):
+    def counting(*arguments, **options):
+        calls.append(options.get("keep", 0))
+        return function(*arguments, **options)
+
+    return counting
 
 
 @pytest.mark.parametrize("heads", [5, 9])

@@ -83,16 +83,16 @@ def fm_mix(
             mask=None if mask is None else mask[:, 0],
         )
         return out[:, None], state
-    inference = not decoding and not keep_checkpoints and kernels is None
-    if inference and native.runs_here(x, router_logits, *([] if state is None else [state])):
-        return native.fm_mix_native(
+    if _mixes_in_c(x, router_logits, state, keep_checkpoints, kernels):
+        out, (state,) = native.fm_mix_native(
             *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
             top_k=top_k,
             temperature=temperature,
             state=state,
             mask=mask,
-            on_ops=partial(fm_mix, top_k=top_k, temperature=temperature, mask=mask),
+            on_ops=partial(fm_mix_keeping, top_k=top_k, temperature=temperature, mask=mask),
         )
+        return out, state
     x, slot_weights, eta, mu = prepare(
         x,
         router_logits,
@@ -133,8 +133,22 @@ def fm_mix_keeping(
 
     The last `keep` tokens are mixed one at a time, as decoding mixes them: so their states
     come for free, and a forward that verifies draft tokens computes exactly what decoding
-    them one by one would.
+    them one by one would. In C (`fm_mix`'s conditions) one call mixes them all and copies
+    the states out as it goes: the same token by token mix.
     """
+    kernels = metal.default_kernels() if metal.use_kernels() else None
+    if keep and _mixes_in_c(x, router_logits, state, keep_checkpoints, kernels):
+        return native.fm_mix_native(
+            *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
+            top_k=top_k,
+            temperature=temperature,
+            state=state,
+            mask=mask,
+            keep=keep,
+            on_ops=partial(
+                fm_mix_keeping, top_k=top_k, temperature=temperature, mask=mask, keep=keep
+            ),
+        )
     head = x.shape[1] - keep
     per_token = (x, router_logits, update_logits, merge_logits, mask)
 
@@ -166,3 +180,12 @@ def fm_mix_keeping(
         outs.append(out)
     states.append(state)
     return (mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), states
+
+
+def _mixes_in_c(x, router_logits, state, keep_checkpoints: bool, kernels) -> bool:
+    """Whether a mix runs in C (`native.fm_mix_native`): more than one token or no state (a
+    decode step has its own paths), in inference, on no Metal kernels, where C runs now."""
+    decoding = x.shape[1] == 1 and state is not None
+    if decoding or keep_checkpoints or kernels is not None:
+        return False
+    return native.runs_here(x, router_logits, *([] if state is None else [state]))

@@ -12,7 +12,8 @@
    `threads` threads. Layouts, float32, contiguous: x and out (B, T, H, P), biases (H), mask
    (B, T) bytes or null, state (B, H, m, P) updated in place; router (B, T, H, m), update and
    merge (B, T, H) need only be contiguous within a token: strides[0..2] are the floats from one
-   token's to the next's (columns of one projection, read where they lie). A decode step may also
+   token's to the next's (columns of one projection, read where they lie); snapshots null, or
+   (keep, B, H, m, P) for the state before each of the last keep tokens. A decode step may also
    keep what it overwrites (Share's written and overwritten: see fm_decode). */
 
 #include <limits.h>
@@ -66,6 +67,8 @@ typedef struct {
     float *state, *out;
     int *written;       /* null, or (heads, top_k): the slots each head writes */
     float *overwritten; /* with written: (heads, top_k, width), their rows before */
+    float *snapshots;   /* null, or (keep, B, H, m, P): the state before each of the last keep */
+    long keep;          /* tokens */
     ints4 *top;         /* scratch for route (from share_scratch) */
     long *chosen;
     float *weights;
@@ -174,15 +177,21 @@ INLINE void mix_token(const Share *s, long row, long t, long head, const long *c
 /* Token by token, this share's heads: consecutive memory, which the CPU prefetches. */
 INLINE void *mix_share_portable(void *share) {
     const Share *s = share;
-    long k = s->top_k;
+    long k = s->top_k, head_size = s->slots * s->width;
     for (long row = 0; row < s->batch; row++)
-        for (long t = 0; t < s->length; t++)
+        for (long t = 0; t < s->length; t++) {
+            long kept = t - (s->length - s->keep);
+            if (s->snapshots && kept >= 0)
+                memcpy(s->snapshots + ((kept * s->batch + row) * s->heads + s->first) * head_size,
+                       s->state + (row * s->heads + s->first) * head_size,
+                       (s->last - s->first) * head_size * sizeof(float));
             for (long head = s->first; head < s->last; head += LANES) {
                 long count = min_long(LANES, s->last - head);
                 route(s, row * s->length + t, head, count, s->chosen, s->weights);
                 for (long lane = 0; lane < count; lane++)
                     mix_token(s, row, t, head + lane, s->chosen + lane * k, s->weights + lane * k);
             }
+        }
     return 0;
 }
 ON_THIS_CPU(mix_share)
@@ -215,7 +224,8 @@ static int thread_count(int threads, long units) {
 int fm_mix(long batch, long length, long heads, long slots, long width, long top_k,
            float temperature, const float *x, const float *router, const float *update,
            const float *merge, const long *strides, const float *eta_bias, const float *mu_bias,
-           const unsigned char *mask, float *state, float *out, int threads) {
+           const unsigned char *mask, float *state, float *out, float *snapshots, long keep,
+           int threads) {
     threads = thread_count(threads, heads);
     char *scratch = malloc(threads * SCRATCH_BYTES(top_k));
     if (!scratch)
@@ -228,7 +238,8 @@ int fm_mix(long batch, long length, long heads, long slots, long width, long top
                             .x = x, .router = router, .update = update, .merge = merge,
                             .eta_bias = eta_bias, .mu_bias = mu_bias, .router_stride = strides[0],
                             .update_stride = strides[1], .merge_stride = strides[2],
-                            .mask = mask, .state = state, .out = out};
+                            .mask = mask, .state = state, .out = out,
+                            .snapshots = snapshots, .keep = keep};
     for (int k = 0; k < threads; k++)
         share_scratch(&shares[k], scratch + k * SCRATCH_BYTES(top_k));
     run_shares(mix_share, (char *)shares, sizeof(Share), threads);

@@ -35,7 +35,7 @@ from ..blas import built_library, sgemm_address
 SOURCE = Path(__file__).with_name("fm_cpu.c")
 _LONG, _FLOAT, _POINTER, _INT = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _SIGNATURES = {
-    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 10 + [_INT],
+    "fm_mix": [_LONG] * 6 + [_FLOAT] + [_POINTER] * 11 + [_LONG, _INT],
     "fm_conv_silu": [_LONG] * 4 + [_POINTER] * 2 + [_LONG] + [_POINTER] * 3 + [_INT],
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
@@ -210,15 +210,18 @@ def fm_mix_native(
     temperature: float,
     state: mx.array | None = None,
     mask: mx.array | None = None,
+    keep: int = 0,
     on_ops: Callable,
-) -> tuple[mx.array, mx.array]:
-    """`fm_mix` over T tokens, in C: the merged output o (B, T, H, P) and the new state, both
-    float32, with the gradient of `on_ops` (the same mix on MLX ops, taking the state as a
-    keyword). Call only where `runs_here(...)` holds."""
-    batch, _, heads, width = x.shape
+) -> tuple[mx.array, list[mx.array | None]]:
+    """`fm_mix_keeping` over T tokens, in C: the merged output o (B, T, H, P) and the states
+    before each of the last `keep` tokens and after the last (the first None when keep is T
+    and no state was given), float32, with the gradient of `on_ops` (the same on MLX ops,
+    taking the state as a keyword). Call only where `runs_here(...)` holds."""
+    batch, length, heads, width = x.shape
     num_slots = router_logits.shape[-1]
     top_k = min(top_k, num_slots)
-    if state is None:
+    fresh = state is None
+    if fresh:
         state = mx.zeros((batch, heads, num_slots, width), mx.float32)
 
     def in_c(x, router_logits, update_logits, merge_logits, *rest):
@@ -228,19 +231,31 @@ def fm_mix_native(
         strides = np.array([stride for _, stride in per_token], np.int64)
         mask_bytes = None if mask is None else np.asarray(mask, dtype=np.uint8)
         out = np.empty(x.shape, np.float32)
+        snapshots = np.empty((keep, *final_state.shape), np.float32)
         failed = _functions()["fm_mix"](
-            *(batch, x.shape[1], heads, num_slots, width, top_k, temperature),
+            *(batch, length, heads, num_slots, width, top_k, temperature),
             *map(_address, (x, *(rows for rows, _ in per_token), strides, *biases)),
             None if mask_bytes is None else _address(mask_bytes),
             *map(_address, (final_state, out)),
+            _address(snapshots) if keep else None,
+            keep,
             _threads(heads),
         )
         if failed:
             raise MemoryError("no memory for the mix's scratch")
-        return mx.array(out), mx.array(final_state)
+        before = mx.array(snapshots)
+        return [mx.array(out), *(before[j] for j in range(keep)), mx.array(final_state)]
 
-    mixed = with_gradient_of(lambda *arrays: on_ops(*arrays[:-1], state=arrays[-1]), in_c)
-    return mixed(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state)
+    def on_ops_flat(*arrays):
+        out, states = on_ops(*arrays[:-1], state=arrays[-1])
+        return [out, *states]
+
+    out, *states = with_gradient_of(on_ops_flat, in_c)(
+        x, router_logits, update_logits, merge_logits, eta_bias, mu_bias, state
+    )
+    if fresh and keep == length:  # before the first token, as the caller had it
+        states[0] = None
+    return out, states
 
 
 def conv_silu(history: mx.array, x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
