@@ -307,7 +307,8 @@ def test_an_inference_prompt_runs_in_c_and_equals_a_training_forward(monkeypatch
 
 def test_a_prompt_in_c_holds_one_layers_projection_at_a_time():
     """The conv inputs a cache carries are taken out of in_proj's output as each layer runs, so
-    that they do not keep every layer's whole output alive: 6 layers peak about as 2 do."""
+    that they do not keep every layer's whole output alive: 10 layers peak about as 2 do (kept
+    alive, each layer's would add one more)."""
     if not native.available():
         pytest.skip(f"no C path here: {native.status()}")
     tokens = mx.random.randint(0, TINY["vocab_size"], (1, 4096))
@@ -326,7 +327,7 @@ def test_a_prompt_in_c_holds_one_layers_projection_at_a_time():
         return mx.get_peak_memory() - before
 
     one_layer_output = tokens.size * tiny_model().layers[0].mixer.in_proj.weight.shape[0] * 4
-    assert peak(6) < peak(2) + one_layer_output
+    assert peak(10) < peak(2) + 3 * one_layer_output
 
 
 def counted(function, name, calls):
