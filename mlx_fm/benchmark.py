@@ -333,8 +333,8 @@ def quantized_copy(model: nn.Module, args, bits: int) -> nn.Module:
 
 def run(args) -> dict:
     """{model name: Measured}, printed as it goes, with each rate's fraction of the prompt bound
-    or the decode floor, measured with it (`measure`): on a noisy machine a limit measured
-    minutes away would not share the rate's conditions."""
+    or the decode floor, measured with it (`measure_against_limits`): on a noisy machine a
+    limit measured minutes away would not share the rate's conditions."""
     mx.random.seed(0)
     target = parameter_count(fm_model(args, args.fm_layers))
     results = {}

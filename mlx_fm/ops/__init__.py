@@ -83,7 +83,7 @@ def fm_mix(
             mask=None if mask is None else mask[:, 0],
         )
         return out[:, None], state
-    if _mixes_in_c(x, router_logits, state, keep_checkpoints, kernels):
+    if _mixes_in_c(x, router_logits, state, keep_checkpoints, kernels is not None):
         out, (state,) = native.fm_mix_native(
             *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
             top_k=top_k,
@@ -136,8 +136,7 @@ def fm_mix_keeping(
     them one by one would. In C (`fm_mix`'s conditions) one call mixes them all and copies
     the states out as it goes: the same token by token mix.
     """
-    kernels = metal.default_kernels() if metal.use_kernels() else None
-    if keep and _mixes_in_c(x, router_logits, state, keep_checkpoints, kernels):
+    if keep and _mixes_in_c(x, router_logits, state, keep_checkpoints, metal.use_kernels()):
         return native.fm_mix_native(
             *(x, router_logits, update_logits, merge_logits, eta_bias, mu_bias),
             top_k=top_k,
@@ -182,10 +181,10 @@ def fm_mix_keeping(
     return (mx.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), states
 
 
-def _mixes_in_c(x, router_logits, state, keep_checkpoints: bool, kernels) -> bool:
+def _mixes_in_c(x, router_logits, state, keep_checkpoints: bool, on_metal: bool) -> bool:
     """Whether a mix runs in C (`native.fm_mix_native`): more than one token or no state (a
     decode step has its own paths), in inference, on no Metal kernels, where C runs now."""
     decoding = x.shape[1] == 1 and state is not None
-    if decoding or keep_checkpoints or kernels is not None:
+    if decoding or keep_checkpoints or on_metal:
         return False
     return native.runs_here(x, router_logits, *([] if state is None else [state]))

@@ -93,7 +93,8 @@ INLINE float sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
    chosen, and the softmax of their logits into weights, in the same order (chosen and weights:
    LANES · top_k, a head's after the one before). The heads go through a list of the largest so
    far in lockstep, one head a vector lane: each slot is carried down the list, swapping places
-   with any smaller entry, without a branch (an insertion sort's mispredicted on most tokens).
+   with any smaller entry, without a branch (an insertion sort's mispredicted on most tokens);
+   a slot that would enter no lane's list is skipped.
    Logits become integer keys in the same order: −0 counts as +0, a NaN of either sign as +∞ (so
    that its head's output is NaN, as on MLX ops), and an empty entry is below every key. */
 INLINE void route(const Share *s, long at, long head, long count, long *chosen, float *weights) {
@@ -231,7 +232,7 @@ int fm_mix(long batch, long length, long heads, long slots, long width, long top
     if (!scratch)
         return 1;
     Share shares[MAX_THREADS];
-    for (int k = 0; k < threads; k++)
+    for (int k = 0; k < threads; k++) {
         shares[k] = (Share){.batch = batch, .length = length, .heads = heads, .slots = slots,
                             .width = width, .top_k = top_k, .first = heads * k / threads,
                             .last = heads * (k + 1) / threads, .temperature = temperature,
@@ -240,8 +241,8 @@ int fm_mix(long batch, long length, long heads, long slots, long width, long top
                             .update_stride = strides[1], .merge_stride = strides[2],
                             .mask = mask, .state = state, .out = out,
                             .snapshots = snapshots, .keep = keep};
-    for (int k = 0; k < threads; k++)
         share_scratch(&shares[k], scratch + k * SCRATCH_BYTES(top_k));
+    }
     run_shares(mix_share, (char *)shares, sizeof(Share), threads);
     free(scratch);
     return 0;
@@ -331,7 +332,7 @@ INLINE void normalize(float *restrict x, const float *restrict weight, long chan
 }
 
 /* out = RMSNorm(in ⊙ SiLU(gate)) · weight over each row of (rows, channels); a row of gate is
-   gate_stride floats from the last. */
+   `stride` floats from the last. */
 INLINE void *gate_norm_rows_portable(void *share) {
     const Rows *s = share;
     long channels = s->channels;
