@@ -135,11 +135,25 @@ def test_compiled_decode_equals_layer_by_layer_decode_and_follows_new_weights():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(tied, monkeypatch):
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(
+    tied, group_size, monkeypatch
+):
+    """A prompt multiplies by its layers' weights dequantized: in inference, groups of 64 in C
+    where it takes them (native.takes_quantized); groups of 32, and in training, by
+    mx.dequantize."""
     model = tiny_model(hidden_size=64, intermediate_size=64, tie_word_embeddings=tied)
-    nn.quantize(model, group_size=32, bits=4)
+    nn.quantize(model, group_size=group_size, bits=4)
+    model.eval()
+    in_c = []
+    dequantized_in_c = native.dequantized
+    monkeypatch.setattr(native, "dequantized", lambda m: in_c.append(m) or dequantized_in_c(m))
     tokens = mx.random.randint(0, 257, (2, 40))
     dequantized = model(tokens)
+    assert bool(in_c) == native.takes_quantized("affine", 4, group_size)
+    model.train()  # C gives no gradient
+    in_c.clear()
+    assert relative_error(model(tokens), dequantized) < 1e-6 and not in_c
     monkeypatch.setattr(factorization_memory, "_DEQUANTIZE_FROM_TOKENS", 10**9)
     assert relative_error(dequantized, model(tokens)) < 1e-5
 

@@ -385,6 +385,17 @@ def test_the_c_conv_and_gated_norm_equal_their_mlx_ops_with_their_gradients(pair
         assert relative_error(got, want) < 1e-6
 
 
+@pytest.mark.parametrize("bits,group_size", [(2, 128), (4, 64), (4, 128), (8, 32), (8, 64)])
+def test_c_dequantizes_bit_for_bit_as_mlx(bits, group_size):
+    needs_c()
+    if not native.takes_quantized("affine", bits, group_size):
+        pytest.skip("no quantized products in C on this CPU")
+    mx.random.seed(2)
+    matrix = mx.quantize(mx.random.normal((37, 384)), group_size=group_size, bits=bits)
+    expected = mx.dequantize(*matrix, group_size=group_size, bits=bits)
+    assert mx.array_equal(native.dequantized(native.Quantized(*matrix, bits, group_size)), expected)
+
+
 def test_the_c_mix_and_gated_norm_read_columns_of_a_wider_array_where_they_lie():
     """A prompt's router, update, merge and gate logits are columns of one projection: C reads
     them in place (a row stride), as it would read contiguous copies of them."""

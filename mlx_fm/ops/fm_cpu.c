@@ -455,6 +455,58 @@ static void dequantized_row(const Quantized *m, long row, long inputs, float *ou
     }
 }
 
+typedef struct {
+    const Quantized *m;
+    long inputs, first, last; /* rows first..last−1 */
+    float *out;
+} Dequantizing;
+
+/* Rows of a quantized matrix dequantized, 8 words (one scale and bias: a whole number of them
+   make a group) at a time: the j-th 8 values of those words take each lane's word by a
+   shuffle and its place in the word by a shift. */
+VECTOR_TARGET static void *dequantize_rows(void *share) {
+    const Dequantizing *s = share;
+    const Quantized *m = s->m;
+    int bits = (int)m->bits, mask = (1 << bits) - 1, per_word = 32 / bits;
+    long words = s->inputs / per_word, groups = s->inputs / m->group;
+    long group_words = m->group / per_word;
+    ints8 lanes = {0, 1, 2, 3, 4, 5, 6, 7}, word_of[32], shift_of[32];
+    for (int j = 0; j < per_word; j++) {
+        ints8 at = lanes + 8 * j;
+        word_of[j] = at / per_word;
+        shift_of[j] = at % per_word * bits;
+    }
+    for (long row = s->first; row < s->last; row++) {
+        const unsigned *packed = m->packed + row * words;
+        float *out = s->out + row * s->inputs;
+        for (long k = 0; k < words; k += 8) {
+            long g = row * groups + k / group_words;
+            floats8 scale = m->scales[g] + (floats8){0}, bias = m->biases[g] + (floats8){0};
+            ints8 eight;
+            memcpy(&eight, packed + k, sizeof eight);
+            for (int j = 0; j < per_word; j++) {
+                ints8 q = (__builtin_shuffle(eight, word_of[j]) >> shift_of[j]) & mask;
+                floats8 values = __builtin_convertvector(q, floats8) * scale;
+                __asm__("" : "+x"(values)); /* no fused multiply-add: MLX rounds the product */
+                values += bias;
+                memcpy(out + k * per_word + 8 * j, &values, sizeof values);
+            }
+        }
+    }
+    return 0;
+}
+
+/* out (rows, inputs) = the float matrix `m` stands for, bit for bit as MLX's dequantize gives it,
+   in fm_decode's layouts (group · bits a multiple of 256), where fm_quantized_products() says so. */
+void fm_dequantize(const Quantized *m, long rows, long inputs, float *out, int threads) {
+    threads = thread_count(threads, rows);
+    Dequantizing shares[MAX_THREADS];
+    for (int k = 0; k < threads; k++)
+        shares[k] = (Dequantizing){.m = m, .inputs = inputs, .first = rows * k / threads,
+                                   .last = rows * (k + 1) / threads, .out = out};
+    run_shares(dequantize_rows, (char *)shares, sizeof(Dequantizing), threads);
+}
+
 /* y (rows, outputs) = x (rows, inputs) · weightᵀ, weight (outputs, inputs): float through
    sgemm, quantized (q->packed) through quantized_product, a row at a time. */
 static void project(sgemm_function sgemm, long rows, long outputs, long inputs, const float *x,

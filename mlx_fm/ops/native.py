@@ -40,6 +40,7 @@ _SIGNATURES = {
     "fm_gate_norm": [_LONG] * 2 + [_FLOAT] + [_POINTER] * 2 + [_LONG] + [_POINTER] * 2 + [_INT],
     "fm_decode": [_LONG, _POINTER] + [_FLOAT] * 2 + [_POINTER] * 10,
     "fm_quantized_products": [],
+    "fm_dequantize": [_POINTER, _LONG, _LONG, _POINTER, _INT],
     "fm_portable_only": [_INT],
 }
 _RESULTS = {name: ctypes.c_int for name in ("fm_mix", "fm_decode", "fm_quantized_products")}
@@ -324,6 +325,23 @@ def takes_quantized(mode: str, bits: int, group_size: int) -> bool:
         and _functions() is not None
         and _library["quantized_products"]
     )
+
+
+def dequantized(matrix: Quantized) -> mx.array:
+    """The float32 matrix `matrix` stands for, as mx.dequantize gives it. MLX's CPU dequantize
+    takes ~5 ns a weight here, a tenth of a 2,048-token prompt's time on a 4-bit model that
+    dequantizes each segment (see the model's `_dequantizes`); this, ~0.5 ns. Call only where
+    `takes_quantized` holds and the arrays can be evaluated (`evaluates_here`)."""
+    packed, scales, biases = (
+        np.ascontiguousarray(a) for a in (matrix.weight, *_on_host(matrix.scales, matrix.biases))
+    )
+    rows, inputs = packed.shape[0], packed.shape[1] * 32 // matrix.bits
+    host = _QuantizedMatrix(
+        *map(_address, (packed, scales, biases)), matrix.bits, matrix.group_size
+    )
+    out = np.empty((rows, inputs), np.float32)
+    _functions()["fm_dequantize"](ctypes.byref(host), rows, inputs, _address(out), _threads(rows))
+    return mx.array(out)
 
 
 class DecodeStep:
