@@ -1,21 +1,13 @@
 """`python -m mlx_fm`: the version, which BLAS MLX uses, how many freed buffers it keeps, how a
 prompt's mixer and a decode step run on the CPU, and how fast its matmuls are."""
 
-import mlx.core as mx
-
 from . import __version__
 from .blas import blas_info, matmul_gflops
 from .cli import fail_cleanly
 from .ops import native
+from .utils import cache_limit
 
 SIZE = 1024
-
-
-def cache_limit() -> int:
-    """MLX's buffer cache limit in bytes (reading it means setting it: set it back)."""
-    limit = mx.set_cache_limit(0)
-    mx.set_cache_limit(limit)
-    return limit
 
 
 @fail_cleanly

@@ -159,6 +159,8 @@ def run(options: types.SimpleNamespace, model, tokenizer) -> None:
     from mlx_lm.tuner.datasets import load_dataset
     from mlx_lm.tuner.utils import load_adapters
 
+    from .utils import freed_buffers_kept_for_training
+
     np.random.seed(options.seed)
     callback = get_reporting_callbacks(
         options.report_to,
@@ -168,7 +170,8 @@ def run(options: types.SimpleNamespace, model, tokenizer) -> None:
     )
     train_set, valid_set, test_set = load_dataset(options, tokenizer)
     if options.train:
-        lora.train_model(options, model, train_set, valid_set, callback)
+        with freed_buffers_kept_for_training():
+            lora.train_model(options, model, train_set, valid_set, callback)
     elif options.adapter_path != "":
         load_adapters(model, options.adapter_path)
     if options.test:

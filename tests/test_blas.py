@@ -8,8 +8,8 @@ from pathlib import Path
 
 import mlx_fm
 from mlx_fm import blas
-from mlx_fm.__main__ import cache_limit
 from mlx_fm.ops import native
+from mlx_fm.utils import cache_limit
 
 import mlx.core as mx
 import numpy as np

@@ -14,6 +14,7 @@ import mlx_fm
 from mlx_fm.training import TrainConfig, build_config, train
 from mlx_fm.training.config import DEFAULT_MODEL
 from mlx_fm.training.data import WindowOrder
+from mlx_fm.utils import cache_limit
 
 import mlx.core as mx
 import pytest
@@ -118,6 +119,27 @@ def test_bfloat16_weights_keep_float32_optimizer_state(tmp_path, copy_data):
     assert {v.dtype for v in moments} == {mx.float32}
     losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
     assert losses[-1] < losses[0]
+
+
+def test_training_keeps_freed_buffers_up_to_the_memory_limit_and_then_as_before(
+    tmp_path, copy_data, monkeypatch
+):
+    """A step's temporaries are reused by the next one, not handed back to the OS (on the
+    CPU: on Metal MLX keeps them anyway), also when training fails."""
+    from mlx_fm.training import trainer
+
+    before, limits = cache_limit(), []
+    made = trainer.make_train_step
+    monkeypatch.setattr(
+        trainer, "make_train_step", lambda *a: limits.append(cache_limit()) or made(*a)
+    )
+    train(tiny_config(copy_data, tmp_path / "run", steps=2))
+    assert limits == [mx.get_memory_limit()] and before < limits[0]
+    assert cache_limit() == before
+    monkeypatch.setattr(trainer, "make_train_step", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train(tiny_config(copy_data, tmp_path / "failed", steps=2))
+    assert cache_limit() == before
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, copy_data):

@@ -22,6 +22,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from ..models.factorization_memory import MODEL_TYPE
 from ..utils import (
     check_destination,
+    freed_buffers_kept_for_training,
     load_model,
     make_directories,
     removed_on_failure,
@@ -57,7 +58,8 @@ def train(config: TrainConfig, progress_stream=None, force: bool = False) -> Tra
     with prepared_output(output):
         resume_from = resume_point(output, config)
         check_run_outputs(output, config, force or resume_from is not None)
-        return _train(config, output, resume_from, progress_stream)
+        with freed_buffers_kept_for_training():
+            return _train(config, output, resume_from, progress_stream)
 
 
 def _train(
