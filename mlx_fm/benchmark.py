@@ -9,7 +9,8 @@ and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
 
 Noise on a shared machine only ever slows a run down, so a decode rate is that of the
-fastest window of its tokens in about a second (four windows at least), a prompt's that of
+fastest window of its tokens in about a second (four windows at least; four seconds where its
+windows alternate with the decode floor's, below), a prompt's that of
 the fastest of three runs (one run from 8,192 tokens on), and training that of the fastest
 of its runs.
 
@@ -52,6 +53,7 @@ from .utils import freed_buffers_kept_for_training, parameter_count
 PREFILL_STEP = 2048
 DECODE_WINDOWS = 4  # decode and its floor are timed in at least this many windows of tokens,
 DECODE_SECONDS = 1.0  # and for about this long, and the fastest window counts
+DECODE_AND_FLOOR_SECONDS = 4.0  # decode and its floor alternate in windows this long
 BOUND_SECONDS = 0.25  # the prompt bound's GEMM is timed this long before each prompt run and after
 PROMPT_RUNS = 3  # a prompt is timed this many times, each on a fresh cache, and the fastest counts
 ONE_PROMPT_RUN_FROM = 8192  # tokens: longer prompts are timed once (Llama's 16K takes minutes)
@@ -184,7 +186,7 @@ def _measure(
     if limits:
         time_bound()
         decode_rate, floor = timed_rates(
-            [decode, floor_window(model, window)], window, 2 * DECODE_SECONDS, DECODE_WINDOWS
+            [decode, floor_window(model, window)], window, DECODE_AND_FLOOR_SECONDS, DECODE_WINDOWS
         )
     else:
         decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
