@@ -9,7 +9,7 @@ and peak memory. Llama and Mamba-2 get as many layers as brings their parameter
 count closest to the FM model's.
 
 Noise on a shared machine only ever slows a run down, so a decode rate is that of the
-fastest window of its tokens in about a second (four windows at least; four seconds where its
+fastest window of its tokens in about a second (sixteen windows at least; four seconds where its
 windows alternate with the decode floor's, below), a prompt's that of
 the fastest of three runs (one run from 8,192 tokens on), and training that of the fastest
 of its runs.
@@ -51,7 +51,7 @@ from .training.trainer import make_train_step
 from .utils import freed_buffers_kept_for_training, parameter_count
 
 PREFILL_STEP = 2048
-DECODE_WINDOWS = 4  # decode and its floor are timed in at least this many windows of tokens,
+DECODE_WINDOWS = 16  # decode and its floor are timed in at least this many windows of tokens,
 DECODE_SECONDS = 1.0  # and for about this long, and the fastest window counts
 DECODE_AND_FLOOR_SECONDS = 4.0  # decode and its floor alternate in windows this long
 BOUND_SECONDS = 0.25  # the prompt bound's GEMM is timed this long before each prompt run and after
@@ -291,7 +291,7 @@ def build_parser():
         "--decode-tokens",
         type=int,
         default=32,
-        help="decode is timed in windows of a quarter as many tokens, 4 at least (about 1 s)",
+        help="decode is timed in windows of a sixteenth as many tokens, 16 at least (about 1 s)",
     )
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--fm-layers", type=int, default=8)
