@@ -24,7 +24,8 @@ fastest of its timings, as the rate held against it is.
 With --train-seq-len, each model's training speed too: tokens/s of mlx_fm.train's own
 step (forward, backward, AdamW) on random windows. With --batch N, decode tokens/s of
 mlx-lm's batch_generate over N prompts against the same over one. With --bits N, the FM
-model quantized to N bits (its own weights, groups of 64) against its float self.
+model quantized to N bits (its own weights, groups of 64), and its rates over its float self's,
+their prompt runs and decode windows taken in turn.
 """
 
 import argparse
@@ -162,27 +163,14 @@ def _measure(
         bounds.append(bound())
         mx.reset_peak_memory()
 
-    for _ in range(1 if context >= ONE_PROMPT_RUN_FROM else PROMPT_RUNS):
+    window, decode = decode_window(decode_tokens), None
+    for _ in range(prompt_runs(context)):
         if limits:
             time_bound()
-        cache = make_prompt_cache(model)
-        start = time.perf_counter()
-        for begin in range(0, context - 1, PREFILL_STEP):
-            model(tokens[:, begin : min(begin + PREFILL_STEP, context - 1)], cache=cache)
-            mx.eval([c.state for c in cache])
-        token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
-        mx.eval(token)
-        prompt_seconds.append(time.perf_counter() - start)
+        decode = None  # the last run's cache goes before this run's is made
+        seconds, decode = prompt_run(model, tokens, window)
+        prompt_seconds.append(seconds)
     prompt_rate = context / min(prompt_seconds)
-    window = decode_window(decode_tokens)
-
-    def decode():
-        nonlocal token
-        for _ in range(window):
-            token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1, keepdims=True)
-            mx.async_eval(token)
-        mx.eval(token)
-
     if limits:
         time_bound()
         decode_rate, floor = timed_rates(
@@ -192,6 +180,50 @@ def _measure(
         decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
     peak = resident + (max(peaks + [mx.get_peak_memory()]) - active_before) / 1e9
     return (prompt_rate, decode_rate, peak), ((max(bounds), floor) if limits else None)
+
+
+def prompt_runs(context: int) -> int:
+    return 1 if context >= ONE_PROMPT_RUN_FROM else PROMPT_RUNS
+
+
+def prompt_run(model, tokens: mx.array, window: int) -> tuple[float, Callable[[], None]]:
+    """Seconds for one run of the prompt `tokens` (1, T) on a fresh cache, in mlx-lm's prefill
+    steps up to the first token generated, and a function that decodes `window` tokens greedily
+    after it (then as many more each call)."""
+    context = tokens.shape[1]
+    cache = make_prompt_cache(model)
+    start = time.perf_counter()
+    for begin in range(0, context - 1, PREFILL_STEP):
+        model(tokens[:, begin : min(begin + PREFILL_STEP, context - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    token = mx.argmax(model(tokens[:, -1:], cache=cache)[:, -1], axis=-1, keepdims=True)
+    mx.eval(token)
+    seconds = time.perf_counter() - start
+
+    def decode():
+        nonlocal token
+        for _ in range(window):
+            token = mx.argmax(model(token, cache=cache)[:, -1], axis=-1, keepdims=True)
+            mx.async_eval(token)
+        mx.eval(token)
+
+    return seconds, decode
+
+
+def rates_in_turn(models: list, context: int, decode_tokens: int, vocab_size: int) -> list:
+    """(prompt tokens/s, decode tokens/s) of each of `models` (e.g. a quantized model and its
+    float self), their prompt runs and decode windows taken in turn, so that noise meets them
+    alike: for ratios between them."""
+    tokens = mx.random.randint(0, vocab_size, (1, context))
+    window = decode_window(decode_tokens)
+    seconds, decoders = [[] for _ in models], [None] * len(models)
+    for _ in range(prompt_runs(context)):
+        for i, model in enumerate(models):
+            decoders[i] = None  # the last run's cache goes before this run's is made
+            taken, decoders[i] = prompt_run(model, tokens, window)
+            seconds[i].append(taken)
+    decode_rates = timed_rates(decoders, window, DECODE_AND_FLOOR_SECONDS, DECODE_WINDOWS)
+    return [(context / min(taken), rate) for taken, rate in zip(seconds, decode_rates)]
 
 
 def resident_gb(build, vocab_size: int) -> tuple:
@@ -316,11 +348,13 @@ def build_parser():
 @dataclass
 class Measured:
     """One model's figures: per context (prompt tok/s, decode tok/s, peak GB) and (prompt
-    bound, decode floor), and if asked, training tok/s and (batch_generate tok/s over --batch
+    bound, decode floor) or, for a quantized model, its (prompt, decode) rates over its float
+    self's, timed in turn; and if asked, training tok/s and (batch_generate tok/s over --batch
     prompts, over one prompt)."""
 
     contexts: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
+    against_float: dict = field(default_factory=dict)
     training: Optional[float] = None
     batch_decode: Optional[tuple] = None
 
@@ -366,15 +400,20 @@ def run(args) -> dict:
                 f"({result[1] / limits[1]:4.0%} of {limits[1]:.0f}), peak {result[2]:6.3f} GB",
                 flush=True,
             )
-            if quantized is not None:  # right after its float self, in the same conditions
+            if quantized is not None:
                 rates = measure(
                     quantized, context, args.decode_tokens, args.vocab_size, quantized_resident
                 )
+                in_turn = rates_in_turn(
+                    [quantized, model], context, args.decode_tokens, args.vocab_size
+                )
+                ratios = [q / f for q, f in zip(*in_turn)]
                 quantized_measured.contexts[context] = rates
+                quantized_measured.against_float[context] = tuple(ratios)
                 print(
-                    f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s "
-                    f"({rates[0] / result[0]:.2f}x float), decode {rates[1]:7.1f} tok/s "
-                    f"({rates[1] / result[1]:.2f}x float), peak {rates[2]:6.3f} GB",
+                    f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s, decode "
+                    f"{rates[1]:7.1f} tok/s, peak {rates[2]:6.3f} GB; timed in turn with its "
+                    f"float self: prompt {ratios[0]:.2f}x, decode {ratios[1]:.2f}x",
                     flush=True,
                 )
         if args.batch:

@@ -91,7 +91,7 @@ def test_benchmark_compares_models_of_matching_size(capsys):
     results = benchmark.run(args)
     assert set(results) == {"FM", "FM 4-bit", "Llama", "Mamba-2"}
     prompt, decode, peak = results["FM 4-bit"].contexts[40]
-    assert prompt > 0 and decode > 0 and peak > 0
+    assert prompt > 0 and decode > 0 and peak > 0 and min(results["FM 4-bit"].against_float[40]) > 0
     counts, against_limits = {}, 0
     for line in capsys.readouterr().out.splitlines():
         if "parameters" in line:
@@ -187,6 +187,33 @@ def test_a_prompt_rate_is_that_of_its_fastest_run(monkeypatch):
     assert benchmark.measure(Slowed(), 40, 2, 100)[0] > 40 / 0.2
     monkeypatch.setattr(benchmark, "ONE_PROMPT_RUN_FROM", 40)
     assert benchmark.measure(Slowed(), 40, 2, 100)[0] < 40 / 0.4
+
+
+def test_rates_in_turn_take_each_models_prompt_runs_in_turn():
+    """A quantized model and its float self: their prompt runs alternate (and their decode
+    windows, through timed_rates), so that noise meets both alike."""
+    model = benchmark.fm_model(benchmark.build_parser().parse_args(["--hidden-size", "64"]), 1)
+    model.eval()
+    prefills = []
+
+    class Delayed:
+        def __init__(self, name, delay):
+            self.name, self.delay = name, delay
+
+        def make_cache(self):
+            return model.make_cache()
+
+        def __call__(self, inputs, cache=None):
+            if inputs.shape[1] > 1:  # a run's prefill: 39 tokens in one forward
+                prefills.append(self.name)
+                time.sleep(self.delay)
+            return model(inputs, cache=cache)
+
+    (slow, _), (fast, _) = benchmark.rates_in_turn(
+        [Delayed("slow", 0.2), Delayed("fast", 0.0)], 40, 2, 100
+    )
+    assert prefills == ["slow", "fast"] * benchmark.PROMPT_RUNS
+    assert slow < 40 / 0.2 < fast
 
 
 def test_rates_timed_together_run_in_turn_and_each_counts_its_fastest_run():
