@@ -348,9 +348,9 @@ def build_parser():
 @dataclass
 class Measured:
     """One model's figures: per context (prompt tok/s, decode tok/s, peak GB) and (prompt
-    bound, decode floor) or, for a quantized model, its (prompt, decode) rates over its float
-    self's, timed in turn; and if asked, training tok/s and (batch_generate tok/s over --batch
-    prompts, over one prompt)."""
+    bound, decode floor), or for a quantized model (its rates timed in turn with its float
+    self's: `rates_in_turn`) the ratios of its rates to those; and if asked, training tok/s and
+    (batch_generate tok/s over --batch prompts, over one prompt)."""
 
     contexts: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
@@ -401,19 +401,19 @@ def run(args) -> dict:
                 flush=True,
             )
             if quantized is not None:
-                rates = measure(
+                peak = measure(
                     quantized, context, args.decode_tokens, args.vocab_size, quantized_resident
-                )
-                in_turn = rates_in_turn(
+                )[2]
+                rates, float_rates = rates_in_turn(
                     [quantized, model], context, args.decode_tokens, args.vocab_size
                 )
-                ratios = [q / f for q, f in zip(*in_turn)]
-                quantized_measured.contexts[context] = rates
-                quantized_measured.against_float[context] = tuple(ratios)
+                ratios = tuple(q / f for q, f in zip(rates, float_rates))
+                quantized_measured.contexts[context] = (*rates, peak)
+                quantized_measured.against_float[context] = ratios
                 print(
-                    f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s, decode "
-                    f"{rates[1]:7.1f} tok/s, peak {rates[2]:6.3f} GB; timed in turn with its "
-                    f"float self: prompt {ratios[0]:.2f}x, decode {ratios[1]:.2f}x",
+                    f"  {args.bits:>6d}-bit: prompt {rates[0]:9.1f} tok/s ({ratios[0]:.2f}x "
+                    f"float), decode {rates[1]:7.1f} tok/s ({ratios[1]:.2f}x float), peak "
+                    f"{peak:6.3f} GB: rates timed in turn with the float model's",
                     flush=True,
                 )
         if args.batch:
