@@ -163,7 +163,7 @@ def _measure(
         bounds.append(bound())
         mx.reset_peak_memory()
 
-    window, decode = decode_window(decode_tokens), None
+    window = decode_window(decode_tokens)
     for _ in range(prompt_runs(context)):
         if limits:
             time_bound()
