@@ -140,8 +140,8 @@ def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(
     tied, group_size, monkeypatch
 ):
     """A prompt multiplies by its layers' weights dequantized: in inference, groups of 64 in C
-    where it takes them (native.takes_quantized); groups of 32, and in training, by
-    mx.dequantize."""
+    where it takes them (native.takes_quantized) as they are (float32 scales); groups of 32,
+    bfloat16 scales, and training, by mx.dequantize."""
     model = tiny_model(hidden_size=64, intermediate_size=64, tie_word_embeddings=tied)
     nn.quantize(model, group_size=group_size, bits=4)
     model.eval()
@@ -156,6 +156,16 @@ def test_quantized_prompt_on_dequantized_weights_equals_quantized_matmul(
     assert relative_error(model(tokens), dequantized) < 1e-6 and not in_c
     monkeypatch.setattr(factorization_memory, "_DEQUANTIZE_FROM_TOKENS", 10**9)
     assert relative_error(dequantized, model(tokens)) < 1e-5
+    monkeypatch.undo()
+    model.eval()
+    for _, layer in model.named_modules():  # C would not round to bfloat16, as MLX does
+        if isinstance(layer, nn.QuantizedLinear):
+            layer.scales, layer.biases = (
+                layer[k].astype(mx.bfloat16) for k in ("scales", "biases")
+            )
+    monkeypatch.setattr(native, "dequantized", lambda m: in_c.append(m) or dequantized_in_c(m))
+    model(tokens)
+    assert not [m for m in in_c if m.scales.dtype != mx.float32]
 
 
 def decoded_on_quantized_matmul(model, token, cache, monkeypatch):

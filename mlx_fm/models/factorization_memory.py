@@ -243,26 +243,26 @@ def _dequantizes(layer: nn.Module, x: mx.array) -> bool:
 
 def _dequantized(layer: nn.Module, dtype: mx.Dtype) -> mx.array:
     weight = _FloatCopies.of(layer)
-    if weight is None and dtype == mx.float32 and _dequantizes_in_c(layer):
-        weight = native.dequantized(
-            native.Quantized(
-                *(layer[k] for k in ("weight", "scales", "biases")), layer.bits, layer.group_size
-            )
-        )
+    if weight is None and dtype == mx.float32:
+        weight = _dequantized_in_c(layer)
     if weight is None:
         weight = _float_weight(layer)
     return weight if weight.dtype == dtype else weight.astype(dtype)  # astype would copy
 
 
-def _dequantizes_in_c(layer: nn.Module) -> bool:
-    """Whether `layer`'s weight is dequantized in C (native.dequantized): in inference (C
-    gives no gradient), where C takes its quantization."""
-    return (
-        not layer.training
-        and "biases" in layer
-        and native.takes_quantized(layer.mode, layer.bits, layer.group_size)
-        and native.runs_here(layer["weight"], layer["scales"], layer["biases"])
+def _dequantized_in_c(layer: nn.Module) -> Optional[mx.array]:
+    """`layer`'s weight dequantized in C (native.dequantized) where C takes its quantization as
+    it is, in inference (C gives no gradient); else None."""
+    if layer.training or "biases" not in layer:
+        return None
+    if not native.takes_quantized(layer.mode, layer.bits, layer.group_size):
+        return None
+    matrix = native.Quantized(
+        layer["weight"], layer["scales"], layer["biases"], layer.bits, layer.group_size
     )
+    if not (matrix.read_as_they_are() and native.runs_here(*matrix[:3])):
+        return None
+    return native.dequantized(matrix)
 
 
 def _float_weight(layer: nn.Module) -> mx.array:

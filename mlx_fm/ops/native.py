@@ -306,10 +306,24 @@ class Quantized(NamedTuple):
     bits: int
     group_size: int
 
+    def read_as_they_are(self) -> bool:
+        """Whether fm_cpu.c reads these arrays as they are: uint32 words, float32 scales and
+        biases."""
+        return (
+            self.weight.dtype == mx.uint32 and self.scales.dtype == self.biases.dtype == mx.float32
+        )
+
 
 class _QuantizedMatrix(ctypes.Structure):
     _fields_ = [("packed", _POINTER), ("scales", _POINTER), ("biases", _POINTER)]
     _fields_ += [("bits", _LONG), ("group", _LONG)]
+
+
+def _quantized_on_host(matrix: Quantized) -> tuple[list[np.ndarray], _QuantizedMatrix]:
+    """`matrix`'s arrays as contiguous NumPy arrays (to be kept while C reads them), and the
+    struct fm_cpu.c reads them by."""
+    arrays = [np.ascontiguousarray(a) for a in matrix[:3]]
+    return arrays, _QuantizedMatrix(*map(_address, arrays), matrix.bits, matrix.group_size)
 
 
 def takes_quantized(mode: str, bits: int, group_size: int) -> bool:
@@ -331,15 +345,10 @@ def dequantized(matrix: Quantized) -> mx.array:
     """The float32 matrix `matrix` stands for, bit for bit as mx.dequantize gives it. MLX's CPU
     dequantize takes ~4–5 ns a weight here, a tenth of a 2,048-token prompt's time on a 4-bit
     model that dequantizes each segment (see the model's `_dequantizes`); this, ~1.2 ns with the
-    copy into MLX. Call only where `takes_quantized` holds and the arrays can be evaluated
-    (`evaluates_here`)."""
-    packed, scales, biases = (
-        np.ascontiguousarray(a) for a in (matrix.weight, *_on_host(matrix.scales, matrix.biases))
-    )
+    copy into MLX. Call only where `takes_quantized` and `matrix.read_as_they_are()` hold and
+    the arrays can be evaluated (`evaluates_here`)."""
+    (packed, _, _), host = _quantized_on_host(matrix)
     rows, inputs = packed.shape[0], packed.shape[1] * 32 // matrix.bits
-    host = _QuantizedMatrix(
-        *map(_address, (packed, scales, biases)), matrix.bits, matrix.group_size
-    )
     out = np.empty((rows, inputs), np.float32)
     _functions()["fm_dequantize"](ctypes.byref(host), rows, inputs, _address(out), _threads(rows))
     return mx.array(out)
@@ -370,20 +379,17 @@ class DecodeStep:
             len(LAYER_WEIGHTS),
         )
         self._hosts = [
-            [np.ascontiguousarray(a) for a in w[:3]]
-            if isinstance(w, Quantized)
-            else None
-            if w is None
+            None
+            if w is None or isinstance(w, Quantized)
             else np.ascontiguousarray(_conv_taps_first(w) if i in conv_weights else w)
             for i, w in enumerate(weights)
         ]
-        self._pointers = _pointers([None if isinstance(h, list) else h for h in self._hosts])
+        self._pointers = _pointers(self._hosts)
         self._quantized = (_QuantizedMatrix * len(weights))()
+        self._quantized_hosts = {}  # what self._quantized points into
         for i, w in enumerate(weights):
             if isinstance(w, Quantized):
-                self._quantized[i] = _QuantizedMatrix(
-                    *map(_address, self._hosts[i]), w.bits, w.group_size
-                )
+                self._quantized_hosts[i], self._quantized[i] = _quantized_on_host(w)
         self._sgemm = sgemm_address()
         inner = args.num_heads * args.head_dim
         self._contents_shapes = [(args.num_heads, args.num_slots, args.head_dim)]
@@ -401,9 +407,7 @@ class DecodeStep:
     @staticmethod
     def takes(weights: list) -> bool:
         return all(
-            (w.weight.dtype == mx.uint32 and w.scales.dtype == w.biases.dtype == mx.float32)
-            if isinstance(w, Quantized)
-            else w is None or w.dtype == mx.float32
+            w.read_as_they_are() if isinstance(w, Quantized) else w is None or w.dtype == mx.float32
             for w in weights
         )
 
