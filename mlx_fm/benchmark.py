@@ -54,7 +54,7 @@ from .utils import freed_buffers_kept_for_training, parameter_count
 PREFILL_STEP = 2048
 DECODE_WINDOWS = 16  # decode and its floor are timed in at least this many windows of tokens,
 DECODE_SECONDS = 1.0  # and for about this long, and the fastest window counts
-DECODE_AND_FLOOR_SECONDS = 4.0  # decode and its floor alternate in windows this long
+DECODES_IN_TURN_SECONDS = 4.0  # decode windows taken in turn with others' run this long
 BOUND_SECONDS = 0.25  # the prompt bound's GEMM is timed this long before each prompt run and after
 PROMPT_RUNS = 3  # a prompt is timed this many times, each on a fresh cache, and the fastest counts
 ONE_PROMPT_RUN_FROM = 8192  # tokens: longer prompts are timed once (Llama's 16K takes minutes)
@@ -174,7 +174,7 @@ def _measure(
     if limits:
         time_bound()
         decode_rate, floor = timed_rates(
-            [decode, floor_window(model, window)], window, DECODE_AND_FLOOR_SECONDS, DECODE_WINDOWS
+            [decode, floor_window(model, window)], window, DECODES_IN_TURN_SECONDS, DECODE_WINDOWS
         )
     else:
         decode_rate = timed_rate(decode, window, DECODE_SECONDS, DECODE_WINDOWS)
@@ -222,7 +222,7 @@ def rates_in_turn(models: list, context: int, decode_tokens: int, vocab_size: in
             decoders[i] = None  # the last run's cache goes before this run's is made
             taken, decoders[i] = prompt_run(model, tokens, window)
             seconds[i].append(taken)
-    decode_rates = timed_rates(decoders, window, DECODE_AND_FLOOR_SECONDS, DECODE_WINDOWS)
+    decode_rates = timed_rates(decoders, window, DECODES_IN_TURN_SECONDS, DECODE_WINDOWS)
     return [(context / min(taken), rate) for taken, rate in zip(seconds, decode_rates)]
 
 
